@@ -1,0 +1,1 @@
+"""Dataset readers, webdataset shard conversion and streaming (issue 3)."""

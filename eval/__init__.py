@@ -1,0 +1,1 @@
+"""Whole-KB evaluation and leaderboard numbers (issue 4)."""

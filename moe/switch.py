@@ -1,0 +1,153 @@
+"""Switch mixture-of-experts layer with stacked expert weights (no Python loop over experts)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe.routing import Routing, reference_gate, switch_route
+
+GATES = ("switch", "reference")
+DROPPED_POLICIES = ("zero", "passthrough")
+
+
+@dataclass
+class MoEOutput:
+    """Result of one MoE call: the transformed tokens plus what the trainer logs and optimises."""
+
+    output: Tensor  # same shape as the input
+    l_aux: Tensor  # load-balancing loss (0 for the reference gate, which has none)
+    z_loss: Tensor  # router z-loss
+    expert_counts: Tensor  # [E] routes per expert before dropping
+    dropped_tokens: Tensor  # tokens whose every route was dropped
+
+
+class SwitchMoE(nn.Module):
+    """Top-k switch MoE over FFN experts ``d_model -> d_ff -> d_model``.
+
+    * ``gate="switch"`` (default): per-token routing with DeepSpeed ``TopKGate`` semantics
+      (:func:`moe.routing.switch_route`).
+    * ``gate="reference"``: the published code's gate, defects included
+      (:func:`moe.routing.reference_gate`); inputs must be ``[batch, seq, d_model]``.
+
+    The gate may read a different tensor than the experts transform (``gate_input``), which
+    the cross unit uses. Tokens whose every route is dropped by the capacity limit get a zero
+    output (``dropped="zero"``, as DeepSpeed) or keep their input (``dropped="passthrough"``).
+    Expert output width equals the input width, as DeepSpeed's MoE layer requires.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int,
+        *,
+        gate_dim: int | None = None,
+        gate: str = "switch",
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        drop_tokens: bool = False,
+        dropped: str = "zero",
+    ) -> None:
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+        if dropped not in DROPPED_POLICIES:
+            raise ValueError(f"unknown dropped-token policy {dropped!r}; choose one of {DROPPED_POLICIES}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top-k must be in [1, num_experts={num_experts}], got k={k}")
+        self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
+        self.gate_type, self.dropped = gate, dropped
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.min_capacity, self.drop_tokens = min_capacity, drop_tokens
+        # Router without bias, kept in fp32 like DeepSpeed's TopKGate.wg.
+        self.wg = nn.Linear(gate_dim or d_model, num_experts, bias=False)
+        # Stacked expert FFNs: expert e computes gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e].
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same init as nn.Linear for each expert, so a per-expert nn.Linear copy matches in scale.
+        for w, fan_in in ((self.w1, self.d_model), (self.w2, self.d_ff)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.uniform_(self.b1, -1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.b2, -1.0 / math.sqrt(self.d_ff), 1.0 / math.sqrt(self.d_ff))
+
+    def expert_forward(self, expert: int, x: Tensor) -> Tensor:
+        """One expert on its own (used by tests and by weight conversion to per-expert modules)."""
+        h = F.gelu(x @ self.w1[expert] + self.b1[expert])
+        return h @ self.w2[expert] + self.b2[expert]
+
+    def router_logits(self, gate_input: Tensor) -> Tensor:
+        return F.linear(gate_input.float(), self.wg.weight.float())
+
+    def forward(self, x: Tensor, gate_input: Tensor | None = None) -> MoEOutput:
+        gate_input = x if gate_input is None else gate_input
+        if gate_input.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"gate input {tuple(gate_input.shape)} must match tokens {tuple(x.shape)} but the last dim")
+        if self.gate_type == "reference":
+            return self._forward_reference(x, gate_input)
+        shape = x.shape
+        tokens = x.reshape(-1, self.d_model)
+        routing = switch_route(
+            self.router_logits(gate_input.reshape(-1, gate_input.shape[-1])),
+            self.k,
+            capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+            min_capacity=self.min_capacity,
+            drop_tokens=self.drop_tokens,
+        )
+        out = self._dispatch(tokens, routing)
+        dropped = routing.dropped_tokens
+        if self.dropped == "passthrough" and self.drop_tokens:
+            lost = ~routing.kept.any(dim=1)
+            out = torch.where(lost.unsqueeze(1), tokens, out)
+        return MoEOutput(out.view(shape), routing.l_aux, routing.z_loss, routing.expert_counts, dropped)
+
+    def _dispatch(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """Sort kept routes by expert into an [E, C, d] buffer, run all experts with two batched
+        matmuls, and add each route's weighted result back to its token."""
+        num_tokens = tokens.shape[0]
+        route_token = torch.arange(num_tokens, device=tokens.device).unsqueeze(1).expand_as(routing.expert_index)
+        kept = routing.kept.reshape(-1)
+        expert = routing.expert_index.reshape(-1)[kept]
+        token = route_token.reshape(-1)[kept]
+        weight = routing.weight.reshape(-1)[kept]
+        if expert.numel() == 0:
+            return tokens.new_zeros(tokens.shape)
+        # Position of every route inside its expert's block (stable sort keeps token order).
+        order = torch.sort(expert, stable=True).indices
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        starts = counts.cumsum(0) - counts
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device) - starts[expert[order]]
+        cap = int(counts.max().item())
+        slot = expert * cap + position
+        buffer = tokens.new_zeros(self.num_experts * cap, self.d_model).index_copy(0, slot, tokens[token])
+        buffer = buffer.view(self.num_experts, cap, self.d_model)
+        hidden = F.gelu(torch.baddbmm(self.b1.unsqueeze(1).to(tokens.dtype), buffer, self.w1.to(tokens.dtype)))
+        result = torch.baddbmm(self.b2.unsqueeze(1).to(tokens.dtype), hidden, self.w2.to(tokens.dtype))
+        routed = result.reshape(-1, self.d_model)[slot] * weight.unsqueeze(1).to(tokens.dtype)
+        return tokens.new_zeros(tokens.shape).index_add(0, token, routed)
+
+    def _forward_reference(self, x: Tensor, gate_input: Tensor) -> MoEOutput:
+        if x.dim() != 3:
+            raise ValueError("the reference gate needs [batch, seq, d_model] inputs")
+        weights = reference_gate(self.router_logits(gate_input), self.k)  # [N, L, E]
+        # Dense: every expert on every token (the reference is for E = 4-ish, comparison only).
+        hidden = F.gelu(torch.einsum("nld,edf->nlef", x, self.w1.to(x.dtype)) + self.b1.to(x.dtype))
+        expert_out = torch.einsum("nlef,efd->nled", hidden, self.w2.to(x.dtype)) + self.b2.to(x.dtype)
+        out = (expert_out * weights.unsqueeze(-1).to(x.dtype)).sum(dim=2)
+        zero = x.new_zeros((), dtype=torch.float32)
+        counts = (weights > 0).reshape(-1, self.num_experts).sum(0)
+        dropped = (weights.sum(-1) == 0).sum()
+        return MoEOutput(out, zero, zero, counts, dropped)

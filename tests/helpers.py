@@ -1,0 +1,43 @@
+"""Tiny model configs and random batches shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from moe.matcher import MatcherSettings
+from moe.units import MoESettings
+from train.config import ModelConfig
+from train.encoder import TinyClipSettings
+
+TEXT_LEN = 17  # equals the tiny CLIP's image token count (4x4 patches + CLS)
+
+
+def tiny_model_config(gate: str = "switch", top_k: int = 2, num_experts: int = 4, **moe_kw) -> ModelConfig:
+    clip = TinyClipSettings(vocab_size=100, bos_token_id=98, eos_token_id=99, pad_token_id=0, text_hidden=32,
+                            vision_hidden=32, layers=1, heads=2, image_size=32, patch_size=8, projection_dim=24,
+                            max_text_positions=32, seed=0)
+    moe = MoESettings(num_experts=num_experts, top_k=top_k, expert_hidden=16, gate=gate, min_capacity=1, **moe_kw)
+    matcher = MatcherSettings(text_dim=24, image_dim=16, hidden=16, cross_dim=16, moe=moe)
+    return ModelConfig(tiny_clip=clip, text_max_length=TEXT_LEN, matcher=matcher)
+
+
+def random_batch(n: int, seed: int, text_len: int = TEXT_LEN, image_size: int = 32, missing: tuple[int, ...] = ()) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, text_len + 1, (n,), generator=g)
+    ids = torch.randint(1, 98, (n, text_len), generator=g)
+    mask = torch.arange(text_len)[None, :] < lengths[:, None]
+    ids[:, 0] = 98
+    ids[torch.arange(n), lengths - 1] = 99  # eos at the end of each text
+    ids = ids.masked_fill(~mask, 0)
+    image_mask = torch.ones(n, dtype=torch.bool)
+    image_mask[list(missing)] = False
+    return {
+        "input_ids": ids,
+        "attention_mask": mask.long(),
+        "pixel_values": torch.randn(n, 3, image_size, image_size, generator=g),
+        "image_mask": image_mask,
+    }
+
+
+def take(batch: dict, rows) -> dict:
+    return {k: v[rows] for k, v in batch.items()}

@@ -1,0 +1,89 @@
+"""Contrastive loss (duplicate-gold masking, extra negatives) and the strict config loader."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.config import ConfigError, LossConfig, load_config
+from train.loss import contrastive_loss, duplicate_gold_mask
+
+HEADS = ("overall", "text", "vision", "cross")
+
+
+def only_overall():
+    return LossConfig(text_weight=0.0, vision_weight=0.0, cross_weight=0.0)
+
+
+def test_duplicate_gold_masking_changes_only_rows_with_duplicates():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4)
+    scores = {h: logits for h in HEADS}
+    golds = torch.tensor([10, 11, 12, 12])  # mentions 2 and 3 share their gold entity
+    masked, _ = contrastive_loss(scores, golds, golds, only_overall())
+    plain, _ = contrastive_loss(scores, golds, golds, LossConfig(text_weight=0.0, vision_weight=0.0, cross_weight=0.0,
+                                                                  mask_duplicate_golds=False))
+    rows = F.cross_entropy(logits, torch.arange(4), reduction="none")
+    fixed = rows.clone()
+    for i, other in ((2, 3), (3, 2)):
+        keep = [j for j in range(4) if j != other]
+        fixed[i] = -F.log_softmax(logits[i, keep], 0)[keep.index(i)]
+    torch.testing.assert_close(plain, rows.mean())
+    torch.testing.assert_close(masked, fixed.mean())
+    assert fixed[0] == rows[0] and fixed[1] == rows[1]
+    assert fixed[2] < rows[2] and fixed[3] < rows[3]
+
+
+def test_masking_is_a_no_op_without_duplicates():
+    logits = torch.randn(3, 3)
+    golds = torch.tensor([1, 2, 3])
+    a, _ = contrastive_loss({h: logits for h in HEADS}, golds, golds, LossConfig())
+    b, _ = contrastive_loss({h: logits for h in HEADS}, golds, golds, LossConfig(mask_duplicate_golds=False))
+    torch.testing.assert_close(a, b)
+
+
+def test_extra_negatives_widen_the_softmax_and_a_mined_gold_is_masked():
+    logits = torch.zeros(2, 4)  # 2 mentions, 2 golds + 2 extra negatives, all scores equal
+    golds = torch.tensor([5, 6])
+    candidates = torch.tensor([5, 6, 7, 5])  # the last "negative" is mention 0's gold
+    loss, parts = contrastive_loss({h: logits for h in HEADS}, golds, candidates, only_overall())
+    # mention 0: 3 live candidates -> log 3; mention 1: 4 candidates -> log 4
+    torch.testing.assert_close(loss, torch.tensor((math.log(3) + math.log(4)) / 2))
+    assert duplicate_gold_mask(golds, candidates).tolist() == [[False, False, False, True], [False] * 4]
+
+
+def test_head_weights_and_moe_losses_add_up():
+    from moe.switch import MoEOutput
+    from moe.units import MoELog
+
+    logits = torch.randn(3, 3)
+    golds = torch.arange(3)
+    log = MoELog()
+    log.add("text", MoEOutput(torch.zeros(1), torch.tensor(2.0), torch.tensor(3.0), torch.zeros(4), torch.tensor(0)))
+    cfg = LossConfig(overall_weight=1.0, text_weight=0.5, vision_weight=0.0, cross_weight=2.0, aux_coef=0.1, z_coef=0.01)
+    total, parts = contrastive_loss({h: logits * (i + 1) for i, h in enumerate(HEADS)}, golds, golds, cfg, log)
+    expected = sum(w * F.cross_entropy(logits * (i + 1), golds) for i, w in enumerate((1.0, 0.5, 0.0, 2.0))) + 0.2 + 0.03
+    torch.testing.assert_close(total, expected)
+    assert parts["loss_aux"] == 2.0 and parts["loss_z"] == 3.0
+
+
+def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  matcher:\n    moe:\n      top_kk: 3\n")
+    with pytest.raises(ConfigError, match=r"model\.matcher\.moe\.top_kk"):
+        load_config(path)
+    path.write_text("model:\n  matcher:\n    moe:\n      top_k: three\n")
+    with pytest.raises(ConfigError, match=r"model\.matcher\.moe\.top_k: expected int"):
+        load_config(path)
+    path.write_text("loss:\n  aux_coef: 1\n")
+    assert load_config(path).loss.aux_coef == 1.0
+
+
+def test_config_overrides_parse_yaml_scalars(tmp_path):
+    cfg = load_config(None, ["model.matcher.moe.top_k=2", "model.matcher.units.cross=false", "loss.z_coef=0.5"])
+    assert cfg.model.matcher.moe.top_k == 2
+    assert cfg.model.matcher.units["cross"] is False
+    assert cfg.loss.z_coef == 0.5
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["model.matcher.moe.top_k"])

@@ -1,0 +1,134 @@
+"""The MMoE model: gradients, batch independence, the entity cache, missing images, unit switches."""
+
+import pytest
+import torch
+
+from moe.features import SideCache
+from tests.helpers import random_batch, take, tiny_model_config
+from train.config import LossConfig
+from train.loss import contrastive_loss
+from train.model import MMoEModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MMoEModel(tiny_model_config()).eval()
+
+
+def test_score_shapes_and_every_used_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    # top_k = num_experts so every expert is used by every token and must receive a gradient.
+    model = MMoEModel(tiny_model_config(top_k=4)).train()
+    mentions, entities = random_batch(6, 1, missing=(1,)), random_batch(6, 2, missing=(4,))
+    scores, log = model(mentions, entities)
+    assert set(scores) == {"overall", "text", "vision", "cross"}
+    assert all(s.shape == (6, 6) for s in scores.values())
+    loss, _ = contrastive_loss(scores, torch.arange(6), torch.arange(6), LossConfig(), log)
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_grad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert no_grad == [], f"parameters without a gradient: {no_grad}"
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["encoder.clip.logit_scale"]  # CLIP's own temperature is not part of the matcher
+
+
+def test_default_gate_scores_do_not_depend_on_other_entities(model):
+    mentions = random_batch(4, 3)
+    entities = random_batch(9, 4, missing=(2,))
+    with torch.no_grad():
+        alone = model(mentions, take(entities, slice(0, 3)))[0]["overall"]
+        crowded = model(mentions, entities)[0]["overall"][:, :3]
+        reordered = model(take(mentions, [3, 2, 1, 0]), take(entities, [8, 2, 5, 0, 1]))[0]["overall"]
+    torch.testing.assert_close(alone, crowded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reordered[:, [3, 1, 4]], crowded.flip(0)[:, [0, 2, 1]], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gate_scores_do_depend_on_other_entities():
+    torch.manual_seed(0)
+    model = MMoEModel(tiny_model_config(gate="reference", top_k=2)).eval()
+    mentions, entities = random_batch(4, 3), random_batch(9, 4)
+    with torch.no_grad():
+        alone = model(mentions, take(entities, slice(0, 3)))[0]["overall"]
+        crowded = model(mentions, entities)[0]["overall"][:, :3]
+    assert (alone - crowded).abs().max() > 1e-3
+
+
+def test_cached_entity_blocks_equal_direct_pairwise_scoring(model):
+    mentions, entities = random_batch(3, 5, missing=(0,)), random_batch(7, 6, missing=(3, 5))
+    with torch.no_grad():
+        # Cache built in blocks of 3 entities, then one block-scoring call per mention chunk.
+        blocks = [model.entity_side(take(entities, slice(s, s + 3)))[0] for s in range(0, 7, 3)]
+        cache = SideCache.cat(blocks)
+        m_side, _ = model.mention_side(mentions)
+        cached = model.matcher.score(m_side, cache)
+        for i in range(3):
+            for j in range(7):
+                direct, _ = model(take(mentions, [i]), take(entities, [j]))
+                for head in ("overall", "text", "vision", "cross"):
+                    torch.testing.assert_close(cached[head][i, j], direct[head][0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_missing_image_is_not_a_black_picture_and_its_pixels_are_ignored(model):
+    batch = random_batch(2, 7, missing=(1,))
+    black = dict(batch, pixel_values=batch["pixel_values"].clone(), image_mask=torch.tensor([True, True]))
+    black["pixel_values"][1] = 0.0
+    noisy = dict(batch, pixel_values=batch["pixel_values"].clone())
+    noisy["pixel_values"][1] = torch.randn(3, 32, 32)  # pixels of a row without an image
+    entities = random_batch(3, 8)
+    with torch.no_grad():
+        missing = model(batch, entities)[0]["overall"]
+        as_black = model(black, entities)[0]["overall"]
+        with_noise = model(noisy, entities)[0]["overall"]
+    torch.testing.assert_close(missing, with_noise)
+    torch.testing.assert_close(missing[0], as_black[0])
+    assert (missing[1] - as_black[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("off", ["text", "vision", "cross"])
+def test_units_can_be_switched_off(off):
+    cfg = tiny_model_config()
+    cfg.matcher.units = {off: False}
+    model = MMoEModel(cfg).eval()
+    assert off not in model.matcher.units
+    with torch.no_grad():
+        scores, _ = model(random_batch(2, 1), random_batch(3, 2))
+    assert off not in scores
+    on = [u for u in ("text", "vision", "cross") if u != off]
+    torch.testing.assert_close(scores["overall"], (scores[on[0]] + scores[on[1]]) / 2)
+
+
+def test_separable_vectors_reproduce_the_cross_only_score():
+    cfg = tiny_model_config()
+    cfg.matcher.units = {"text": False, "vision": False}
+    model = MMoEModel(cfg).eval()
+    with torch.no_grad():
+        m_side, _ = model.mention_side(random_batch(4, 1))
+        e_side, _ = model.entity_side(random_batch(5, 2))
+        exact = model.matcher.score(m_side, e_side)["overall"]
+        approx = model.matcher.separable_vectors(m_side) @ model.matcher.separable_vectors(e_side).t()
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_clip_is_seeded():
+    a, b = MMoEModel(tiny_model_config()), MMoEModel(tiny_model_config())
+    for (n, pa), (_, pb) in zip(a.encoder.clip.named_parameters(), b.encoder.clip.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), n
+
+
+def test_clip_path_that_does_not_exist_says_what_to_do(tmp_path):
+    cfg = tiny_model_config()
+    cfg.clip_path = str(tmp_path / "no-such-clip")
+    with pytest.raises(OSError, match="local folder"):
+        MMoEModel(cfg)
+
+
+def test_clip_loads_from_a_local_folder(tmp_path):
+    model = MMoEModel(tiny_model_config())
+    model.encoder.clip.save_pretrained(tmp_path / "clip")
+    cfg = tiny_model_config()
+    cfg.clip_path = str(tmp_path / "clip")
+    cfg.tiny_clip.seed = 123  # ignored when a path is given
+    loaded = MMoEModel(cfg)
+    for (n, pa), (_, pb) in zip(model.encoder.clip.named_parameters(), loaded.encoder.clip.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), n

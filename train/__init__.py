@@ -1,0 +1,1 @@
+"""Model assembly (CLIP encoder + matcher), config, loss and, later, the DeepSpeed training loop."""

@@ -1,0 +1,117 @@
+"""CLIP feature extraction for mentions and entities (Hugging Face ``CLIPModel``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import CLIPConfig, CLIPModel
+
+from moe.features import Features
+
+
+@dataclass
+class TinyClipSettings:
+    """A small random-init CLIP for tests and the synthetic demo (no weights can be downloaded here)."""
+
+    vocab_size: int = 30522
+    bos_token_id: int = 101
+    eos_token_id: int = 102  # CLIP pools the text at the first eos token
+    pad_token_id: int = 0
+    text_hidden: int = 64
+    vision_hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    image_size: int = 64
+    patch_size: int = 16
+    projection_dim: int = 64
+    max_text_positions: int = 64
+    seed: int = 0
+
+    def clip_config(self) -> CLIPConfig:
+        text = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.text_hidden,
+            intermediate_size=4 * self.text_hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            max_position_embeddings=self.max_text_positions,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        vision = dict(
+            hidden_size=self.vision_hidden,
+            intermediate_size=4 * self.vision_hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+        )
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.projection_dim)
+
+
+def load_clip(path: str, tiny: TinyClipSettings) -> CLIPModel:
+    """Load CLIP from a local folder or hub id; with an empty path build the tiny seeded model."""
+    if path:
+        try:
+            return CLIPModel.from_pretrained(path)
+        except OSError as err:
+            raise OSError(
+                f"could not load CLIP from {path!r}: give a local folder holding config.json and the "
+                "weights (for example a saved openai/clip-vit-base-patch32), or leave model.clip_path "
+                "empty to build the small random-init CLIP from model.tiny_clip"
+            ) from err
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        return CLIPModel(tiny.clip_config())
+
+
+def image_token_count(clip: CLIPModel) -> int:
+    v = clip.config.vision_config
+    return (v.image_size // v.patch_size) ** 2 + 1
+
+
+class ClipEncoder(nn.Module):
+    """Runs CLIP and projects to the matcher's widths.
+
+    text_global   = text_projection(pooled)                [B, dt] (Linear if projection_dim != dt)
+    text_tokens   = last hidden states of the text model    [B, Lt, dt] (Linear if hidden != dt)
+    image_global  = Linear(visual_projection(pooled), dv)   [B, dv]
+    image_tokens  = Linear(vision last hidden states, dv)   [B, Lv, dv]
+    The vision tower runs only on inputs that have an image; the others get zeros and
+    ``image_mask`` False.
+    """
+
+    def __init__(self, clip: CLIPModel, text_dim: int, image_dim: int) -> None:
+        super().__init__()
+        self.clip = clip
+        # CLIP's own contrastive temperature is not used by the matcher; keep it out of the optimizer.
+        clip.logit_scale.requires_grad_(False)
+        proj = clip.config.projection_dim
+        t_hidden = clip.config.text_config.hidden_size
+        v_hidden = clip.config.vision_config.hidden_size
+        self.text_global_proj = nn.Identity() if proj == text_dim else nn.Linear(proj, text_dim)
+        self.text_token_proj = nn.Identity() if t_hidden == text_dim else nn.Linear(t_hidden, text_dim)
+        self.image_global_proj = nn.Linear(proj, image_dim)
+        self.image_token_proj = nn.Linear(v_hidden, image_dim)
+        self.image_dim = image_dim
+        self.image_tokens = image_token_count(clip)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor) -> Features:
+        text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        text_global = self.text_global_proj(self.clip.text_projection(text.pooler_output))
+        text_tokens = self.text_token_proj(text.last_hidden_state)
+        batch = input_ids.shape[0]
+        image_mask = image_mask.bool()
+        dtype = text_tokens.dtype
+        image_global = text_tokens.new_zeros(batch, self.image_dim)
+        image_tokens = text_tokens.new_zeros(batch, self.image_tokens, self.image_dim)
+        if image_mask.any():
+            vis = self.clip.vision_model(pixel_values=pixel_values[image_mask].to(dtype))
+            g = self.image_global_proj(self.clip.visual_projection(vis.pooler_output))
+            tok = self.image_token_proj(vis.last_hidden_state)
+            image_global = image_global.index_put((image_mask.nonzero(as_tuple=True)[0],), g.to(dtype))
+            image_tokens = image_tokens.index_put((image_mask.nonzero(as_tuple=True)[0],), tok.to(dtype))
+        return Features(text_global, text_tokens, attention_mask.bool(), image_global, image_tokens, image_mask)
