@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv and activate it. Source it: `source scripts/env.sh`.
+# The venv is cached per hash of the requirement files, so a second run costs seconds; the
+# editable install of this checkout is refreshed every time (the cache may serve several clones).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+HASH="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+VENV="${MMOE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mmoe-trainer/venv-$HASH}"
+if [ ! -f "$VENV/.complete" ]; then
+    echo "[env] creating $VENV (first run: a few minutes)" >&2
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    (cd "$ROOT" && DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt)
+    touch "$VENV/.complete"
+else
+    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --no-deps -e .)
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+# DeepSpeed's JIT-built ops (the CPU shared-memory op, ~60 s to build) are cached here.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mmoe-trainer/torch_extensions}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+set +euo pipefail
