@@ -53,6 +53,15 @@ def test_extra_negatives_widen_the_softmax_and_a_mined_gold_is_masked():
     assert duplicate_gold_mask(golds, candidates).tolist() == [[False, False, False, True], [False] * 4]
 
 
+def test_row_weights_drop_padding_rows_from_the_mean():
+    logits = torch.randn(3, 3)
+    golds = torch.arange(3)
+    scores = {h: logits for h in HEADS}
+    weighted, _ = contrastive_loss(scores, golds, golds, only_overall(), row_weight=torch.tensor([1.0, 0.0, 1.0]))
+    rows = F.cross_entropy(logits, golds, reduction="none")
+    torch.testing.assert_close(weighted, (rows[0] + rows[2]) / 2)
+
+
 def test_head_weights_and_moe_losses_add_up():
     from moe.switch import MoEOutput
     from moe.units import MoELog

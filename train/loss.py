@@ -30,10 +30,13 @@ def contrastive_loss(
     candidate_ids: Tensor,
     cfg: LossConfig,
     moe_log: MoELog | None = None,
+    row_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy of each mention against the candidates (its gold at column i), per head.
 
     scores: {"overall", "text", "vision", "cross"} -> [B, C] with C = B + extra negatives.
+    row_weight [B]: per-mention weight of the mean (the training stream gives padding rows 0;
+    they still serve as negatives for the others).
     Returns the total loss and its parts (detached) for logging.
     """
     b, c = scores["overall"].shape
@@ -48,7 +51,11 @@ def contrastive_loss(
         s = s.float()
         if mask is not None:
             s = s.masked_fill(mask, float("-inf"))
-        ce = F.cross_entropy(s, target)
+        if row_weight is None:
+            ce = F.cross_entropy(s, target)
+        else:
+            w = row_weight.to(s.device, torch.float32)
+            ce = (F.cross_entropy(s, target, reduction="none") * w).sum() / w.sum().clamp_min(1.0)
         parts[f"loss_{head}"] = ce.detach()
         total = total + weights[head] * ce
     if moe_log is not None:

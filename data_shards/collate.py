@@ -1,0 +1,87 @@
+"""Turn shard samples into model batches: CLIP tokenisation and normalised image tensors.
+
+Text: mentions ``mention [SEP] sentence [SEP] description``, entities ``name [SEP] description``
+(the description is dropped with ``use_desc=False``), max length 50, padded to max length.
+Images: the converter already resized and cropped them; here they are decoded and normalised
+with the CLIP mean and std. Inputs without an image get a zero pixel row and ``image_mask``
+False (the model never reads that row).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+SEP = " [SEP] "
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"could not load a tokenizer from {path!r}: give the CLIP folder or the dataset's tokenizer/ folder"
+        ) from err
+
+
+class Collator:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_size: int,
+        max_length: int = 50,
+        use_desc: bool = True,
+        mean: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN),
+        std: tuple[float, ...] = tuple(OPENAI_CLIP_STD),
+    ) -> None:
+        self.tokenizer, self.image_size, self.max_length, self.use_desc = tokenizer, image_size, max_length, use_desc
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def mention_text(self, meta: dict) -> str:
+        parts = [meta["mention"], meta["sentence"]] + ([meta["desc"]] if self.use_desc and meta.get("desc") else [])
+        return SEP.join(parts)
+
+    def entity_text(self, meta: dict) -> str:
+        return SEP.join([meta["name"]] + ([meta["desc"]] if self.use_desc and meta.get("desc") else []))
+
+    def _tokens(self, texts: list[str]) -> dict[str, Tensor]:
+        enc = self.tokenizer(texts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _images(self, jpgs: list[bytes | None]) -> dict[str, Tensor]:
+        pixels = torch.zeros(len(jpgs), 3, self.image_size, self.image_size)
+        mask = torch.zeros(len(jpgs), dtype=torch.bool)
+        for i, jpg in enumerate(jpgs):
+            if jpg is None:
+                continue
+            with Image.open(io.BytesIO(jpg)) as img:
+                arr = np.asarray(img.convert("RGB"))
+            if arr.shape[:2] != (self.image_size, self.image_size):
+                raise ValueError(f"image of size {arr.shape[1]}x{arr.shape[0]} in the shards, the model expects "
+                                 f"{self.image_size}: convert again with --image-size {self.image_size}")
+            pixels[i] = (torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+            mask[i] = True
+        return {"pixel_values": pixels, "image_mask": mask}
+
+    def mentions(self, samples: list[dict]) -> dict[str, Tensor]:
+        metas = [s["json"] for s in samples]
+        batch = self._tokens([self.mention_text(m) for m in metas])
+        batch.update(self._images([s.get("jpg") for s in samples]))
+        batch["gold_id"] = torch.tensor([m["gold_id"] for m in metas], dtype=torch.long)
+        batch["index"] = torch.tensor([m["index"] for m in metas], dtype=torch.long)
+        return batch
+
+    def entities(self, samples: list[dict]) -> dict[str, Tensor]:
+        metas = [s["json"] for s in samples]
+        batch = self._tokens([self.entity_text(m) for m in metas])
+        batch.update(self._images([s.get("jpg") for s in samples]))
+        batch["entity_id"] = torch.tensor([m["id"] for m in metas], dtype=torch.long)
+        return batch

@@ -1,0 +1,317 @@
+"""Convert a dataset folder (MIMIC format) into webdataset shards plus a manifest.
+
+    python -m data_shards.convert --dataset wikimel --root DIR --out data/wikimel [--image-size 224]
+
+Output (under --out):
+  kb/kb-000000.tar ...        entities in id order: <key>.json (text fields) + <key>.jpg (resized)
+  kb/index.npy                byte offsets of every entity's members (random access, data_shards.store)
+  {train,dev,test}/*.tar      mentions in file order: <key>.json + <key>.jpg
+  manifest.json               counts, shards with sha256, image statistics, settings, sources
+
+Images are decoded, resized (shortest side to the CLIP input size, centre crop) and re-encoded
+once here, so training never opens the original files. Shards are written under a temporary
+name and renamed when complete; the manifest is written last. A missing or unreadable image is
+recorded (has_image false + reason) and counted; above --max-missing of a split or of the KB
+the conversion stops and names the fraction and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from data_shards import reader
+from data_shards.images import prepare_image
+from data_shards.reader import SPLITS, DatasetFormatError, Entity, KBNotSorted, Mention
+
+FORMAT_VERSION = 1
+INDEX_DTYPE = np.dtype([("shard", "<i4"), ("json_offset", "<i8"), ("json_size", "<i4"),
+                        ("jpg_offset", "<i8"), ("jpg_size", "<i4")])
+
+
+class TooManyMissingImages(RuntimeError):
+    pass
+
+
+@dataclass
+class ConvertSettings:
+    image_size: int = 224
+    shard_size: int = 1000
+    jpeg_quality: int = 90
+    workers: int = max(1, (os.cpu_count() or 1))
+    max_missing: float = 0.05
+    skip_unknown_answers: bool = False
+    splits: tuple[str, ...] = SPLITS
+
+
+@dataclass
+class ImageStats:
+    present: int = 0
+    none: int = 0  # no image listed (not an error)
+    missing: int = 0
+    unreadable: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def listed(self) -> int:
+        return self.present + self.missing + self.unreadable
+
+    @property
+    def bad_fraction(self) -> float:
+        return (self.missing + self.unreadable) / self.listed if self.listed else 0.0
+
+    def add(self, reason: str, path: Path | None) -> None:
+        if reason == "":
+            self.present += 1
+        elif reason == "none":
+            self.none += 1
+        else:
+            if reason == "missing":
+                self.missing += 1
+            else:
+                self.unreadable += 1
+            if len(self.examples) < 5:
+                self.examples.append(f"{path} ({reason})")
+
+    def merge(self, other: ImageStats) -> None:
+        self.present += other.present
+        self.none += other.none
+        self.missing += other.missing
+        self.unreadable += other.unreadable
+        self.examples = (self.examples + other.examples)[:5]
+
+    def check(self, what: str, threshold: float) -> None:
+        if self.bad_fraction > threshold:
+            raise TooManyMissingImages(
+                f"{what}: {self.bad_fraction:.1%} of the listed images are missing or unreadable "
+                f"({self.missing} missing, {self.unreadable} unreadable, of {self.listed}), above the "
+                f"{threshold:.0%} threshold. Examples: {'; '.join(self.examples)}. Check the image folder "
+                "(renamed or not extracted?) or raise --max-missing."
+            )
+
+
+def _precheck(paths: Iterable[list[Path]], what: str, threshold: float) -> None:
+    """Cheap existence check before any decoding, so a renamed image folder fails in seconds."""
+    stats = ImageStats()
+    for candidates in paths:
+        if not candidates:
+            stats.add("none", None)
+        elif any(p.is_file() for p in candidates):
+            stats.add("", None)
+        else:
+            stats.add("missing", candidates[0])
+    stats.check(what, threshold)
+
+
+def _entity_sample(ent: Entity, size: int, quality: int) -> tuple[dict, str, Path | None]:
+    jpg, reason, used = None, "none", None
+    for path in ent.image_paths:  # first readable image of the entity
+        jpg, reason = prepare_image(path, size, quality)
+        used = path
+        if jpg is not None:
+            break
+    meta = {"id": ent.id, "qid": ent.qid, "name": ent.name, "desc": ent.desc, "has_image": jpg is not None,
+            "image_reason": reason, "n_images": len(ent.image_paths)}
+    sample = {"__key__": f"{ent.id:09d}", "json": json.dumps(meta, ensure_ascii=False).encode()}
+    if jpg is not None:
+        sample["jpg"] = jpg
+    return sample, reason, used
+
+
+def _mention_sample(index: int, m: Mention, size: int, quality: int) -> tuple[dict, str, Path | None]:
+    jpg, reason = prepare_image(m.image_path, size, quality)
+    meta = {"index": index, "id": m.id, "sentence": m.sentence, "mention": m.mention, "gold_name": m.gold_name,
+            "desc": m.desc, "answer": m.answer, "gold_id": m.gold_id, "has_image": jpg is not None, "image_reason": reason}
+    sample = {"__key__": f"{index:09d}", "json": json.dumps(meta, ensure_ascii=False).encode()}
+    if jpg is not None:
+        sample["jpg"] = jpg
+    return sample, reason, m.image_path
+
+
+def _write_shard(job: tuple) -> dict:
+    """Worker: prepare the images of one shard and write it atomically. Returns its record."""
+    kind, path, items, size, quality = job
+    stats = ImageStats()
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        writer = wds.TarWriter(fh, encoder=False, mtime=0)  # mtime=0: byte-identical re-runs
+        for item in items:
+            sample, reason, used = _entity_sample(item, size, quality) if kind == "kb" else _mention_sample(*item, size, quality)
+            stats.add(reason, used)
+            writer.write(sample)
+        writer.close()
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, path)
+    return {"path": str(path), "samples": len(items), "sha256": digest, "stats": asdict(stats)}
+
+
+def _member_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    with tarfile.open(path) as tf:
+        return {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _run(jobs: Iterable[tuple], workers: int, total: int | None, desc: str) -> Iterator[dict]:
+    bar = tqdm(total=total, desc=desc, unit="shard", disable=None)
+    if workers <= 1:
+        for job in jobs:
+            yield _write_shard(job)
+            bar.update()
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            for rec in pool.imap(_write_shard, jobs):  # ordered: shard i is yielded i-th
+                yield rec
+                bar.update()
+    bar.close()
+
+
+def _shard_entry(rec: dict, out: Path) -> dict:
+    return {"name": str(Path(rec["path"]).relative_to(out)), "samples": rec["samples"], "sha256": rec["sha256"]}
+
+
+def _convert_kb(root: Path, out: Path, s: ConvertSettings, n_entities: int) -> tuple[list[dict], ImageStats]:
+    kb_dir = out / "kb"
+    kb_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _precheck((e.image_paths for e in reader.iter_kb(root)), "KB (kb_entity.json)", s.max_missing)
+        entities: Iterable[Entity] = reader.iter_kb(root)
+    except KBNotSorted:
+        sorted_kb = reader.read_kb(root)
+        _precheck((e.image_paths for e in sorted_kb), "KB (kb_entity.json)", s.max_missing)
+        entities = sorted_kb
+    jobs = ((("kb", kb_dir / f"kb-{i:06d}.tar", chunk, s.image_size, s.jpeg_quality))
+            for i, chunk in enumerate(_chunks(entities, s.shard_size)))
+    shards, stats = [], ImageStats()
+    index = np.zeros(n_entities, dtype=INDEX_DTYPE)
+    next_id = 0
+    for shard_no, rec in enumerate(_run(jobs, s.workers, -(-n_entities // s.shard_size), "KB shards")):
+        stats.merge(ImageStats(**rec["stats"]))
+        offsets = _member_offsets(Path(rec["path"]))
+        for _ in range(rec["samples"]):
+            if next_id >= n_entities:
+                raise DatasetFormatError(f"kb_entity.json has more entities than qid2id.json ({n_entities})")
+            key = f"{next_id:09d}"
+            j_off, j_size = offsets[f"{key}.json"]
+            p_off, p_size = offsets.get(f"{key}.jpg", (0, 0))
+            index[next_id] = (shard_no, j_off, j_size, p_off, p_size)
+            next_id += 1
+        shards.append(_shard_entry(rec, out))
+    if next_id != n_entities:
+        raise DatasetFormatError(f"kb_entity.json has {next_id} entities but qid2id.json maps {n_entities} QIDs")
+    stats.check("KB (kb_entity.json)", s.max_missing)
+    tmp = kb_dir / "index.npy.tmp.npy"
+    np.save(tmp, index)
+    os.replace(tmp, kb_dir / "index.npy")
+    return shards, stats
+
+
+def _convert_split(records: reader.SplitRecords, out: Path, s: ConvertSettings) -> tuple[list[dict], ImageStats]:
+    split_dir = out / records.split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    what = f"{records.split} split ({records.path.name})"
+    _precheck(([m.image_path] if m.image_path else [] for m in records.mentions), what, s.max_missing)
+    jobs = (("mention", split_dir / f"{records.split}-{i:06d}.tar", chunk, s.image_size, s.jpeg_quality)
+            for i, chunk in enumerate(_chunks(enumerate(records.mentions), s.shard_size)))
+    shards, stats = [], ImageStats()
+    total = -(-len(records.mentions) // s.shard_size)
+    for rec in _run(jobs, s.workers, total, f"{records.split} shards"):
+        stats.merge(ImageStats(**rec["stats"]))
+        shards.append(_shard_entry(rec, out))
+    stats.check(what, s.max_missing)
+    return shards, stats
+
+
+def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | None = None) -> dict:
+    """Convert ``root`` into shards under ``out``; returns the manifest (also written to out/manifest.json)."""
+    s = settings or ConvertSettings()
+    root, out = Path(root), Path(out)
+    lay = reader.layout(dataset)
+    qid2id = reader.read_qid2id(root)
+    # Read every split first: format errors surface before any image work.
+    splits = {sp: reader.read_split(root, dataset, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
+    out.mkdir(parents=True, exist_ok=True)
+    kb_shards, kb_stats = _convert_kb(root, out, s, len(qid2id))
+    manifest: dict = {
+        "format_version": FORMAT_VERSION,
+        "dataset": lay.name,
+        "source": {"root": str(root.resolve()), "kb": "kb_entity.json", "qid2id": "qid2id.json",
+                   "splits": {sp: r.path.name for sp, r in splits.items()},
+                   "mention_images": reader.mention_image_dir(root, lay).name, "kb_images": "kb_image"},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items() if k != "workers"},
+        "counts": {"entities": len(qid2id)},
+        "skipped": {},
+        "images": {"kb": asdict(kb_stats)},
+        "shards": {"kb": kb_shards},
+        "entity_index": "kb/index.npy",
+    }
+    for sp, records in splits.items():
+        shards, stats = _convert_split(records, out, s)
+        manifest["counts"][sp] = len(records.mentions)
+        manifest["skipped"][sp] = {"nil": records.skipped_nil, "unknown_answer": records.skipped_unknown,
+                                   "unknown_examples": records.unknown_examples}
+        manifest["images"][sp] = asdict(stats)
+        manifest["shards"][sp] = shards
+    _remove_stale_shards(out, manifest)
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+def _remove_stale_shards(out: Path, manifest: dict) -> None:
+    """Shards left by an earlier conversion with more shards would confuse a reader of the folder."""
+    keep = {e["name"] for shards in manifest["shards"].values() for e in shards}
+    for group in manifest["shards"]:
+        for path in (out / group).glob("*.tar"):
+            if str(path.relative_to(out)) not in keep:
+                path.unlink()
+        for path in (out / group).glob("*.tmp*"):
+            path.unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Convert a MIMIC-format MEL dataset into webdataset shards.")
+    p.add_argument("--dataset", required=True, choices=sorted(reader.LAYOUTS))
+    p.add_argument("--root", required=True, type=Path, help="dataset folder (kb_entity.json, qid2id.json, splits, images)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--image-size", type=int, default=224, help="CLIP input size (224 for ViT-B/32)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--max-missing", type=float, default=0.05, help="largest tolerated share of missing/unreadable images")
+    p.add_argument("--skip-unknown-answers", action="store_true", help="skip and count mentions whose answer is not in qid2id")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    a = p.parse_args(argv)
+    s = ConvertSettings(a.image_size, a.shard_size, a.jpeg_quality, a.workers, a.max_missing, a.skip_unknown_answers,
+                        tuple(a.splits))
+    try:
+        m = convert(a.dataset, a.root, a.out, s)
+    except (TooManyMissingImages, DatasetFormatError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    counts = ", ".join(f"{k} {v}" for k, v in m["counts"].items())
+    print(f"wrote {a.out}/manifest.json: {counts}")
+    for group, st in m["images"].items():
+        print(f"  images {group}: {st['present']} present, {st['none']} none listed, {st['missing']} missing, "
+              f"{st['unreadable']} unreadable")
+
+
+if __name__ == "__main__":
+    main()

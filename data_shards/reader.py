@@ -1,0 +1,289 @@
+"""Readers for the released MEL datasets (MIMIC format, with MMoE's ``desc`` when present).
+
+Quirks handled (DESIGN.md section 4):
+* split files named per dataset: ``WIKIMEL_{split}.json``, ``RichpediaMEL_{split}.json``,
+  ``wiki_diverse_{split}.json`` (MIMIC) or ``WikiDiverse_{split}.json`` (MMoE re-release), and our
+  synthetic benchmark's ``SyntheticMEL_{split}.json``;
+* ``qid2id.json`` is one line of JSON; ``kb_entity.json`` is a list to be sorted by ``id``;
+* entity names and mention surface forms may be URL-quoted;
+* ``imgPath`` is ``""`` (no image) or a path whose basename, with the extension replaced by
+  ``.jpg``, lies in ``mention_image/`` (RichpediaMEL ships ``mention_images/``);
+* ``answer: "nil"`` mentions are skipped and counted; entity text is ``desc`` (MMoE) or ``attr``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+SPLITS = ("train", "dev", "test")
+
+
+class DatasetFormatError(ValueError):
+    """The files do not follow the expected format; the message names file and record."""
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    name: str
+    split_files: tuple[str, ...]  # alternatives, each with a {split} placeholder
+    mention_image_dirs: tuple[str, ...]  # alternatives, first existing one wins
+
+
+LAYOUTS = {
+    "wikimel": DatasetLayout("wikimel", ("WIKIMEL_{split}.json",), ("mention_image",)),
+    "richpediamel": DatasetLayout("richpediamel", ("RichpediaMEL_{split}.json",), ("mention_images", "mention_image")),
+    "wikidiverse": DatasetLayout("wikidiverse", ("wiki_diverse_{split}.json", "WikiDiverse_{split}.json"), ("mention_image",)),
+    "synthetic": DatasetLayout("synthetic", ("SyntheticMEL_{split}.json",), ("mention_image",)),
+}
+
+
+def layout(name: str) -> DatasetLayout:
+    try:
+        return LAYOUTS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(LAYOUTS)}") from None
+
+
+@dataclass
+class Entity:
+    id: int
+    qid: str
+    name: str
+    desc: str
+    image_paths: list[Path]  # in kb_image/, in the order of image_list
+
+
+@dataclass
+class Mention:
+    id: str
+    sentence: str
+    mention: str
+    gold_name: str
+    desc: str
+    image_path: Path | None  # None when the record has no image
+    answer: str  # gold QID
+    gold_id: int
+
+
+@dataclass
+class SplitRecords:
+    split: str
+    path: Path
+    mentions: list[Mention]
+    skipped_nil: int = 0
+    skipped_unknown: int = 0
+    unknown_examples: list[str] = field(default_factory=list)
+
+
+def _position(path: Path, offset: int) -> str:
+    """'line L column C' of a character offset (computed only on the error path)."""
+    line, col = 1, 1
+    with open(path, encoding="utf-8") as fh:
+        seen = 0
+        for text_line in fh:
+            if seen + len(text_line) > offset:
+                col = offset - seen + 1
+                break
+            seen += len(text_line)
+            line += 1
+    return f"line {line} column {col}"
+
+
+def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, Any]]:
+    """Stream the elements of a JSON list file without loading the whole list.
+
+    Yields (index, element). Malformed JSON raises DatasetFormatError with file, line and column.
+    """
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as fh:
+        buf, base, eof = fh.read(chunk_chars), 0, False  # base: file offset of buf[0]
+
+        def fail(pos: int, what: str) -> DatasetFormatError:
+            return DatasetFormatError(f"{path}: malformed JSON at {_position(path, base + pos)} (char {base + pos}): {what}")
+
+        def skip_ws(i: int) -> int:
+            nonlocal buf, eof
+            while True:
+                while i < len(buf) and buf[i] in " \t\r\n":
+                    i += 1
+                if i < len(buf) or eof:
+                    return i
+                more = fh.read(chunk_chars)
+                eof = not more
+                buf += more
+
+        pos = skip_ws(0)
+        if pos >= len(buf) or buf[pos] != "[":
+            raise fail(pos, "expected a JSON list '['")
+        pos = skip_ws(pos + 1)
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        index = 0
+        while True:
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    if end == len(buf) and not eof:  # a number may continue in the next chunk
+                        raise json.JSONDecodeError("truncated", buf, end)
+                    break
+                except json.JSONDecodeError as err:
+                    if eof:
+                        raise fail(err.pos, err.msg) from None
+                    more = fh.read(chunk_chars)
+                    eof = not more
+                    buf += more
+            yield index, obj
+            index += 1
+            pos = skip_ws(end)
+            if pos >= len(buf):
+                raise fail(pos, "unexpected end of file inside the list")
+            if buf[pos] == "]":
+                return
+            if buf[pos] != ",":
+                raise fail(pos, "expected ',' or ']' after a list element")
+            pos = skip_ws(pos + 1)
+            if pos > chunk_chars:  # drop what was consumed
+                buf, base, pos = buf[pos:], base + pos, 0
+
+
+def _field(rec: Any, key: str, path: Path, index: int, types: type | tuple[type, ...] = str) -> Any:
+    if not isinstance(rec, dict):
+        raise DatasetFormatError(f"{path}: record {index} is a {type(rec).__name__}, expected an object")
+    if key not in rec:
+        raise DatasetFormatError(f"{path}: record {index} (id {rec.get('id')!r}) has no {key!r} field")
+    value = rec[key]
+    if not isinstance(value, types):
+        raise DatasetFormatError(f"{path}: record {index} (id {rec.get('id')!r}) field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _entity(rec: Any, index: int, path: Path, image_dir: Path) -> Entity:
+    eid = _field(rec, "id", path, index, int)
+    desc = rec.get("desc", rec.get("attr", "")) if isinstance(rec, dict) else ""
+    images = rec.get("image_list") or [] if isinstance(rec, dict) else []
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise DatasetFormatError(f"{path}: record {index} (id {eid}) image_list must be a list of file names")
+    return Entity(
+        id=eid,
+        qid=_field(rec, "qid", path, index),
+        name=unquote(_field(rec, "entity_name", path, index)),
+        desc=desc if isinstance(desc, str) else "",
+        image_paths=[image_dir / name for name in images],
+    )
+
+
+def kb_path(root: Path) -> Path:
+    path = Path(root) / "kb_entity.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {root} a dataset folder in MIMIC format?")
+    return path
+
+
+class KBNotSorted(DatasetFormatError):
+    pass
+
+
+def iter_kb(root: Path) -> Iterator[Entity]:
+    """Stream the KB in id order; raise KBNotSorted if the file is not sorted by dense ids."""
+    path = kb_path(root)
+    image_dir = Path(root) / "kb_image"
+    for index, rec in iter_json_array(path):
+        ent = _entity(rec, index, path, image_dir)
+        if ent.id != index:
+            raise KBNotSorted(f"{path}: record {index} has id {ent.id}; the file is not sorted by dense ids")
+        yield ent
+
+
+def read_kb(root: Path) -> list[Entity]:
+    """The whole KB sorted by id; ids must be exactly 0..N-1."""
+    path = kb_path(root)
+    image_dir = Path(root) / "kb_image"
+    entities = sorted((_entity(rec, i, path, image_dir) for i, rec in iter_json_array(path)), key=lambda e: e.id)
+    for i, ent in enumerate(entities):
+        if ent.id != i:
+            problem = "duplicated" if i and entities[i - 1].id == ent.id else "missing"
+            raise DatasetFormatError(f"{path}: entity ids must be dense 0..{len(entities) - 1}; id {i} is {problem}")
+    return entities
+
+
+def read_qid2id(root: Path) -> dict[str, int]:
+    path = Path(root) / "qid2id.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(mapping, dict):
+        raise DatasetFormatError(f"{path}: expected one JSON object {{QID: row index}}")
+    return mapping
+
+
+def split_path(root: Path, lay: DatasetLayout, split: str) -> Path:
+    candidates = [Path(root) / pattern.format(split=split) for pattern in lay.split_files]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no {split} split for {lay.name} in {root}: looked for {', '.join(c.name for c in candidates)}")
+
+
+def mention_image_dir(root: Path, lay: DatasetLayout) -> Path:
+    for name in lay.mention_image_dirs:
+        if (Path(root) / name).is_dir():
+            return Path(root) / name
+    return Path(root) / lay.mention_image_dirs[0]  # absent: every image counts as missing
+
+
+def mention_image_path(img_path: str, image_dir: Path) -> Path | None:
+    """``""`` -> None; otherwise image_dir / <basename with extension .jpg>."""
+    if not img_path:
+        return None
+    base = Path(img_path.replace("\\", "/")).name
+    return image_dir / (Path(base).stem + ".jpg")
+
+
+def read_split(
+    root: Path, dataset: str, split: str, qid2id: dict[str, int], skip_unknown_answers: bool = False
+) -> SplitRecords:
+    """Mentions of one split. ``nil`` answers are skipped and counted; an answer QID missing from
+    qid2id is an error naming the record, unless ``skip_unknown_answers`` (then counted)."""
+    lay = layout(dataset)
+    path = split_path(root, lay, split)
+    image_dir = mention_image_dir(root, lay)
+    out = SplitRecords(split, path, [])
+    for index, rec in iter_json_array(path):
+        answer = _field(rec, "answer", path, index)
+        if answer.lower() == "nil":
+            out.skipped_nil += 1
+            continue
+        if answer not in qid2id:
+            if not skip_unknown_answers:
+                raise DatasetFormatError(
+                    f"{path}: record {index} (id {rec.get('id')!r}) has answer {answer!r}, which is not in qid2id.json "
+                    "(pass --skip-unknown-answers to skip and count such records)"
+                )
+            out.skipped_unknown += 1
+            if len(out.unknown_examples) < 5:
+                out.unknown_examples.append(f"{rec.get('id')!r}: {answer}")
+            continue
+        desc = rec.get("desc", "")
+        out.mentions.append(
+            Mention(
+                id=str(_field(rec, "id", path, index, (str, int))),
+                sentence=_field(rec, "sentence", path, index),
+                mention=unquote(_field(rec, "mentions", path, index)),
+                gold_name=unquote(rec.get("entities", "") or ""),
+                desc=desc if isinstance(desc, str) else "",
+                image_path=mention_image_path(_field(rec, "imgPath", path, index), image_dir),
+                answer=answer,
+                gold_id=int(qid2id[answer]),
+            )
+        )
+    return out

@@ -1,0 +1,273 @@
+"""Streaming the shards: the training stream, eval streams (mentions in order) and the KB stream.
+
+Shards are read sequentially with webdataset's tar iterator (so they may live on any storage
+webdataset opens). Who reads what is decided here rather than by webdataset's
+``split_by_node``/``split_by_worker``, which hand out whole shards: with unequal shard counts per
+rank the ranks get unequal batch counts and a DDP/DeepSpeed job hangs at the last step.
+
+Training epoch plan, for (seed, epoch):
+1. the shard order is a permutation drawn from (seed, epoch); the epoch's sample sequence is the
+   concatenation of the shards in that order (N samples);
+2. rank r takes the contiguous positions [r*P, (r+1)*P) with P = ceil(N / world); positions past N
+   wrap to the start of the sequence and are flagged as padding (weight 0 in the loss), so every
+   rank has exactly P samples and the same number of batches, and every mention counts once;
+3. the rank's range is cut into batch-aligned contiguous blocks, one per DataLoader worker; each
+   worker streams its block through a shuffle buffer seeded by (seed, epoch, rank, worker) and
+   yields collated batches. The DataLoader returns workers' batches round-robin, so the batch
+   sequence of a rank is a function of (seed, epoch, world, rank, batch size, workers).
+Resume: the saved position is (epoch, batches done); each worker skips the batches of its own
+that were consumed (reading but not decoding them), which restores the exact sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_shards.collate import Collator
+from data_shards.store import EntityStore
+
+
+def load_manifest(shard_root: Path | str) -> dict:
+    path = Path(shard_root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: convert the dataset first (python -m data_shards.convert)")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class ShardSet:
+    paths: list[Path]
+    counts: list[int]
+
+    @classmethod
+    def from_manifest(cls, shard_root: Path | str, group: str) -> ShardSet:
+        manifest = load_manifest(shard_root)
+        if group not in manifest["shards"]:
+            raise KeyError(f"{shard_root}: no {group!r} shards; the manifest has {sorted(manifest['shards'])}")
+        entries = manifest["shards"][group]
+        return cls([Path(shard_root) / e["name"] for e in entries], [e["samples"] for e in entries])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def _decode(sample: dict) -> dict:
+    return {"json": json.loads(sample["json"]), "jpg": sample.get("jpg")}
+
+
+def read_positions(shards: ShardSet, order: list[int], start: int, stop: int) -> Iterator[dict]:
+    """Samples at positions [start, stop) of the concatenation of ``shards`` in ``order``.
+
+    Only shards overlapping the range are opened. Samples are yielded raw (bytes), undecoded.
+    """
+    pos = 0
+    for s in order:
+        n = shards.counts[s]
+        if pos + n <= start:
+            pos += n
+            continue
+        if pos >= stop:
+            return
+        for i, sample in enumerate(wds.tarfile_samples([{"url": str(shards.paths[s])}])):
+            if pos + i >= stop:
+                break
+            if pos + i >= start:
+                yield sample
+        pos += n
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges of sizes differing by at most one."""
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def worker_batch_blocks(n_samples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
+    """Split a rank's samples into per-worker contiguous ranges made of whole batches
+    (only the last range may end with a partial batch)."""
+    n_batches = math.ceil(n_samples / batch_size)
+    blocks = []
+    for b0, b1 in split_evenly(n_batches, workers):
+        blocks.append((min(b0 * batch_size, n_samples), min(b1 * batch_size, n_samples)))
+    return blocks
+
+
+def consumed_per_worker(batches_per_worker: list[int], consumed: int) -> list[int]:
+    """How many batches each worker had delivered after ``consumed`` batches of the DataLoader,
+    which takes one batch from each worker in turn, skipping exhausted workers."""
+    done = [0] * len(batches_per_worker)
+    remaining = consumed
+    while remaining > 0:
+        progressed = False
+        for w, total in enumerate(batches_per_worker):
+            if remaining == 0:
+                break
+            if done[w] < total:
+                done[w] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError(f"resume position {consumed} is past the end of the epoch ({sum(batches_per_worker)} batches)")
+    return done
+
+
+def shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle buffer: keep ``buffer_size`` samples, emit a random one as each new one arrives."""
+    buf: list = []
+    for s in samples:
+        if len(buf) < buffer_size:
+            buf.append(s)
+            continue
+        i = int(rng.integers(len(buf)))
+        buf[i], s = s, buf[i]
+        yield s
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))
+
+
+class TrainStream(IterableDataset):
+    """Training batches: {"mentions", "entities" (the gold entities, from the entity store),
+    "gold_ids", "candidate_ids", "weight" (0 for padding), "position": (epoch, batch index)}."""
+
+    def __init__(
+        self,
+        shard_root: Path | str,
+        collator: Collator,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        world: int = 1,
+        rank: int = 0,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        split: str = "train",
+    ) -> None:
+        self.root = Path(shard_root)
+        self.shards = ShardSet.from_manifest(self.root, split)
+        if self.shards.total == 0:
+            raise ValueError(f"{self.root}: the {split} split is empty")
+        self.collator, self.batch_size = collator, batch_size
+        self.seed, self.world, self.rank = seed, world, rank
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.store = EntityStore(self.root)
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def samples_per_rank(self) -> int:
+        return math.ceil(self.shards.total / self.world)
+
+    def batches_per_epoch(self) -> int:
+        """Batches each rank gets per epoch (the same on every rank)."""
+        return sum(self._worker_batches())
+
+    def _worker_batches(self) -> list[int]:
+        blocks = worker_batch_blocks(self.samples_per_rank, self.batch_size, max(1, self.num_workers))
+        return [math.ceil((b - a) / self.batch_size) for a, b in blocks]
+
+    def set_position(self, epoch: int, batches_done: int = 0) -> None:
+        """Start the next iteration at ``epoch`` after ``batches_done`` batches of it."""
+        if not 0 <= batches_done <= self.batches_per_epoch():
+            raise ValueError(f"batches_done={batches_done} outside 0..{self.batches_per_epoch()}")
+        self.epoch, self.start_batch = epoch, batches_done
+
+    def _rank_samples(self, order: list[int], start: int, stop: int) -> Iterator[tuple[dict, bool]]:
+        """Positions [start, stop) of this rank's range; positions past N wrap as padding."""
+        n = self.shards.total
+        base = self.rank * self.samples_per_rank
+        lo, hi = base + start, base + stop
+        for sample in read_positions(self.shards, order, min(lo, n), min(hi, n)):
+            yield sample, False
+        if hi > n:
+            for sample in read_positions(self.shards, order, max(lo, n) - n, hi - n):
+                yield sample, True
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if n_workers != max(1, self.num_workers):
+            raise RuntimeError(f"TrainStream was built for {self.num_workers} workers but runs in {n_workers}")
+        epoch = self.epoch
+        order = list(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.counts)))
+        start, stop = worker_batch_blocks(self.samples_per_rank, self.batch_size, n_workers)[worker]
+        skip = consumed_per_worker(self._worker_batches(), self.start_batch)[worker]
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        stream = shuffled(self._rank_samples(order, start, stop), self.shuffle_buffer, rng)
+        batch: list[tuple[dict, bool]] = []
+        k = 0
+        for item in stream:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                if k >= skip:
+                    yield self._collate(batch, epoch)
+                batch, k = [], k + 1
+        if batch and k >= skip:
+            yield self._collate(batch, epoch)
+
+    def _collate(self, items: list[tuple[dict, bool]], epoch: int) -> dict:
+        samples = [_decode(s) for s, _ in items]
+        mentions = self.collator.mentions(samples)
+        golds = mentions["gold_id"]
+        entities = self.collator.entities(self.store.get_many(golds.tolist()))
+        return {
+            "mentions": mentions,
+            "entities": entities,
+            "gold_ids": golds,
+            "candidate_ids": entities["entity_id"],
+            "weight": torch.tensor([0.0 if pad else 1.0 for _, pad in items]),
+            "epoch": epoch,
+        }
+
+
+class OrderedStream(IterableDataset):
+    """Samples of one shard group in order (a split's mentions, or the KB's entities), this
+    rank's contiguous share only, collated into batches that carry their indices/ids."""
+
+    def __init__(self, shard_root: Path | str, group: str, collator: Collator, batch_size: int,
+                 world: int = 1, rank: int = 0) -> None:
+        self.shards = ShardSet.from_manifest(shard_root, group)
+        self.is_kb = group == "kb"
+        self.collator, self.batch_size = collator, batch_size
+        self.range = split_evenly(self.shards.total, world)[rank]
+
+    def __len__(self) -> int:
+        return self.range[1] - self.range[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        a, b = self.range
+        blocks = worker_batch_blocks(b - a, self.batch_size, n_workers)
+        start, stop = blocks[worker]
+        order = list(range(len(self.shards.counts)))
+        batch: list[dict] = []
+        for sample in read_positions(self.shards, order, a + start, a + stop):
+            batch.append(_decode(sample))
+            if len(batch) == self.batch_size:
+                yield self._collate(batch)
+                batch = []
+        if batch:
+            yield self._collate(batch)
+
+    def _collate(self, samples: list[dict]) -> dict:
+        return self.collator.entities(samples) if self.is_kb else self.collator.mentions(samples)
+
+
+def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    """DataLoader over a stream that yields whole batches."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      multiprocessing_context="fork" if num_workers else None)

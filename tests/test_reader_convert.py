@@ -1,0 +1,153 @@
+"""Dataset reader on hand-written fixtures, and the shard converter (manifest, images, errors)."""
+
+import json
+import tarfile
+
+import pytest
+from PIL import Image
+
+from data_shards import reader
+from data_shards.convert import ConvertSettings, TooManyMissingImages, convert
+from data_shards.store import EntityStore
+from tests.fixtures import ENTITIES, SPLIT_FILES, write_fixture
+
+SMALL = ConvertSettings(image_size=16, shard_size=2, workers=1)
+
+
+@pytest.mark.parametrize("naming", sorted(SPLIT_FILES))
+def test_reader_handles_every_dataset_naming(tmp_path, naming):
+    dataset = naming.split("-")[0]
+    facts = write_fixture(tmp_path, naming)
+    qid2id = reader.read_qid2id(tmp_path)
+    train = reader.read_split(tmp_path, dataset, "train", qid2id)
+    assert train.skipped_nil == 1
+    assert [m.id for m in train.mentions] == ["m1", "m2", "m4", "m5"]
+    by_id = {m.id: m for m in train.mentions}
+    assert by_id["m4"].mention == "São Paulo"  # URL-quoted in the file
+    assert by_id["m4"].image_path is None  # imgPath ""
+    assert by_id["m1"].image_path == facts["mention_dir"] / "m1.jpg"  # .png -> .jpg, directories dropped
+    assert by_id["m5"].image_path == facts["mention_dir"] / "m5.jpg"
+    assert by_id["m2"].gold_id == 3 and by_id["m2"].desc == "desc of m2"
+
+
+def test_richpediamel_reads_mention_images_folder(tmp_path):
+    write_fixture(tmp_path, "richpediamel")
+    assert reader.mention_image_dir(tmp_path, reader.layout("richpediamel")).name == "mention_images"
+
+
+def test_kb_sorted_by_id_names_unquoted_and_attr_fallback(tmp_path):
+    write_fixture(tmp_path, "wikimel", mmoe_desc=False, shuffled_kb=True)
+    kb = reader.read_kb(tmp_path)
+    assert [e.id for e in kb] == list(range(len(ENTITIES)))
+    assert [e.name for e in kb] == [name for _, name, _, _ in ENTITIES]
+    assert kb[0].desc == "capital of France"  # from "attr"
+    assert len(kb[3].image_paths) == 3 and kb[4].image_paths == []
+    with pytest.raises(reader.KBNotSorted):
+        list(reader.iter_kb(tmp_path))
+    mentions = reader.read_split(tmp_path, "wikimel", "train", reader.read_qid2id(tmp_path)).mentions
+    assert all(m.desc == "" for m in mentions)  # MIMIC release: no desc
+
+
+def test_unknown_answer_is_an_error_naming_the_record_unless_skipped(tmp_path):
+    write_fixture(tmp_path, "wikimel")
+    qid2id = reader.read_qid2id(tmp_path)
+    del qid2id["Q300"]
+    with pytest.raises(reader.DatasetFormatError, match=r"record 0 \(id 't1'\).*Q300"):
+        reader.read_split(tmp_path, "wikimel", "test", qid2id)
+    out = reader.read_split(tmp_path, "wikimel", "test", qid2id, skip_unknown_answers=True)
+    assert out.skipped_unknown == 1 and [m.id for m in out.mentions] == ["t2"]
+
+
+def test_malformed_json_names_file_line_and_column(tmp_path):
+    write_fixture(tmp_path, "wikimel")
+    path = tmp_path / "WIKIMEL_dev.json"
+    path.write_text('[\n  {"id": "d1", "sentence": "x",\n   "mentions": oops}\n]')
+    with pytest.raises(reader.DatasetFormatError, match=r"WIKIMEL_dev\.json: malformed JSON at line 3 column 16"):
+        reader.read_split(tmp_path, "wikimel", "dev", reader.read_qid2id(tmp_path))
+
+
+def test_streaming_json_parser_across_chunk_boundaries(tmp_path):
+    items = [{"i": i, "text": "x" * (i % 7), "n": 10**i} for i in range(40)]
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(items, indent=1))
+    parsed = [obj for _, obj in reader.iter_json_array(path, chunk_chars=16)]
+    assert parsed == items
+
+
+def test_round_trip_manifest_store_and_images(tmp_path):
+    write_fixture(tmp_path / "raw", "wikimel")
+    manifest = convert("wikimel", tmp_path / "raw", tmp_path / "out", SMALL)
+    assert manifest["counts"] == {"entities": 6, "train": 4, "dev": 1, "test": 2}
+    assert manifest["skipped"]["train"]["nil"] == 1
+    assert manifest["images"]["kb"] == {"present": 5, "none": 1, "missing": 0, "unreadable": 0, "examples": []}
+    assert manifest["images"]["train"]["present"] == 3 and manifest["images"]["train"]["none"] == 1
+    assert [s["samples"] for s in manifest["shards"]["kb"]] == [2, 2, 2]
+    # Every KB shard holds entities in id order; images were resized to 16x16.
+    ids = []
+    for entry in manifest["shards"]["kb"]:
+        with tarfile.open(tmp_path / "out" / entry["name"]) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    ids.append(json.load(tf.extractfile(m))["id"])
+    assert ids == list(range(6))
+    store = EntityStore(tmp_path / "out")
+    jordan_river = store.get(4)
+    assert jordan_river["json"]["name"] == "Jordan River" and jordan_river["jpg"] is None
+    assert jordan_river["json"]["image_reason"] == "none"
+    sao = store.get(5)
+    assert sao["json"]["name"] == "São Paulo"
+    import io
+    with Image.open(io.BytesIO(sao["jpg"])) as img:
+        assert img.size == (16, 16) and img.format == "JPEG"
+    with pytest.raises(IndexError):
+        store.get(6)
+
+
+def test_conversion_is_deterministic_and_leaves_no_temporary_files(tmp_path):
+    write_fixture(tmp_path / "raw", "wikimel")
+    first = convert("wikimel", tmp_path / "raw", tmp_path / "out", SMALL)
+    second = convert("wikimel", tmp_path / "raw", tmp_path / "out", ConvertSettings(image_size=16, shard_size=2, workers=2))
+    assert first["shards"] == second["shards"]  # same sha256, parallel or not
+    assert not list((tmp_path / "out").rglob("*.tmp*"))
+    # A re-run with bigger shards removes the shards the new manifest does not list.
+    third = convert("wikimel", tmp_path / "raw", tmp_path / "out", ConvertSettings(image_size=16, shard_size=10, workers=1))
+    assert sorted(p.name for p in (tmp_path / "out" / "kb").glob("*.tar")) == ["kb-000000.tar"]
+    assert third["shards"]["kb"][0]["samples"] == 6
+
+
+def test_renamed_image_folder_stops_the_conversion(tmp_path):
+    write_fixture(tmp_path / "raw", "wikimel")
+    (tmp_path / "raw" / "mention_image").rename(tmp_path / "raw" / "mention_image_old")
+    with pytest.raises(TooManyMissingImages, match=r"train split \(WIKIMEL_train\.json\): 100\.0% .*m1\.jpg"):
+        convert("wikimel", tmp_path / "raw", tmp_path / "out", SMALL)
+
+
+def test_missing_and_unreadable_images_are_recorded_below_the_threshold(tmp_path):
+    write_fixture(tmp_path / "raw", "wikimel")
+    (tmp_path / "raw" / "mention_image" / "m2.jpg").unlink()
+    (tmp_path / "raw" / "mention_image" / "m5.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "raw" / "kb_image" / "Q400_0.jpg").unlink()  # Michael Jordan still has two images
+    manifest = convert("wikimel", tmp_path / "raw", tmp_path / "out",
+                       ConvertSettings(image_size=16, shard_size=2, workers=1, max_missing=0.9))
+    train = manifest["images"]["train"]
+    assert (train["present"], train["missing"], train["unreadable"], train["none"]) == (1, 1, 1, 1)
+    assert any("m5.jpg (unreadable" in e for e in train["examples"])
+    assert manifest["images"]["kb"]["present"] == 5  # fell back to the entity's next image
+    store = EntityStore(tmp_path / "out")
+    assert store.get(3)["jpg"] is not None
+    # The existence pre-check sees 1 of 3 files missing and stops before any decoding ...
+    with pytest.raises(TooManyMissingImages, match=r"33\.3% .*1 missing, 0 unreadable"):
+        convert("wikimel", tmp_path / "raw", tmp_path / "out2", ConvertSettings(image_size=16, shard_size=2, workers=1))
+    # ... and the check after decoding also counts the unreadable file.
+    with pytest.raises(TooManyMissingImages, match=r"66\.7% .*1 missing, 1 unreadable"):
+        convert("wikimel", tmp_path / "raw", tmp_path / "out3",
+                ConvertSettings(image_size=16, shard_size=2, workers=1, max_missing=0.4))
+
+
+def test_convert_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    from data_shards.convert import main
+
+    write_fixture(tmp_path / "raw", "wikimel")
+    (tmp_path / "raw" / "kb_image").rename(tmp_path / "raw" / "kb_images_renamed")
+    with pytest.raises(SystemExit, match="KB .*100.0%"):
+        main(["--dataset", "wikimel", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "o"), "--image-size", "16"])
