@@ -91,11 +91,21 @@ class MMoEMatcher(nn.Module):
 
     def score(self, mentions: SideCache, entities: SideCache) -> dict[str, Tensor]:
         """Scores [M, N] of a block of mentions against a block of entities, per unit and overall."""
+        return self._score(mentions, entities, paired=False)
+
+    def score_pairs(self, mentions: SideCache, entities: SideCache) -> dict[str, Tensor]:
+        """Scores [P] of aligned pairs: mention row p against entity row p (candidate re-ranking)."""
+        if len(mentions) != len(entities):
+            raise ValueError(f"paired scoring needs as many mentions as entities, got {len(mentions)} and {len(entities)}")
+        return self._score(mentions, entities, paired=True)
+
+    def _score(self, mentions: SideCache, entities: SideCache, paired: bool) -> dict[str, Tensor]:
         scores: dict[str, Tensor] = {}
         for name in self.unit_names:
             m = {k.split(".", 1)[1]: v for k, v in mentions.tensors.items() if k.startswith(name + ".")}
             e = {k.split(".", 1)[1]: v for k, v in entities.tensors.items() if k.startswith(name + ".")}
-            scores[name] = self.units[name].score(m, e)
+            unit = self.units[name]
+            scores[name] = unit.score_pairs(m, e) if paired else unit.score(m, e)
         scores["overall"] = torch.stack([scores[n] for n in self.unit_names]).mean(0)
         return scores
 

@@ -94,6 +94,18 @@ def global_to_local(query: Tensor, query_mask: Tensor, key: Tensor, value: Tenso
     return torch.einsum("mnk,mkh->mnh", pooled, value)
 
 
+def global_to_local_paired(query: Tensor, query_mask: Tensor, key: Tensor, value: Tensor, key_mask: Tensor) -> Tensor:
+    """:func:`global_to_local` for P aligned pairs (row p of the entities with row p of the
+    mentions) instead of all M x N pairs. Returns [P, h]."""
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    logits = torch.einsum("pqh,pkh->pqk", query, key) * scale
+    attn = torch.softmax(masked_logits(logits, key_mask[:, None, :]), dim=-1)
+    qw = query_mask.to(attn.dtype)
+    qw = qw / qw.sum(dim=1, keepdim=True).clamp_min(1.0)
+    pooled = torch.einsum("pqk,pq->pk", attn, qw)
+    return torch.einsum("pk,pkh->ph", pooled, value)
+
+
 class IntraUnit(nn.Module):
     """Intra-level MoE unit for one modality (the text unit and the vision unit).
 
@@ -132,6 +144,10 @@ class IntraUnit(nn.Module):
         g2l = (self.norm(ctx) * e["g"].unsqueeze(0)).sum(-1)
         g2g = m["g"] @ e["g"].t()
         return (g2l + g2g) / 2
+
+    def score_pairs(self, m: dict[str, Tensor], e: dict[str, Tensor]) -> Tensor:
+        ctx = global_to_local_paired(e["query"], e["mask"], m["key"], m["value"], m["mask"])
+        return ((self.norm(ctx) * e["g"]).sum(-1) + (m["g"] * e["g"]).sum(-1)) / 2
 
 
 def align_length(tokens: Tensor, length: int) -> Tensor:
@@ -204,3 +220,7 @@ class CrossUnit(nn.Module):
     @staticmethod
     def score(m: dict[str, Tensor], e: dict[str, Tensor]) -> Tensor:
         return (m["t2i"] @ e["t2i"].t() + m["i2t"] @ e["i2t"].t()) / 2
+
+    @staticmethod
+    def score_pairs(m: dict[str, Tensor], e: dict[str, Tensor]) -> Tensor:
+        return ((m["t2i"] * e["t2i"]).sum(-1) + (m["i2t"] * e["i2t"]).sum(-1)) / 2

@@ -69,6 +69,16 @@ def test_cached_entity_blocks_equal_direct_pairwise_scoring(model):
                     torch.testing.assert_close(cached[head][i, j], direct[head][0, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_paired_scoring_equals_the_diagonal_of_block_scoring(model):
+    with torch.no_grad():
+        m_side, _ = model.mention_side(random_batch(4, 11, missing=(2,)))
+        e_side, _ = model.entity_side(random_batch(4, 12, missing=(0,)))
+        block = model.matcher.score(m_side, e_side)
+        paired = model.matcher.score_pairs(m_side, e_side)
+    for head in block:
+        torch.testing.assert_close(paired[head], block[head].diagonal(), rtol=1e-5, atol=1e-5)
+
+
 def test_missing_image_is_not_a_black_picture_and_its_pixels_are_ignored(model):
     batch = random_batch(2, 7, missing=(1,))
     black = dict(batch, pixel_values=batch["pixel_values"].clone(), image_mask=torch.tensor([True, True]))
