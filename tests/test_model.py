@@ -142,3 +142,17 @@ def test_clip_loads_from_a_local_folder(tmp_path):
     loaded = MMoEModel(cfg)
     for (n, pa), (_, pb) in zip(model.encoder.clip.named_parameters(), loaded.encoder.clip.named_parameters(), strict=True):
         assert torch.equal(pa, pb), n
+
+
+def test_export_round_trip_gives_the_same_scores(tmp_path):
+    from train.config import Config
+    from train.model import load_export, save_export
+
+    cfg = Config(model=tiny_model_config())
+    model = MMoEModel(cfg.model).eval()
+    save_export(model, cfg, tmp_path / "best")
+    loaded, loaded_cfg = load_export(tmp_path / "best")
+    assert loaded_cfg == cfg
+    mentions, entities = random_batch(3, 1), random_batch(4, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(mentions, entities)[0]["overall"], model(mentions, entities)[0]["overall"])

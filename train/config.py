@@ -45,9 +45,40 @@ class LossConfig:
 
 
 @dataclass
+class DataConfig:
+    shards: str = "data/synthetic/shards"  # output folder of data_shards.convert
+    tokenizer: str = ""  # "": <shards>/tokenizer if present, else model.clip_path
+    use_desc: bool = True  # append the (DME) description to mention and entity texts
+    batch_size: int = 32  # micro batch per process
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    train_fraction: float = 1.0  # low-resource training: a seeded subset of the training mentions
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "exact"  # exact | two-stage
+    top_k: int = 100  # two-stage: candidates re-ranked by the full matcher
+    index: str = "flat"  # FAISS index for two-stage: flat | ivf | ivfpq
+    recall_at: list[int] = field(default_factory=lambda: [10, 50, 100])
+    batch_size: int = 64  # encoding batch
+    mention_chunk: int = 64  # mentions scored together against the KB
+    max_pair_elements: int = 1 << 26  # bound on the attention tensor of one scoring block
+    bf16: bool = True  # on GPUs that support it; CPUs always compute in fp32
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "two-stage"):
+            raise ConfigError(f"eval.mode: expected exact or two-stage, got {self.mode!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -123,6 +154,10 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

@@ -15,10 +15,11 @@ from moe.features import Features
 class TinyClipSettings:
     """A small random-init CLIP for tests and the synthetic demo (no weights can be downloaded here)."""
 
-    vocab_size: int = 30522
-    bos_token_id: int = 101
-    eos_token_id: int = 102  # CLIP pools the text at the first eos token
-    pad_token_id: int = 0
+    # 0 / -1: taken from the tokenizer when the model is built (train.model.build_model)
+    vocab_size: int = 0
+    bos_token_id: int = -1
+    eos_token_id: int = -1  # CLIP pools the text at the first eos token
+    pad_token_id: int = -1
     text_hidden: int = 64
     vision_hidden: int = 64
     layers: int = 2
@@ -30,6 +31,8 @@ class TinyClipSettings:
     seed: int = 0
 
     def clip_config(self) -> CLIPConfig:
+        if self.vocab_size <= 0 or min(self.bos_token_id, self.eos_token_id, self.pad_token_id) < 0:
+            raise ValueError("tiny_clip needs vocab_size and bos/eos/pad token ids (build_model takes them from the tokenizer)")
         text = dict(
             vocab_size=self.vocab_size,
             hidden_size=self.text_hidden,

@@ -7,14 +7,20 @@ A batch (mentions or entities) is a mapping with
 
 from __future__ import annotations
 
+import copy
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
-from train.config import ModelConfig
+from train.config import Config, ModelConfig, load_config, save_config
 from train.encoder import ClipEncoder, load_clip
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
@@ -47,3 +53,53 @@ class MMoEModel(nn.Module):
         e_side, e_log = self.entity_side(entities)
         m_log.merge(e_log)
         return self.matcher.score(m_side, e_side), m_log
+
+
+def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[MMoEModel, Config]:
+    """Build the model; a tiny CLIP takes its vocabulary size and special tokens from the
+    tokenizer. Returns the config with those values filled in (save that one)."""
+    cfg = copy.deepcopy(cfg)
+    tiny = cfg.model.tiny_clip
+    if not cfg.model.clip_path and tokenizer is not None:
+        if tiny.vocab_size <= 0:
+            tiny.vocab_size = len(tokenizer)
+        for name in ("bos", "eos", "pad"):
+            attr = f"{name}_token_id"
+            if getattr(tiny, attr) < 0:
+                value = getattr(tokenizer, attr)
+                if value is None:
+                    raise ValueError(f"the tokenizer has no {name} token; the tiny CLIP needs one")
+                setattr(tiny, attr, value)
+    return MMoEModel(cfg.model), cfg
+
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
+
+
+def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
+    """A self-contained copy of the model (weights + resolved config) that evaluation loads
+    without DeepSpeed; written to a temporary folder and renamed, so it is never half-written."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / EXPORT_WEIGHTS))
+    save_config(cfg, tmp / EXPORT_CONFIG)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMoEModel, Config]:
+    path = Path(path)
+    if not (path / EXPORT_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} holds no {EXPORT_WEIGHTS}: pass a model export (runs/NAME/best) or a checkpoint folder")
+    cfg = load_config(path / EXPORT_CONFIG)
+    model = MMoEModel(cfg.model)
+    missing, unexpected = model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=str(map_location)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model, cfg
+

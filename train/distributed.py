@@ -1,0 +1,79 @@
+"""Process-group helpers that work the same under torchrun, the deepspeed launcher,
+`accelerate launch` and plain python (one process): NCCL with CUDA, gloo without."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) without one."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        _, _, local = env_world()
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_process_group(use_deepspeed: bool = False) -> None:
+    """Join the launcher's process group, if there is one and it is not joined yet."""
+    if dist.is_initialized() or env_world()[1] == 1 and not use_deepspeed:
+        return
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    else:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """Concatenate every rank's rows (first dim may differ by rank), in rank order, on every rank."""
+    if world() == 1:
+        return t
+    if t.dtype == torch.bool:  # gloo cannot all-gather bool tensors
+        return gather_rows(t.to(torch.uint8)).bool()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = t.new_zeros((longest, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in range(world())]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def gather_objects(obj):
+    """List of every rank's object, in rank order (on every rank)."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
