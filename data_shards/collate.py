@@ -63,7 +63,7 @@ class Collator:
             if jpg is None:
                 continue
             with Image.open(io.BytesIO(jpg)) as img:
-                arr = np.asarray(img.convert("RGB"))
+                arr = np.array(img.convert("RGB"))  # writable copy for torch
             if arr.shape[:2] != (self.image_size, self.image_size):
                 raise ValueError(f"image of size {arr.shape[1]}x{arr.shape[0]} in the shards, the model expects "
                                  f"{self.image_size}: convert again with --image-size {self.image_size}")
@@ -77,6 +77,7 @@ class Collator:
         batch.update(self._images([s.get("jpg") for s in samples]))
         batch["gold_id"] = torch.tensor([m["gold_id"] for m in metas], dtype=torch.long)
         batch["index"] = torch.tensor([m["index"] for m in metas], dtype=torch.long)
+        batch["mention_id"] = [m["id"] for m in metas]
         return batch
 
     def entities(self, samples: list[dict]) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ Output (under --out):
   kb/index.npy                byte offsets of every entity's members (random access, data_shards.store)
   {train,dev,test}/*.tar      mentions in file order: <key>.json + <key>.jpg
   manifest.json               counts, shards with sha256, image statistics, settings, sources
+  tokenizer/                  copied from the dataset folder when it ships one (synthetic benchmark)
 
 Images are decoded, resized (shortest side to the CLIP input size, centre crop) and re-encoded
 once here, so training never opens the original files. Shards are written under a temporary
@@ -22,6 +23,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -269,6 +271,13 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
                                    "unknown_examples": records.unknown_examples}
         manifest["images"][sp] = asdict(stats)
         manifest["shards"][sp] = shards
+    if (root / "tokenizer").is_dir():  # a dataset that ships its own tokenizer (the synthetic benchmark)
+        tmp_tok = out / "tokenizer.tmp"
+        shutil.rmtree(tmp_tok, ignore_errors=True)
+        shutil.copytree(root / "tokenizer", tmp_tok)
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        tmp_tok.rename(out / "tokenizer")
+        manifest["tokenizer"] = "tokenizer"
     _remove_stale_shards(out, manifest)
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))

@@ -15,8 +15,11 @@ Training epoch plan, for (seed, epoch):
    worker streams its block through a shuffle buffer seeded by (seed, epoch, rank, worker) and
    yields collated batches. The DataLoader returns workers' batches round-robin, so the batch
    sequence of a rank is a function of (seed, epoch, world, rank, batch size, workers).
-Resume: the saved position is (epoch, batches done); each worker skips the batches of its own
-that were consumed (reading but not decoding them), which restores the exact sequence.
+Resume: the saved position is (epoch, batches done k); each worker skips the batches of its own
+that were consumed (reading but not decoding them), and DataLoader worker p plays the role of
+worker (p + k) mod W, because the DataLoader restarts its round-robin at worker 0. Per-worker
+batch counts are non-increasing and differ by at most one, so the rotated round-robin (skipping
+exhausted workers) continues the original sequence exactly.
 """
 
 from __future__ import annotations
@@ -202,6 +205,9 @@ class TrainStream(IterableDataset):
         if n_workers != max(1, self.num_workers):
             raise RuntimeError(f"TrainStream was built for {self.num_workers} workers but runs in {n_workers}")
         epoch = self.epoch
+        # The DataLoader always starts its round-robin at worker 0, but after k batches the next
+        # one belongs to worker k mod W: rotate the roles so the sequence continues exactly.
+        worker = (worker + self.start_batch) % n_workers
         order = list(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.counts)))
         start, stop = worker_batch_blocks(self.samples_per_rank, self.batch_size, n_workers)[worker]
         skip = consumed_per_worker(self._worker_batches(), self.start_batch)[worker]

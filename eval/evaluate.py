@@ -1,0 +1,214 @@
+"""Evaluate a trained model on a split, ranking every mention's gold entity against the whole KB.
+
+    python -m eval.evaluate --checkpoint runs/NAME/best [--config CFG] [--split test]
+                            [--mode exact|two-stage] [--out DIR] [--set eval.top_k=200 ...]
+
+Works as one process or under torchrun / the deepspeed launcher / accelerate launch: the KB
+encoding and the mentions are split across ranks, the KB cache is gathered, rank 0 writes
+  results-<split>.json       metrics, first-stage recall@K (two-stage), settings, checkpoint,
+                             dataset manifest hash, timings
+  per_mention-<split>.jsonl  mention id, gold, gold rank, ties, top-5 entity ids with scores
+  leaderboard-<split>.md     this run next to the published numbers for the dataset
+and logs the leaderboard table to W&B when a run is active. :func:`evaluate_split` is what the
+trainer calls for dev evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data_shards.collate import Collator, load_tokenizer
+from data_shards.stream import OrderedStream, load_manifest, make_loader
+from eval.encode import encode_side
+from eval.leaderboard import leaderboard_markdown, leaderboard_rows
+from eval.metrics import summarize
+from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
+from train import distributed as D
+from train.config import Config, ConfigError, apply_override, build, load_config, to_dict
+from train.model import MMoEModel, load_export
+
+
+@dataclass
+class EvalResult:
+    split: str
+    metrics: dict[str, float]
+    per_mention: list[dict] = field(default_factory=list)  # filled on rank 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_tokenizer(cfg: Config) -> str:
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    local = Path(cfg.data.shards) / "tokenizer"
+    if local.is_dir():
+        return str(local)
+    if cfg.model.clip_path:
+        return cfg.model.clip_path
+    raise ConfigError("data.tokenizer is empty, the shards have no tokenizer/ folder and model.clip_path is empty: "
+                      "say which tokenizer to use")
+
+
+def make_collator(cfg: Config, model: MMoEModel) -> Collator:
+    image_size = model.encoder.clip.config.vision_config.image_size
+    return Collator(load_tokenizer(resolve_tokenizer(cfg)), image_size, cfg.model.text_max_length, cfg.data.use_desc)
+
+
+def evaluate_split(
+    model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator | None = None
+) -> EvalResult:
+    """Rank every mention of ``split`` against the whole KB; identical on any number of ranks."""
+    e = cfg.eval
+    collator = collator or make_collator(cfg, model)
+    was_training = model.training
+    model.eval()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    kb_stream = OrderedStream(cfg.data.shards, "kb", collator, e.batch_size, D.world(), D.rank())
+    kb, kb_ids = encode_side(model, make_loader(kb_stream, e.num_workers), device, entity=True, bf16=e.bf16,
+                             gather=True, total=len(kb_stream), desc="encode KB")
+    if not torch.equal(kb_ids["entity_id"].cpu(), torch.arange(len(kb))):
+        raise RuntimeError("KB cache rows are not in entity id order: the KB shards are inconsistent with the manifest")
+    timings["encode_kb_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    m_stream = OrderedStream(cfg.data.shards, split, collator, e.batch_size, D.world(), D.rank())
+    mentions, m_ids = encode_side(model, make_loader(m_stream, e.num_workers), device, entity=False, bf16=e.bf16,
+                                  total=len(m_stream), desc=f"encode {split}")
+    timings["encode_mentions_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    gold = m_ids["gold_id"]
+    extra: dict[str, float] = {}
+    if e.mode == "exact":
+        res = exact_ranks(model.matcher, mentions, gold, kb, mention_chunk=e.mention_chunk,
+                          max_pair_elements=e.max_pair_elements, bf16=e.bf16)
+    else:
+        index = build_index(model.matcher.separable_vectors(kb), e.index)
+        res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16)
+        recall_parts = D.gather_objects((len(gold), recall_at(index, model.matcher, mentions, gold, tuple(e.recall_at))))
+        total = sum(n for n, _ in recall_parts)
+        extra = {k: sum(n * r[k] for n, r in recall_parts) / total for k in recall_parts[0][1]}
+    timings["rank_s"] = time.perf_counter() - t2
+    gathered = {name: D.gather_rows(t.to(device)).cpu() for name, t in
+                (("rank", res.rank), ("ties", res.ties), ("top_ids", res.top_ids), ("top_scores", res.top_scores),
+                 ("index", m_ids["index"]), ("gold", gold))}
+    metrics = summarize(gathered["rank"], gathered["ties"])
+    metrics.update(extra)
+    metrics["kb_size"] = len(kb)
+    timings["total_s"] = time.perf_counter() - t0
+    metrics["mentions_per_s"] = metrics["mentions"] / max(timings["total_s"], 1e-9)
+    per_mention = []
+    if D.is_main():
+        for i in range(len(gathered["rank"])):
+            per_mention.append({
+                "index": int(gathered["index"][i]), "gold": int(gathered["gold"][i]), "rank": int(gathered["rank"][i]),
+                "ties": int(gathered["ties"][i]), "top_ids": gathered["top_ids"][i].tolist(),
+                "top_scores": [round(float(s), 5) for s in gathered["top_scores"][i]],
+            })
+    model.train(was_training)
+    return EvalResult(split, metrics, per_mention, timings)
+
+
+def manifest_hash(shards: str | Path) -> str:
+    return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
+
+
+def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: str, run_name: str) -> Path:
+    """Rank 0 writes the results JSON, the per-mention file and the leaderboard; returns the leaderboard path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = load_manifest(cfg.data.shards)["dataset"]
+    ids = _mention_ids(cfg.data.shards, result.split)
+    with open(out_dir / f"per_mention-{result.split}.jsonl", "w") as fh:
+        for rec in result.per_mention:
+            fh.write(json.dumps({"mention_id": ids.get(rec["index"]), **rec}) + "\n")
+    summary = {
+        "dataset": dataset, "split": result.split, "checkpoint": str(checkpoint), "metrics": result.metrics,
+        "settings": {"eval": to_dict(cfg.eval), "data": to_dict(cfg.data)}, "world_size": D.world(),
+        "manifest_sha256": manifest_hash(cfg.data.shards), "timings": result.timings,
+    }
+    (out_dir / f"results-{result.split}.json").write_text(json.dumps(summary, indent=1))
+    board = out_dir / f"leaderboard-{result.split}.md"
+    board.write_text(leaderboard_markdown(dataset, result.split, result.metrics, run_name))
+    log_leaderboard_to_wandb(dataset, result.split, result.metrics, run_name)
+    return board
+
+
+def _mention_ids(shards: str | Path, split: str) -> dict[int, str]:
+    """index -> the dataset's own mention id, read from the split's shards (text only)."""
+    import webdataset as wds
+
+    from data_shards.stream import ShardSet
+
+    out = {}
+    for path in ShardSet.from_manifest(shards, split).paths:
+        for sample in wds.tarfile_samples([{"url": str(path)}], select_files=lambda name: name.endswith(".json")):
+            meta = json.loads(sample["json"])
+            out[meta["index"]] = meta["id"]
+    return out
+
+
+def log_leaderboard_to_wandb(dataset: str, split: str, metrics: dict[str, float], run_name: str) -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    table = wandb.Table(columns=["model", "H@1", "H@3", "H@5", "MRR", "MR", "source"],
+                        data=leaderboard_rows(dataset, metrics, run_name))
+    wandb.log({f"leaderboard/{split}": table})
+
+
+def one_line(result: EvalResult) -> str:
+    m = result.metrics
+    line = (f"[eval {result.split}] H@1 {m['H@1']:.2f}  H@3 {m['H@3']:.2f}  H@5 {m['H@5']:.2f}  MRR {m['MRR']:.2f}  "
+            f"MR {m['MR']:.1f}  ({int(m['mentions'])} mentions x {int(m['kb_size'])} entities, "
+            f"{m['mentions_per_s']:.1f} mentions/s, ties {m['ties_total']})")
+    for k in sorted(k for k in m if k.startswith("recall@")):
+        line += f"  {k} {m[k]:.1f}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Rank every mention of a split against the whole KB and report leaderboard metrics.")
+    p.add_argument("--checkpoint", required=True, help="model export folder (runs/NAME/best) with model.safetensors")
+    p.add_argument("--config", help="YAML whose data/eval sections replace the export's (the model section is the export's)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--mode", choices=["exact", "two-stage"])
+    p.add_argument("--out", type=Path, help="output folder (default: the checkpoint folder)")
+    p.add_argument("--name", default="this run", help="row name in the leaderboard")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    D.init_process_group()
+    device = D.device_for_rank()
+    try:
+        model, cfg = load_export(a.checkpoint)
+        data = to_dict(cfg)
+        if a.config:
+            other = to_dict(load_config(a.config))
+            data["data"], data["eval"] = other["data"], other["eval"]
+        if a.mode:
+            data["eval"]["mode"] = a.mode
+        for o in a.overrides:
+            apply_override(data, o)
+        cfg = build(Config, data)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    model.to(device)
+    result = evaluate_split(model, cfg, a.split, device)
+    if D.is_main():
+        board = write_outputs(result, cfg, a.out or Path(a.checkpoint), a.checkpoint, a.name)
+        print(one_line(result))
+        print(board.read_text())
+    D.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Streams over converted shards: round trip, exactly-once epochs across ranks and workers, resume."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from data_shards import reader
+from data_shards.collate import Collator, load_tokenizer
+from data_shards.convert import ConvertSettings, convert
+from data_shards.store import EntityStore
+from data_shards.stream import OrderedStream, ShardSet, TrainStream, _decode, make_loader, read_positions
+from tests.fixtures import write_fixture
+
+
+@pytest.fixture(scope="module")
+def collator(tiny_shards):
+    return Collator(load_tokenizer(tiny_shards / "tokenizer"), image_size=32, max_length=17)
+
+
+def test_fixture_round_trip_reader_to_shards_to_stream(tmp_path):
+    write_fixture(tmp_path / "raw", "wikidiverse-mmoe")
+    convert("wikidiverse", tmp_path / "raw", tmp_path / "out", ConvertSettings(image_size=16, shard_size=2, workers=1))
+    qid2id = reader.read_qid2id(tmp_path / "raw")
+    for split in ("train", "dev", "test"):
+        records = reader.read_split(tmp_path / "raw", "wikidiverse", split, qid2id).mentions
+        shards = ShardSet.from_manifest(tmp_path / "out", split)
+        streamed = [_decode(s) for s in read_positions(shards, list(range(len(shards.paths))), 0, shards.total)]
+        assert [s["json"]["index"] for s in streamed] == list(range(len(records)))
+        for rec, s in zip(records, streamed, strict=True):
+            meta = s["json"]
+            assert (meta["id"], meta["sentence"], meta["mention"], meta["desc"], meta["gold_id"], meta["answer"]) == (
+                rec.id, rec.sentence, rec.mention, rec.desc, rec.gold_id, rec.answer)
+            assert meta["has_image"] == (rec.image_path is not None) == (s["jpg"] is not None)
+    kb = reader.read_kb(tmp_path / "raw")
+    store = EntityStore(tmp_path / "out")
+    kb_shards = ShardSet.from_manifest(tmp_path / "out", "kb")
+    for ent, s in zip(kb, read_positions(kb_shards, list(range(len(kb_shards.paths))), 0, kb_shards.total), strict=True):
+        meta = json.loads(s["json"])
+        assert (meta["id"], meta["qid"], meta["name"], meta["desc"]) == (ent.id, ent.qid, ent.name, ent.desc)
+        assert store.get(ent.id)["jpg"] == s.get("jpg")
+
+
+def epoch_batches(shards, collator, *, world, rank, workers, batch_size, seed=0, epoch=0, start=0):
+    ds = TrainStream(shards, collator, batch_size, seed=seed, world=world, rank=rank, num_workers=workers, shuffle_buffer=16)
+    ds.set_position(epoch, start)
+    return ds, list(make_loader(ds, workers))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_mention_exactly_once_per_epoch_across_ranks_and_workers(tiny_shards, collator, world):
+    n = ShardSet.from_manifest(tiny_shards, "train").total
+    seen, pads, counts = Counter(), 0, []
+    for rank in range(world):
+        ds, batches = epoch_batches(tiny_shards, collator, world=world, rank=rank, workers=2, batch_size=8)
+        assert len(batches) == ds.batches_per_epoch()
+        counts.append(len(batches))
+        for b in batches:
+            assert torch.equal(b["entities"]["entity_id"], b["gold_ids"])  # gold entities from the store
+            real = b["weight"] > 0
+            seen.update(b["mentions"]["index"][real].tolist())
+            pads += int((~real).sum())
+    assert len(set(counts)) == 1, f"ranks got different batch counts {counts}: a distributed job would hang"
+    assert sorted(seen) == list(range(n)) and max(seen.values()) == 1
+    assert pads == world * -(-n // world) - n
+
+
+def test_order_is_a_function_of_seed_and_epoch(tiny_shards, collator):
+    def order(seed, epoch):
+        _, batches = epoch_batches(tiny_shards, collator, world=1, rank=0, workers=2, batch_size=8, seed=seed, epoch=epoch)
+        return torch.cat([b["mentions"]["index"] for b in batches]).tolist()
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert sorted(order(0, 1)) == sorted(order(0, 0))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_continues_the_exact_sequence(tiny_shards, collator, workers):
+    _, full = epoch_batches(tiny_shards, collator, world=2, rank=1, workers=workers, batch_size=8, epoch=3)
+    for start in (1, 5, len(full) - 1):
+        _, rest = epoch_batches(tiny_shards, collator, world=2, rank=1, workers=workers, batch_size=8, epoch=3, start=start)
+        assert [b["mentions"]["index"].tolist() for b in rest] == [b["mentions"]["index"].tolist() for b in full[start:]]
+        torch.testing.assert_close(rest[0]["mentions"]["pixel_values"], full[start]["mentions"]["pixel_values"])
+
+
+def test_ordered_streams_cover_kb_and_split_in_order_across_ranks(tiny_shards, collator):
+    kb_ids, mention_ids = [], []
+    for rank in range(2):
+        kb_ids += [b["entity_id"] for b in make_loader(OrderedStream(tiny_shards, "kb", collator, 16, 2, rank), 2)]
+        mention_ids += [b["index"] for b in make_loader(OrderedStream(tiny_shards, "test", collator, 16, 2, rank), 2)]
+    kb_ids = torch.cat(kb_ids).sort().values
+    assert torch.equal(kb_ids, torch.arange(len(EntityStore(tiny_shards))))
+    assert torch.equal(torch.cat(mention_ids).sort().values, torch.arange(ShardSet.from_manifest(tiny_shards, "test").total))
+
+
+def test_collation_texts_images_and_desc_switch(tiny_shards, collator):
+    ds, batches = epoch_batches(tiny_shards, collator, world=1, rank=0, workers=0, batch_size=4)
+    b = batches[0]["mentions"]
+    assert b["input_ids"].shape == (4, 17) and b["pixel_values"].shape == (4, 3, 32, 32)
+    tok = collator.tokenizer
+    assert (b["input_ids"][:, 0] == tok.bos_token_id).all()
+    sample = {"mention": "abc", "sentence": "the abc river", "desc": "a long river"}
+    assert collator.mention_text(sample) == "abc [SEP] the abc river [SEP] a long river"
+    no_desc = Collator(tok, 32, 17, use_desc=False)
+    assert no_desc.mention_text(sample) == "abc [SEP] the abc river"
+    assert no_desc.entity_text({"name": "abc", "desc": "a long river"}) == "abc"
+    # Rows without an image are zero and masked out.
+    assert (b["pixel_values"][~b["image_mask"]] == 0).all()
