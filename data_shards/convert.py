@@ -1,6 +1,6 @@
 """Convert a dataset folder (MIMIC format) into webdataset shards plus a manifest.
 
-    python -m data_shards.convert --dataset wikimel --root DIR --out data/wikimel [--image-size 224]
+    python -m data_shards.convert --dataset wikimel --root DIR --out data/wikimel [--image-size 224] [--desc-from DME_OUT]
 
 Output (under --out):
   kb/kb-000000.tar ...        entities in id order: <key>.json (text fields) + <key>.jpg (resized)
@@ -13,7 +13,9 @@ Images are decoded, resized (shortest side to the CLIP input size, centre crop) 
 once here, so training never opens the original files. Shards are written under a temporary
 name and renamed when complete; the manifest is written last. A missing or unreadable image is
 recorded (has_image false + reason) and counted; above --max-missing of a split or of the KB
-the conversion stops and names the fraction and examples.
+the conversion stops and names the fraction and examples. With --desc-from, the split files come
+from that folder (the output of ``python -m data_shards.dme``, same file names, DME descriptions);
+the KB, qid2id and images still come from --root.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ConvertSettings:
     max_missing: float = 0.05
     skip_unknown_answers: bool = False
     splits: tuple[str, ...] = SPLITS
+    desc_dir: str | None = None  # read the split files from here (DME output) instead of the dataset folder
 
 
 @dataclass
@@ -248,7 +251,13 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
     lay = reader.layout(dataset)
     qid2id = reader.read_qid2id(root)
     # Read every split first: format errors surface before any image work.
-    splits = {sp: reader.read_split(root, dataset, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
+    split_root = Path(s.desc_dir) if s.desc_dir else root
+    splits = {sp: reader.read_split(split_root, dataset, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
+    if s.desc_dir:  # the mention images stay in the dataset folder
+        image_dir = reader.mention_image_dir(root, lay)
+        for records in splits.values():
+            for m in records.mentions:
+                m.image_path = image_dir / m.image_path.name if m.image_path else None
     out.mkdir(parents=True, exist_ok=True)
     kb_shards, kb_stats = _convert_kb(root, out, s, len(qid2id))
     manifest: dict = {
@@ -256,8 +265,10 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
         "dataset": lay.name,
         "source": {"root": str(root.resolve()), "kb": "kb_entity.json", "qid2id": "qid2id.json",
                    "splits": {sp: r.path.name for sp, r in splits.items()},
-                   "mention_images": reader.mention_image_dir(root, lay).name, "kb_images": "kb_image"},
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items() if k != "workers"},
+                   "mention_images": reader.mention_image_dir(root, lay).name, "kb_images": "kb_image",
+                   "desc_from": str(Path(s.desc_dir).resolve()) if s.desc_dir else None},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()
+                     if k not in ("workers", "desc_dir")},
         "counts": {"entities": len(qid2id)},
         "skipped": {},
         "images": {"kb": asdict(kb_stats)},
@@ -308,9 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-missing", type=float, default=0.05, help="largest tolerated share of missing/unreadable images")
     p.add_argument("--skip-unknown-answers", action="store_true", help="skip and count mentions whose answer is not in qid2id")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    p.add_argument("--desc-from", type=Path, default=None,
+                   help="read the split files from this folder (output of python -m data_shards.dme) instead of --root")
     a = p.parse_args(argv)
     s = ConvertSettings(a.image_size, a.shard_size, a.jpeg_quality, a.workers, a.max_missing, a.skip_unknown_answers,
-                        tuple(a.splits))
+                        tuple(a.splits), str(a.desc_from) if a.desc_from else None)
     try:
         m = convert(a.dataset, a.root, a.out, s)
     except (TooManyMissingImages, DatasetFormatError, FileNotFoundError) as err:

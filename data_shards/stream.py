@@ -49,7 +49,15 @@ def load_manifest(shard_root: Path | str) -> dict:
 @dataclass
 class ShardSet:
     paths: list[Path]
-    counts: list[int]
+    file_counts: list[int]  # samples in each shard file
+    keep: np.ndarray | None = None  # bool per sample (in file order); None = every sample is used
+
+    def __post_init__(self) -> None:
+        self.first = np.cumsum([0, *self.file_counts])  # global index of each shard's first sample
+        if self.keep is None:
+            self.counts = list(self.file_counts)
+        else:
+            self.counts = [int(self.keep[a:b].sum()) for a, b in zip(self.first[:-1], self.first[1:], strict=True)]
 
     @classmethod
     def from_manifest(cls, shard_root: Path | str, group: str) -> ShardSet:
@@ -58,6 +66,17 @@ class ShardSet:
             raise KeyError(f"{shard_root}: no {group!r} shards; the manifest has {sorted(manifest['shards'])}")
         entries = manifest["shards"][group]
         return cls([Path(shard_root) / e["name"] for e in entries], [e["samples"] for e in entries])
+
+    def subset(self, fraction: float, seed: int) -> ShardSet:
+        """A seeded subset of round(fraction * N) samples (low-resource training)."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
+        if fraction == 1.0:
+            return self
+        n = sum(self.file_counts)
+        keep = np.zeros(n, dtype=bool)
+        keep[np.random.default_rng([seed, 7919]).permutation(n)[: max(1, round(fraction * n))]] = True
+        return ShardSet(self.paths, self.file_counts, keep)
 
     @property
     def total(self) -> int:
@@ -81,11 +100,15 @@ def read_positions(shards: ShardSet, order: list[int], start: int, stop: int) ->
             continue
         if pos >= stop:
             return
-        for i, sample in enumerate(wds.tarfile_samples([{"url": str(shards.paths[s])}])):
+        i = 0  # position among the used samples of this shard
+        for j, sample in enumerate(wds.tarfile_samples([{"url": str(shards.paths[s])}])):
+            if shards.keep is not None and not shards.keep[shards.first[s] + j]:
+                continue
             if pos + i >= stop:
                 break
             if pos + i >= start:
                 yield sample
+            i += 1
         pos += n
 
 
@@ -159,9 +182,10 @@ class TrainStream(IterableDataset):
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         split: str = "train",
+        fraction: float = 1.0,
     ) -> None:
         self.root = Path(shard_root)
-        self.shards = ShardSet.from_manifest(self.root, split)
+        self.shards = ShardSet.from_manifest(self.root, split).subset(fraction, seed)
         if self.shards.total == 0:
             raise ValueError(f"{self.root}: the {split} split is empty")
         self.collator, self.batch_size = collator, batch_size

@@ -256,8 +256,12 @@ def _pseudo_words(rng: np.random.Generator, count: int, taken: set[str]) -> list
 
 
 def _distinct_rows(rng: np.random.Generator, rows: int, cols: int, high: int) -> np.ndarray:
-    """[rows, cols] integers in [0, high) with distinct values within each row (rejection sampling)."""
-    out = rng.integers(0, high, (rows, cols))
+    """[rows, cols] integers in [0, high) with distinct values within each row."""
+    if cols * cols > high:  # collisions likely: partial random permutations, in blocks of rows
+        block = max(1, (1 << 20) // high)
+        return np.concatenate([rng.random((min(block, rows - r), high)).argsort(axis=1)[:, :cols]
+                               for r in range(0, rows, block)] or [np.zeros((0, cols), dtype=np.int64)])
+    out = rng.integers(0, high, (rows, cols))  # rejection sampling of the rows with a repeat
     if cols < 2:
         return out
     while True:

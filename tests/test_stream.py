@@ -109,3 +109,17 @@ def test_collation_texts_images_and_desc_switch(tiny_shards, collator):
     assert no_desc.entity_text({"name": "abc", "desc": "a long river"}) == "abc"
     # Rows without an image are zero and masked out.
     assert (b["pixel_values"][~b["image_mask"]] == 0).all()
+
+
+def test_train_fraction_is_a_seeded_subset_seen_exactly_once(tiny_shards, collator):
+    n = ShardSet.from_manifest(tiny_shards, "train").total
+    seen = []
+    for rank in range(2):
+        ds = TrainStream(tiny_shards, collator, 8, seed=5, world=2, rank=rank, num_workers=2, fraction=0.2)
+        for b in make_loader(ds, 2):
+            seen += b["mentions"]["index"][b["weight"] > 0].tolist()
+    assert len(seen) == len(set(seen)) == round(0.2 * n)
+    again = TrainStream(tiny_shards, collator, 8, seed=5, world=1, rank=0, fraction=0.2)
+    assert sorted(seen) == sorted(torch.cat([b["mentions"]["index"] for b in make_loader(again, 0)]).tolist())
+    other = TrainStream(tiny_shards, collator, 8, seed=6, world=1, rank=0, fraction=0.2)
+    assert sorted(seen) != sorted(torch.cat([b["mentions"]["index"] for b in make_loader(other, 0)]).tolist())

@@ -74,11 +74,61 @@ class EvalConfig:
 
 
 @dataclass
+class TrainConfig:
+    run_name: str = "run"
+    out_dir: str = "runs"  # the run lives in out_dir/run_name
+    epochs: int = 20
+    max_steps: int = 0  # optimizer steps; 0 = no limit (epochs decide)
+    lr: float = 1e-5  # paper: 5e-6 for WikiMEL, 1e-5 otherwise
+    clip_lr: float = -1.0  # CLIP encoder learning rate; < 0: the same as lr (the paper's single rate)
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | linear | cosine (decay after warm-up)
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
+    zero_stage: int = 0  # 0, 1 or 2
+    eval_every_epochs: int = 2  # paper: dev check every 2 epochs
+    eval_every_steps: int = 0  # > 0: also (or instead) every N optimizer steps
+    patience: int = 3  # evaluations without dev MRR improvement before stopping; 0 = never stop early
+    save_every_steps: int = 0  # > 0: resumable checkpoint every N steps (and always after a dev evaluation)
+    keep_checkpoints: int = 2  # resumable checkpoints kept on disk (the best export is kept apart)
+    log_every: int = 10
+    seed: int = 0
+    test_at_end: bool = True  # evaluate the best checkpoint on test and print the leaderboard
+
+    def __post_init__(self) -> None:
+        choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"train.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage: expected 0, 1 or 2, got {self.zero_stage}")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto: online with an API key, offline without | online | offline | disabled
+    project: str = "mmoe-mel"
+    entity: str = ""
+    tags: list[str] = field(default_factory=list)
+    dir: str = ""  # default: the run folder
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "online", "offline", "disabled"):
+            raise ConfigError(f"wandb.mode: expected auto, online, offline or disabled, got {self.mode!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -31,9 +31,21 @@ def init_process_group(use_deepspeed: bool = False) -> None:
     if use_deepspeed:
         import deepspeed
 
+        if "RANK" not in os.environ:  # plain `python`: one process, rendezvous on a free local port
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     else:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank() -> int:

@@ -90,8 +90,12 @@ class ClipEncoder(nn.Module):
     def __init__(self, clip: CLIPModel, text_dim: int, image_dim: int) -> None:
         super().__init__()
         self.clip = clip
-        # CLIP's own contrastive temperature is not used by the matcher; keep it out of the optimizer.
-        clip.logit_scale.requires_grad_(False)
+        # CLIP's own contrastive temperature is not used by the matcher. As a 0-dim parameter it
+        # would also trip DeepSpeed's parameter broadcast (a scalar cannot be viewed as bytes),
+        # so it is kept as a buffer: out of the optimizer, still in the state dict.
+        scale = clip.logit_scale.detach().clone()
+        del clip.logit_scale
+        clip.register_buffer("logit_scale", scale)
         proj = clip.config.projection_dim
         t_hidden = clip.config.text_config.hidden_size
         v_hidden = clip.config.vision_config.hidden_size

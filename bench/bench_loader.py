@@ -1,0 +1,226 @@
+"""Data path: conversion throughput, then training-loader throughput against a published-style loader.
+
+    python -m bench.bench_loader [--preset demo] [--seconds 20] [--raw DIR] [--raw-image-size N]
+
+1. Generates the synthetic benchmark (``data_shards.synthetic``) into a temporary folder, or reuses
+   ``--raw DIR``.
+2. Converts it to shards at the CLIP input size (224) with 1 and with 2 worker processes and prints
+   samples/s and MB/s (source bytes read, shard bytes written) of each, and their ratio.
+3. Training loader, samples/s, same run, same samples:
+   ours       ``TrainStream`` + ``make_loader`` (2 workers, batch 32): pre-resized JPEGs from the shards,
+              gold entities by random access into the KB shards, batched tokenisation;
+   published  a map-style Dataset over the mention records in a torch DataLoader (2 workers, batch 32)
+              that, for every sample, opens the ORIGINAL mention JPEG and the gold entity's original
+              JPEG, runs transformers' PIL-based ``CLIPImageProcessor`` (resize 224, centre crop,
+              normalise) on each, and tokenises both texts with the same tokenizer.
+   Ours runs for ``--seconds`` (whole epochs are restarted if it gets through one); the baseline then
+   runs over the same number of samples. Both batches are checked to have the same tensor shapes.
+Both loaders' times include starting their workers. The synthetic images are small (64 px by
+default); real datasets' images are larger, which makes the per-sample path slower still
+(``--raw-image-size`` generates larger ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data_shards import reader
+from data_shards.collate import Collator, load_tokenizer
+from data_shards.convert import ConvertSettings, convert
+from data_shards.stream import TrainStream, make_loader
+from data_shards.synthetic import generate, preset
+
+DATASET = "synthetic"
+MAX_LENGTH = 50
+
+
+def slow_clip_processor():
+    """transformers' PIL-based CLIP image processor with default CLIP settings (no torchvision needed).
+
+    transformers 5 names it ``CLIPImageProcessorPil`` (``CLIPImageProcessor`` falls back to it, with a
+    warning, when torchvision is absent); older versions call the PIL one ``CLIPImageProcessor``."""
+    try:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil()
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor()
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def source_bytes(raw: Path) -> int:
+    """Bytes a conversion reads: the JSON files and the images."""
+    files = [p for p in raw.glob("*.json")]
+    total = sum(p.stat().st_size for p in files)
+    for sub in ("kb_image", "mention_image"):
+        if (raw / sub).is_dir():
+            total += _dir_bytes(raw / sub)
+    return total
+
+
+def measure_conversion(raw: Path, out: Path, workers: int, image_size: int) -> dict:
+    t0 = time.perf_counter()
+    manifest = convert(DATASET, raw, out, ConvertSettings(image_size=image_size, workers=workers))
+    seconds = time.perf_counter() - t0
+    samples = sum(manifest["counts"].values())  # entities + mentions of every split
+    written = sum((out / e["name"]).stat().st_size for shards in manifest["shards"].values() for e in shards)
+    return {"workers": workers, "seconds": seconds, "samples": samples, "samples_per_s": samples / seconds,
+            "read_mb_per_s": source_bytes(raw) / 1e6 / seconds, "written_mb_per_s": written / 1e6 / seconds}
+
+
+class PublishedStyleDataset(Dataset):
+    """One item per mention: both original JPEGs decoded and processed, both texts tokenised."""
+
+    def __init__(self, raw: Path, collator: Collator) -> None:
+        qid2id = reader.read_qid2id(raw)
+        self.mentions = reader.read_split(raw, DATASET, "train", qid2id).mentions
+        self.kb = reader.read_kb(raw)
+        self.collator = collator  # only for the text layout and the tokenizer
+        self.processor = slow_clip_processor()
+        size = self.processor.crop_size
+        self.shape = (3, size["height"], size["width"])
+
+    def __len__(self) -> int:
+        return len(self.mentions)
+
+    def _image(self, path: Path | None) -> torch.Tensor:
+        if path is None or not path.is_file():
+            return torch.zeros(self.shape)  # the published code's fallback for a missing image
+        with Image.open(path) as img:
+            return self.processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    def _tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.collator.tokenizer(text, max_length=MAX_LENGTH, padding="max_length", truncation=True, return_tensors="pt")
+        return enc["input_ids"][0], enc["attention_mask"][0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        m = self.mentions[i]
+        e = self.kb[m.gold_id]
+        m_ids, m_mask = self._tokens(self.collator.mention_text({"mention": m.mention, "sentence": m.sentence, "desc": m.desc}))
+        e_ids, e_mask = self._tokens(self.collator.entity_text({"name": e.name, "desc": e.desc}))
+        return {"m_input_ids": m_ids, "m_attention_mask": m_mask, "m_pixel_values": self._image(m.image_path),
+                "e_input_ids": e_ids, "e_attention_mask": e_mask,
+                "e_pixel_values": self._image(e.image_paths[0] if e.image_paths else None),
+                "gold_id": torch.tensor(m.gold_id)}
+
+
+def ours_shapes(batch: dict) -> dict[str, tuple]:
+    return {f"{side[0]}_{k}": tuple(batch[side][k].shape) for side in ("mentions", "entities")
+            for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def published_shapes(batch: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in batch.items() if k != "gold_id"}
+
+
+def run_ours(shards: Path, collator: Collator, batch: int, workers: int, seconds: float) -> dict:
+    stream = TrainStream(shards, collator, batch, num_workers=workers, seed=0)
+    samples, epoch, shapes = 0, 0, None
+    t0 = time.perf_counter()
+    while True:
+        stream.set_position(epoch)
+        for b in make_loader(stream, workers):
+            if shapes is None:
+                shapes = ours_shapes(b)
+            samples += len(b["gold_ids"])
+            if time.perf_counter() - t0 >= seconds:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    return {"samples": samples, "seconds": time.perf_counter() - t0, "shapes": shapes, "epochs": epoch + 1}
+
+
+def run_published(raw: Path, collator: Collator, batch: int, workers: int, samples_wanted: int) -> dict:
+    ds = PublishedStyleDataset(raw, collator)
+    samples, epoch, shapes = 0, 0, None
+    t0 = time.perf_counter()
+    while samples < samples_wanted:
+        g = torch.Generator().manual_seed(epoch)
+        loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=g, num_workers=workers,
+                            multiprocessing_context="fork" if workers else None)
+        for b in loader:
+            if shapes is None:
+                shapes = published_shapes(b)
+            samples += len(b["gold_id"])
+            if samples >= samples_wanted:
+                break
+        epoch += 1
+    return {"samples": samples, "seconds": time.perf_counter() - t0, "shapes": shapes, "epochs": epoch}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="demo", help="synthetic preset (data_shards.synthetic)")
+    p.add_argument("--raw", type=Path, help="reuse this generated synthetic dataset folder instead of generating one")
+    p.add_argument("--raw-image-size", type=int, help="side of the generated source images (default: the preset's)")
+    p.add_argument("--seconds", type=float, default=20.0, help="time budget of our loader; the baseline gets the same samples")
+    p.add_argument("--image-size", type=int, default=224, help="CLIP input size (ViT-B/32: 224)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loaders, and of the faster conversion")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader-"))
+    try:
+        raw = a.raw
+        if raw is None:
+            overrides = {"image_size": a.raw_image_size} if a.raw_image_size else {}
+            settings = preset(a.preset, **overrides)
+            t0 = time.perf_counter()
+            generate(tmp / "raw", settings, workers=2, progress=False)
+            raw = tmp / "raw"
+            print(f"generated preset {a.preset!r} in {time.perf_counter() - t0:.1f}s: "
+                  + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()
+                              if k in ("num_entities", "num_train", "num_dev", "num_test", "image_size")))
+        print(f"source: {raw} ({source_bytes(raw) / 1e6:.1f} MB of JSON and images)")
+
+        # Conversion, 1 worker and a.workers workers (the latter's shards feed the loaders).
+        conv = {}
+        for w in (1, a.workers):
+            conv[w] = measure_conversion(raw, tmp / f"shards-w{w}", w, a.image_size)
+        print(f"\nconversion at --image-size {a.image_size} ({conv[1]['samples']} samples: entities + mentions)")
+        print(f"{'workers':<9}{'seconds':>9}{'samples/s':>11}{'read MB/s':>11}{'written MB/s':>14}")
+        for w, r in conv.items():
+            print(f"{w:<9}{r['seconds']:>9.1f}{r['samples_per_s']:>11.1f}{r['read_mb_per_s']:>11.2f}{r['written_mb_per_s']:>14.2f}")
+        print(f"conversion speed-up, {a.workers} workers / 1 worker: {conv[1]['seconds'] / conv[a.workers]['seconds']:.2f}x")
+        shards = tmp / f"shards-w{a.workers}"
+        if a.workers != 1:
+            shutil.rmtree(tmp / "shards-w1")
+
+        # Loaders.
+        collator = Collator(load_tokenizer(shards / "tokenizer"), a.image_size, MAX_LENGTH)
+        ours = run_ours(shards, collator, a.batch, a.workers, a.seconds)
+        base = run_published(raw, collator, a.batch, a.workers, ours["samples"])
+        if ours["shapes"] != base["shapes"]:
+            raise SystemExit(f"the loaders produce different shapes: ours {ours['shapes']}, published-style {base['shapes']}")
+        print(f"\ntraining loader: batch {a.batch}, {a.workers} workers, image {a.image_size}, text {MAX_LENGTH} tokens; "
+              f"torch threads {torch.get_num_threads()}")
+        print("shapes (same for both): " + ", ".join(f"{k} {list(v)}" for k, v in ours["shapes"].items()))
+        print(f"{'loader':<18}{'samples':>9}{'seconds':>9}{'samples/s':>11}")
+        for name, r in (("published-style", base), ("ours", ours)):
+            print(f"{name:<18}{r['samples']:>9}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.1f}")
+        ratio = (ours["samples"] / ours["seconds"]) / (base["samples"] / base["seconds"])
+        print(f"loader speed-up (ours / published-style): {ratio:.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

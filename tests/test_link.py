@@ -1,0 +1,132 @@
+"""The single-query link command on the tiny synthetic benchmark: results, entity cache, images."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import eval.link as link_mod
+from data_shards.collate import load_tokenizer
+from data_shards.images import prepare_image
+from data_shards.store import EntityStore
+from data_shards.stream import load_manifest
+from eval.evaluate import make_collator, manifest_hash
+from eval.link import link, load_cache, main
+from tests.helpers import tiny_model_config
+from train.config import Config, DataConfig, EvalConfig
+from train.model import BATCH_KEYS, EXPORT_WEIGHTS, build_model, load_export, save_export
+
+SENTENCE, MENTION, DESC = "Photo: kalo mirezu at the market.", "kalo mirezu", "a famous painter from somewhere"
+
+
+@pytest.fixture(scope="module")
+def export(tiny_shards, tmp_path_factory):
+    cfg = tiny_model_config()
+    cfg.tiny_clip.vocab_size, cfg.tiny_clip.bos_token_id, cfg.tiny_clip.eos_token_id, cfg.tiny_clip.pad_token_id = 0, -1, -1, -1
+    config = Config(model=cfg, data=DataConfig(shards=str(tiny_shards), num_workers=0),
+                    eval=EvalConfig(batch_size=32, num_workers=0, mention_chunk=16))
+    torch.manual_seed(0)
+    model, resolved = build_model(config, load_tokenizer(tiny_shards / "tokenizer"))
+    return save_export(model, resolved, tmp_path_factory.mktemp("ckpt") / "best")
+
+
+@pytest.fixture
+def own_export(export, tmp_path):
+    """A private copy of the export, so the KB cache written next to it starts absent."""
+    return shutil.copytree(export, tmp_path / "best", ignore=shutil.ignore_patterns("kb_cache-*"))
+
+
+@pytest.fixture(scope="module")
+def query_image(tmp_path_factory):
+    """A non-square JPEG, so the converter's resize and centre crop both matter."""
+    path = tmp_path_factory.mktemp("query") / "photo.jpg"
+    img = Image.new("RGB", (57, 41), (30, 60, 225))
+    for x in range(0, 57, 3):
+        img.putpixel((x, x % 41), (240, 210, 20))
+    img.save(path, format="JPEG")
+    return path
+
+
+def direct_top(checkpoint, shards, image, k):
+    """Score the query against every KB entity with the model itself: one entity batch, one score call."""
+    model, cfg = load_export(checkpoint)
+    model.eval()
+    collator = make_collator(cfg, model)
+    store = EntityStore(shards)
+    entities = collator.entities(store.get_many(range(len(store))))
+    jpg = None
+    if image is not None:
+        jpg, _ = prepare_image(image, collator.image_size, load_manifest(shards)["settings"]["jpeg_quality"])
+    meta = {"mention": MENTION, "sentence": SENTENCE, "desc": DESC, "gold_id": -1, "index": 0, "id": "q"}
+    query = collator.mentions([{"json": meta, "jpg": jpg}])
+    assert bool(query["image_mask"][0]) == (image is not None)
+    with torch.no_grad():
+        e_side, _ = model.entity_side({k_: entities[k_] for k_ in BATCH_KEYS})
+        q_side, _ = model.mention_side({k_: query[k_] for k_ in BATCH_KEYS})
+        scores = model.matcher.score(q_side, e_side)["overall"][0]
+    top = scores.topk(k)
+    return top.indices.tolist(), top.values, store
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_top_k_equals_scoring_every_entity_directly(export, tiny_shards, query_image, with_image):
+    image = query_image if with_image else None
+    results = link(export, SENTENCE, MENTION, image=image, desc=DESC, top_k=7, device="cpu")
+    ids, scores, store = direct_top(export, tiny_shards, image, 7)
+    assert [r.entity_id for r in results] == ids
+    assert [r.rank for r in results] == list(range(1, 8))
+    torch.testing.assert_close(torch.tensor([r.score for r in results]), scores, rtol=1e-5, atol=1e-5)
+    for r in results:
+        meta = store.get(r.entity_id)["json"]
+        assert (r.qid, r.name) == (meta["qid"], meta["name"])
+
+
+def test_two_stage_scores_are_the_full_matcher_scores(export, tiny_shards, query_image):
+    exact = link(export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=200, device="cpu")
+    two = link(export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=5, mode="two-stage", device="cpu")
+    by_id = {r.entity_id: r.score for r in exact}
+    assert len(two) == 5 and [r.score for r in two] == sorted((r.score for r in two), reverse=True)
+    for r in two:  # re-ranked candidates carry the same scores as exact mode gives them
+        assert r.score == pytest.approx(by_id[r.entity_id], abs=1e-5)
+
+
+def test_cache_is_written_then_reused_until_the_weights_change(own_export, tiny_shards, query_image, monkeypatch):
+    calls = []
+    real = link_mod.encode_side
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(link_mod, "encode_side", counting)
+    first = link(own_export, SENTENCE, MENTION, image=query_image, device="cpu")
+    cache = own_export / f"kb_cache-{manifest_hash(tiny_shards)[:12]}.pt"
+    assert len(calls) == 1 and cache.is_file()
+    data = torch.load(cache, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in data.values())
+    weights = own_export / EXPORT_WEIGHTS
+    assert load_cache(cache, manifest_hash(tiny_shards), weights.stat().st_mtime_ns, 200) is not None
+
+    second = link(own_export, SENTENCE, MENTION, image=query_image, device="cpu")
+    assert len(calls) == 1  # read back, not encoded again
+    assert [(r.entity_id, r.score) for r in second] == [(r.entity_id, r.score) for r in first]
+
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a re-exported model
+    link(own_export, SENTENCE, MENTION, image=query_image, device="cpu")
+    assert len(calls) == 2
+
+
+def test_cli_prints_the_table_and_a_missing_image_is_a_clear_error(own_export, tmp_path, capsys):
+    main(["--checkpoint", str(own_export), "--sentence", SENTENCE, "--mention", MENTION, "--top-k", "3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "entity cache built" in out and "QID" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]) == 3
+
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(FileNotFoundError, match="query image .*nope.jpg not found"):
+        link(own_export, SENTENCE, MENTION, image=missing, device="cpu")
+    with pytest.raises(SystemExit, match="error: query image .*nope.jpg not found"):
+        main(["--checkpoint", str(own_export), "--sentence", SENTENCE, "--mention", MENTION, "--image", str(missing)])

@@ -1,0 +1,292 @@
+"""The DeepSpeed training loop: stream -> model -> loss -> engine step, dev evaluation with early
+stopping on MRR, resumable checkpoints, best-model export, test evaluation and leaderboard."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_shards.collate import load_tokenizer
+from data_shards.stream import TrainStream, make_loader
+from eval.evaluate import EvalResult, evaluate_split, make_collator, one_line, resolve_tokenizer, write_outputs
+from train import checkpointing as ckpt
+from train import distributed as D
+from train.config import Config, save_config
+from train.loss import contrastive_loss
+from train.model import BATCH_KEYS, MMoEModel, build_model, load_export, save_export
+from train.observe import RunLog
+
+
+class RunSetupError(RuntimeError):
+    """The run cannot start as asked (reported without a traceback by launch/train.py)."""
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: Config, precision: str) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW (no fused-kernel build needed)
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: MMoEModel, cfg: Config) -> list[dict]:
+    """CLIP encoder parameters at train.clip_lr (default: the single rate), the rest at train.lr."""
+    clip, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (clip if name.startswith("encoder.clip.") else rest).append(p)
+    clip_lr = cfg.train.lr if cfg.train.clip_lr < 0 else cfg.train.clip_lr
+    return [{"params": rest, "lr": cfg.train.lr, "name": "matcher"}, {"params": clip, "lr": clip_lr, "name": "clip"}]
+
+
+def lr_factor(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "none") -> None:
+        import deepspeed
+
+        D.init_process_group(use_deepspeed=True)
+        if not D.is_main():
+            logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        self.device = D.device_for_rank()
+        seed_everything(cfg.train.seed)
+        self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if D.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = load_tokenizer(resolve_tokenizer(cfg))
+        model, self.cfg = build_model(cfg, tokenizer)
+        cfg = self.cfg
+        self.collator = make_collator(cfg, model)
+        self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
+                                  rank=D.rank(), num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  fraction=cfg.data.train_fraction)
+        self.batches_per_epoch = self.stream.batches_per_epoch()
+        steps_by_epochs = cfg.train.epochs * self.batches_per_epoch // cfg.train.grad_accum
+        self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
+        self.precision = resolve_precision(cfg.train.precision)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                      eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(cfg.train.schedule, cfg.train.warmup_steps, self.total_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.precision))
+        self.grad_norm: float | None = None
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0,
+                      "stopped_early": False, "wandb_id": None, "evals": []}
+        self._resume(resume)
+        if D.is_main():
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state["wandb_id"])
+        self.state["wandb_id"] = self.log.wandb_id
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume(self, resume: str) -> None:
+        removed = ckpt.remove_incomplete(self.ckpt_dir)
+        if removed and D.is_main():
+            print(f"removed incomplete checkpoint(s): {', '.join(p.name for p in removed)}", file=sys.stderr)
+        if resume == "none":
+            if ckpt.latest_complete(self.ckpt_dir) is not None:
+                raise RunSetupError(f"{self.run_dir} already holds checkpoints of an earlier run: pass --resume auto to "
+                                   "continue it, or choose another train.run_name (or delete the folder) to start afresh")
+            return
+        folder = ckpt.latest_complete(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if folder is None:
+            if D.is_main():
+                print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", file=sys.stderr)
+            return
+        saved = ckpt.load(self.engine, folder)
+        for key in ("world", "batch_size", "num_workers", "train_fraction"):
+            now = {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
+                   "train_fraction": self.cfg.data.train_fraction}[key]
+            if saved["layout"][key] != now:
+                raise RunSetupError(f"checkpoint {folder} was written with {key}={saved['layout'][key]}, this run has {now}: "
+                                   "the data position cannot be continued exactly; use the same setting")
+        self.state.update(saved["trainer"])
+        if D.is_main():
+            print(f"resumed from {folder} at step {self.state['step']} (epoch {self.state['epoch']}, "
+                  f"batch {self.state['batch']})", file=sys.stderr)
+
+    def _save(self) -> None:
+        layout = {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
+                  "train_fraction": self.cfg.data.train_fraction}
+        ckpt.save(self.engine, self.ckpt_dir, self.state["step"], {"trainer": self.state, "layout": layout},
+                  self.cfg.train.keep_checkpoints)
+
+    # -- one optimizer step's worth of micro-batches ---------------------------------------------
+    def _micro_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], object]:
+        scores, moe_log = self.engine(_to(batch["mentions"], self.device), _to(batch["entities"], self.device))
+        loss, parts = contrastive_loss(scores, batch["gold_ids"].to(self.device), batch["candidate_ids"].to(self.device),
+                                       self.cfg.loss, moe_log, row_weight=batch["weight"].to(self.device))
+        self.engine.backward(loss)
+        if self.engine.is_gradient_accumulation_boundary():
+            self.grad_norm = self._grad_norm_before_step()
+        self.engine.step()
+        return parts, moe_log
+
+    def _grad_norm_before_step(self) -> float | None:
+        """DeepSpeed reports the global gradient norm for its own optimizer wrappers (ZeRO, bf16,
+        fp16) but not for a plain fp32 client optimizer; measure it there (pre-clipping)."""
+        if self.engine.zero_optimization() or self.precision != "fp32":
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _expert_load(self, loads: dict[str, list]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, (counts, dropped) in sorted(loads.items()):
+            t = torch.cat([counts.float().view(-1), dropped.float().view(1)]).to(self.device)
+            if D.world() > 1:
+                dist.all_reduce(t)
+            frac = t[:-1] / t[:-1].sum().clamp_min(1)
+            for e, f in enumerate(frac.tolist()):
+                out[f"moe/{name}/expert{e}"] = f
+            out[f"moe/{name}/dropped_tokens"] = t[-1].item()
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _evaluate_dev(self) -> None:
+        res = evaluate_split(self.engine.module, self.cfg, "dev", self.device, self.collator)
+        m = res.metrics
+        improved = m["MRR"] > self.state["best_mrr"]
+        self.state["evals"].append({"step": self.state["step"], "epoch": self.state["epoch"], "MRR": m["MRR"], "H@1": m["H@1"]})
+        if improved:
+            self.state.update(best_mrr=m["MRR"], best_step=self.state["step"], bad_evals=0)
+            if D.is_main():
+                save_export(self.engine.module, self.cfg, self.run_dir / "best")
+        else:
+            self.state["bad_evals"] += 1
+        D.barrier()
+        if D.is_main():
+            tqdm.write(one_line(res) + ("  * new best" if improved else f"  (best MRR {self.state['best_mrr']:.2f})"))
+        self.log.log(self.state["step"], {f"dev/{k}": v for k, v in m.items()} | {"dev/best_MRR": self.state["best_mrr"]})
+        patience = self.cfg.train.patience
+        if patience and self.state["bad_evals"] >= patience:
+            self.state["stopped_early"] = True
+
+    def _evaluate_test(self) -> EvalResult | None:
+        best = self.run_dir / "best"
+        if not (best / "model.safetensors").is_file():
+            return None
+        model, _ = load_export(best)
+        self.engine.module.load_state_dict(model.state_dict())  # every rank evaluates the best weights
+        res = evaluate_split(self.engine.module, self.cfg, "test", self.device, self.collator)
+        if D.is_main():
+            board = write_outputs(res, self.cfg, self.run_dir, str(best), self.cfg.train.run_name)
+            self.log.log(self.state["step"], {f"test/{k}": v for k, v in res.metrics.items()})
+            print(one_line(res))
+            print(board.read_text())
+        return res
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, st = self.cfg, self.state
+        log_every = cfg.train.log_every
+        bar = tqdm(total=self.total_steps, initial=st["step"], desc="train", unit="step", disable=not D.is_main() or None,
+                   dynamic_ncols=True)
+        acc: dict[str, float] = {}
+        loads: dict[str, list] = {}
+        n_acc, samples, t_window = 0, 0, time.perf_counter()
+        while st["epoch"] < cfg.train.epochs and st["step"] < self.total_steps and not st["stopped_early"]:
+            self.stream.set_position(st["epoch"], st["batch"])
+            for batch in make_loader(self.stream, cfg.data.num_workers):
+                parts, moe_log = self._micro_step(batch)
+                for k, v in parts.items():
+                    acc[k] = acc.get(k, 0.0) + float(v)
+                for name, (c, d) in moe_log.load.items():
+                    c0, d0 = loads.get(name, (0, 0))
+                    loads[name] = [c0 + c, d0 + d]
+                n_acc += 1
+                samples += int((batch["weight"] > 0).sum())
+                st["batch"] += 1
+                epoch_done = st["batch"] == self.batches_per_epoch
+                if self.engine.global_steps == st["step"]:  # still accumulating gradients
+                    if epoch_done:
+                        break
+                    continue
+                st["step"] = self.engine.global_steps
+                if epoch_done:
+                    st["epoch"], st["batch"] = st["epoch"] + 1, 0
+                bar.update(1)
+                if st["step"] % log_every == 0 or st["step"] == self.total_steps:
+                    elapsed = time.perf_counter() - t_window
+                    metrics = {f"train/{k}": v / n_acc for k, v in acc.items()}
+                    metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                    metrics["train/lr_clip"] = self.scheduler.get_last_lr()[1]
+                    norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+                    metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
+                    metrics["train/samples_per_s"] = samples * D.world() / max(elapsed, 1e-9)
+                    metrics["train/epoch"] = st["epoch"] + st["batch"] / self.batches_per_epoch
+                    metrics.update(self._expert_load(loads))
+                    self.log.log(st["step"], metrics)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sps=f"{metrics['train/samples_per_s']:.0f}")
+                    acc, loads, n_acc, samples, t_window = {}, {}, 0, 0, time.perf_counter()
+                at_epoch_eval = epoch_done and st["epoch"] % max(1, cfg.train.eval_every_epochs) == 0
+                at_step_eval = cfg.train.eval_every_steps > 0 and st["step"] % cfg.train.eval_every_steps == 0
+                evaluated = False
+                if (at_epoch_eval and cfg.train.eval_every_epochs > 0) or at_step_eval:
+                    self._evaluate_dev()
+                    evaluated = True
+                at_save = cfg.train.save_every_steps > 0 and st["step"] % cfg.train.save_every_steps == 0
+                if evaluated or at_save:
+                    self._save()
+                    ckpt._test_hook("MMOE_TEST_KILL_AT_STEP", st["step"])
+                if st["step"] >= self.total_steps or st["stopped_early"] or epoch_done:
+                    break
+        bar.close()
+        if st["best_step"] < 0:  # never evaluated on dev (e.g. a short run): evaluate now
+            self._evaluate_dev()
+        self._save()
+        result = {"state": dict(st)}
+        if cfg.train.test_at_end:
+            res = self._evaluate_test()
+            if res is not None:
+                result["test"] = res.metrics
+        folder = self.log.finish()
+        if D.is_main():
+            print(f"run folder: {self.run_dir}")
+            if folder:
+                print(f"W&B offline run: {folder} (upload with `wandb sync {folder}`)")
+        return result
