@@ -91,6 +91,13 @@ def save_cache(path: Path, cache: SideCache, manifest_sha256: str, weights_mtime
     os.replace(tmp, path)  # never a half-written cache under the final name
 
 
+def check_image(image: str | Path) -> Path:
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"query image {path} not found (leave --image out to link without an image)")
+    return path
+
+
 class Linker:
     """A loaded export, its collator and the KB's entity cache, ready for queries."""
 
@@ -133,9 +140,7 @@ class Linker:
         """The collated one-mention batch, prepared exactly as training data is."""
         jpg = None
         if image is not None:
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"query image {path} not found (leave --image out to link without an image)")
+            path = check_image(image)
             quality = int(self.manifest.get("settings", {}).get("jpeg_quality", 90))
             jpg, reason = prepare_image(path, self.collator.image_size, quality)
             if jpg is None:
@@ -196,6 +201,8 @@ def link(checkpoint: str | Path, sentence: str, mention: str, image: str | Path 
          top_k: int = 5, shards: str | Path | None = None, mode: str = "exact",
          device: str | torch.device | None = None) -> list[LinkResult]:
     """Top-k KB entities for one mention (see the module docstring); builds or reuses the KB cache."""
+    if image is not None:
+        check_image(image)  # before loading the model and encoding the KB
     return Linker(checkpoint, shards, device).query(sentence, mention, image, desc, top_k, mode)
 
 
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     a = p.parse_args(argv)
     try:
+        if a.image is not None:
+            check_image(a.image)
         linker = Linker(a.checkpoint, a.shards, a.device)
         results = linker.query(a.sentence, a.mention, a.image, a.desc, a.top_k, a.mode)
     except (FileNotFoundError, ValueError, OSError) as err:

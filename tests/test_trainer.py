@@ -1,0 +1,106 @@
+"""The trainer as users run it: launch/train.py in its own processes (CPU, gloo, fp32)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "launch" / "configs" / "tiny.yaml"
+
+
+def train(args, out_dir, shards, env_extra=None, launcher=None, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    env.pop("WANDB_MODE", None)
+    env.pop("WANDB_API_KEY", None)
+    env.update(env_extra or {})
+    base = ["launch/train.py", "--config", str(TINY), "--set", f"data.shards={shards}", "--set", f"train.out_dir={out_dir}"]
+    cmd = (launcher or [sys.executable]) + base + list(args)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir):
+    return {rec["step"]: rec["train/loss"] for rec in map(json.loads, open(run_dir / "metrics.jsonl")) if "train/loss" in rec}
+
+
+COMMON = ["--set", "train.max_steps=12", "--set", "train.log_every=1", "--set", "train.eval_every_epochs=0",
+          "--set", "train.test_at_end=false", "--set", "data.num_workers=2"]
+
+
+def test_killed_run_resumes_exactly_and_never_from_a_half_written_checkpoint(tiny_shards, tmp_path):
+    straight = train(COMMON + ["--set", "train.run_name=straight", "--set", "wandb.mode=offline"], tmp_path, tiny_shards)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = losses(tmp_path / "straight")
+    assert sorted(reference) == list(range(1, 13))
+    # W&B without an API key: offline run folder, printed at the end.
+    assert "W&B offline run:" in straight.stdout
+    assert list((tmp_path / "straight" / "wandb").glob("offline-run-*"))
+
+    # Checkpoints every 3 steps; SIGKILL in the middle of writing the step-6 checkpoint.
+    run = COMMON + ["--set", "train.run_name=killed", "--set", "train.save_every_steps=3", "--set", "wandb.mode=disabled"]
+    killed = train(run, tmp_path, tiny_shards, env_extra={"MMOE_TEST_KILL_DURING_SAVE": "6"})
+    assert killed.returncode == -9
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert (ckpts / "step-0000003" / "complete.json").is_file()
+    assert (ckpts / "step-0000006").is_dir() and not (ckpts / "step-0000006" / "complete.json").exists()
+
+    resumed = train(run + ["--resume", "auto"], tmp_path, tiny_shards)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "removed incomplete checkpoint(s): step-0000006" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step-0000003" in resumed.stderr
+    got = losses(tmp_path / "killed")  # steps 1..6 from the killed process, 4..12 from the resumed one
+    for step in range(4, 13):
+        assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
+    # Kill again right after a complete checkpoint (step 9 of a longer run) and resume to the end.
+    again = train(run + ["--set", "train.max_steps=15", "--resume", "auto"], tmp_path, tiny_shards,
+                  env_extra={"MMOE_TEST_KILL_AT_STEP": "15"})
+    assert again.returncode == -9
+    assert (ckpts / "step-0000015" / "complete.json").is_file()
+    assert not (ckpts / "step-0000003").exists()  # keep_checkpoints=2
+
+
+def test_two_processes_with_the_deepspeed_launcher_train_save_and_resume(tiny_shards, tmp_path):
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29641"]
+    args = ["--set", "train.run_name=two", "--set", "train.max_steps=4", "--set", "train.save_every_steps=2",
+            "--set", "train.eval_every_epochs=0", "--set", "train.test_at_end=true", "--set", "wandb.mode=disabled"]
+    first = train(args, tmp_path, tiny_shards, launcher=launcher)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert "[eval test] H@1" in first.stdout
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-0000004" / "complete.json").read_text())
+    assert state["layout"]["world"] == 2 and state["trainer"]["step"] == 4
+    assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "rng-rank1.pt").is_file()
+    assert (tmp_path / "two" / "leaderboard-test.md").is_file()
+    second = train(args[:-8] + ["--set", "train.max_steps=6", "--set", "train.eval_every_epochs=0",
+                                "--set", "train.test_at_end=false", "--set", "wandb.mode=disabled", "--resume", "auto"],
+                   tmp_path, tiny_shards, launcher=launcher)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert "resumed from" in second.stderr
+    assert sorted(losses(tmp_path / "two"))[-1] == 6
+
+
+def test_resuming_with_another_world_size_is_refused(tiny_shards, tmp_path):
+    first = train(["--set", "train.run_name=w", "--set", "train.max_steps=2", "--set", "train.eval_every_epochs=0",
+                   "--set", "train.test_at_end=false"], tmp_path, tiny_shards)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(tmp_path / "w", tmp_path / "w2")
+    state_file = next((tmp_path / "w2" / "checkpoints").glob("*/complete.json"))
+    state = json.loads(state_file.read_text())
+    state["layout"]["world"] = 4
+    state_file.write_text(json.dumps(state))
+    again = train(["--set", "train.run_name=w2", "--set", "train.max_steps=3", "--resume", "auto"], tmp_path, tiny_shards)
+    assert again.returncode != 0 and "world=4" in again.stderr and "Traceback" not in again.stderr
+    fresh = train(["--set", "train.run_name=w", "--set", "train.max_steps=3"], tmp_path, tiny_shards)
+    assert fresh.returncode != 0 and "--resume auto" in fresh.stderr
+
+
+def test_config_errors_name_the_key(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(TINY), "--set", "train.lrr=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "train.lrr" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(TINY), "--set", "train.epochs=many"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
