@@ -167,8 +167,9 @@ def shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> I
 
 
 class TrainStream(IterableDataset):
-    """Training batches: {"mentions", "entities" (the gold entities, from the entity store),
-    "gold_ids", "candidate_ids", "weight" (0 for padding), "position": (epoch, batch index)}."""
+    """Training batches: {"mentions", "entities" (the gold entities, from the entity store, then
+    the batch's hard negatives if any), "gold_ids", "candidate_ids", "weight" (0 for padding),
+    "epoch"}."""
 
     def __init__(
         self,
@@ -193,6 +194,25 @@ class TrainStream(IterableDataset):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.store = EntityStore(self.root)
         self.epoch, self.start_batch = 0, 0
+        self.negatives: np.ndarray | None = None
+        self.n_hard, self.strategy = 0, "top"
+
+    def set_negatives(self, table: np.ndarray | None, n_hard: int, strategy: str = "top") -> None:
+        """Attach ``n_hard`` mined negatives per mention from ``table`` [mentions, K] (entity ids,
+        -1 = none): the first ones (``top``) or a draw seeded by (seed, epoch, mention) (``random``)."""
+        if table is not None and len(table) != sum(self.shards.file_counts):
+            raise ValueError(f"negatives table has {len(table)} rows, the split has {sum(self.shards.file_counts)} mentions")
+        self.negatives, self.n_hard, self.strategy = table, n_hard, strategy
+
+    def _hard_negatives(self, indices: list[int], epoch: int) -> list[int]:
+        picked: list[int] = []
+        for i in indices:
+            row = self.negatives[i]
+            row = row[row >= 0]
+            if self.strategy == "random" and len(row) > self.n_hard:
+                row = np.random.default_rng([self.seed, epoch, i]).choice(row, self.n_hard, replace=False)
+            picked += [int(x) for x in row[: self.n_hard]]
+        return list(dict.fromkeys(picked))  # each entity once, first-come order
 
     @property
     def samples_per_rank(self) -> int:
@@ -252,7 +272,10 @@ class TrainStream(IterableDataset):
         samples = [_decode(s) for s, _ in items]
         mentions = self.collator.mentions(samples)
         golds = mentions["gold_id"]
-        entities = self.collator.entities(self.store.get_many(golds.tolist()))
+        ids = golds.tolist()
+        if self.negatives is not None and self.n_hard > 0:
+            ids += self._hard_negatives(mentions["index"].tolist(), epoch)
+        entities = self.collator.entities(self.store.get_many(ids))
         return {
             "mentions": mentions,
             "entities": entities,

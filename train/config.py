@@ -109,6 +109,28 @@ class TrainConfig:
 
 
 @dataclass
+class NegativesConfig:
+    """Hard negatives mined with FAISS (train/negatives.py)."""
+
+    enabled: bool = False
+    warmup_epochs: int = 1  # first mining before this epoch (0: before training starts)
+    refresh_epochs: int = 2  # mine again every R epochs; 0 = never refresh
+    top_k: int = 50  # neighbours kept per mention
+    n_hard: int = 1  # negatives attached to each mention (shared by the whole batch)
+    strategy: str = "top"  # top: the best-ranked; random: a seeded draw within the top-K
+    index: str = "flat"  # flat (exact) | ivf | ivfpq
+    from_file: str = ""  # a table from `python -m train.negatives`, used from the first epoch
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("top", "random"):
+            raise ConfigError(f"negatives.strategy: expected top or random, got {self.strategy!r}")
+        if self.index not in ("flat", "ivf", "ivfpq"):
+            raise ConfigError(f"negatives.index: expected flat, ivf or ivfpq, got {self.index!r}")
+        if self.n_hard > self.top_k:
+            raise ConfigError(f"negatives.n_hard ({self.n_hard}) cannot exceed negatives.top_k ({self.top_k})")
+
+
+@dataclass
 class WandbConfig:
     mode: str = "auto"  # auto: online with an API key, offline without | online | offline | disabled
     project: str = "mmoe-mel"
@@ -128,6 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -16,6 +16,19 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def share_cpu_threads() -> None:
+    """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
+
+    torchrun caps ranks at one thread, the deepspeed launcher does not: two ranks each running
+    as many threads as there are cores slow a 2-core machine down about eightfold.
+    """
+    if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+    if local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
         _, _, local = env_world()

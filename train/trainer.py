@@ -23,6 +23,7 @@ from train import distributed as D
 from train.config import Config, save_config
 from train.loss import contrastive_loss
 from train.model import BATCH_KEYS, MMoEModel, build_model, load_export, save_export
+from train.negatives import load_table, mine, save_table
 from train.observe import RunLog
 
 
@@ -87,6 +88,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "none") -> None:
         import deepspeed
 
+        D.share_cpu_threads()
         D.init_process_group(use_deepspeed=True)
         if not D.is_main():
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -114,8 +116,10 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.precision))
         self.grad_norm: float | None = None
+        self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0,
-                      "stopped_early": False, "wandb_id": None, "evals": []}
+                      "stopped_early": False, "wandb_id": None, "evals": [], "negatives_file": None,
+                      "negatives_epoch": -1}
         self._resume(resume)
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
@@ -186,6 +190,31 @@ class Trainer:
             out[f"moe/{name}/dropped_tokens"] = t[-1].item()
         return out
 
+    # -- hard negatives -------------------------------------------------------------------------
+    def _negatives_for_epoch(self) -> None:
+        """Mine when the schedule says so (at an epoch start), then attach the current table."""
+        n, st = self.cfg.negatives, self.state
+        if not n.enabled:
+            return
+        e = st["epoch"]
+        if st["negatives_file"] is None and n.from_file:
+            st["negatives_file"] = n.from_file
+        since = e - n.warmup_epochs
+        due = since == 0 or (since > 0 and n.refresh_epochs > 0 and since % n.refresh_epochs == 0)
+        if due and st["batch"] == 0 and st["negatives_epoch"] != e:
+            table, stats = mine(self.engine.module, self.cfg, self.device, self.collator)
+            path = self.run_dir / "negatives" / f"epoch-{e:03d}.npy"
+            if D.is_main():
+                save_table(table, path, {"epoch": e, "step": st["step"], **stats})
+                tqdm.write(f"[negatives] mined {stats['mentions']} x {stats['top_k']} in {stats['total_s']:.1f}s "
+                           f"(KB {stats['kb_size']}) -> {path}")
+            D.barrier()
+            st["negatives_file"], st["negatives_epoch"] = str(path), e
+            self.log.log(st["step"], {f"negatives/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        if st["negatives_file"] and (self._attached != st["negatives_file"]):
+            self.stream.set_negatives(load_table(st["negatives_file"]), n.n_hard, n.strategy)
+            self._attached = st["negatives_file"]
+
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate_dev(self) -> None:
         res = evaluate_split(self.engine.module, self.cfg, "dev", self.device, self.collator)
@@ -230,6 +259,7 @@ class Trainer:
         loads: dict[str, list] = {}
         n_acc, samples, t_window = 0, 0, time.perf_counter()
         while st["epoch"] < cfg.train.epochs and st["step"] < self.total_steps and not st["stopped_early"]:
+            self._negatives_for_epoch()
             self.stream.set_position(st["epoch"], st["batch"])
             for batch in make_loader(self.stream, cfg.data.num_workers):
                 parts, moe_log = self._micro_step(batch)

@@ -1,0 +1,148 @@
+"""Hard negatives mined with FAISS from the model's own index.
+
+Mining: encode the KB with the current model (the separable part of the score, as the two-stage
+evaluation), build a FAISS inner-product index (exact ``flat`` by default; ``ivf``/``ivfpq`` for
+KBs of millions), search the top-K entities for every training mention, drop the gold entity and
+any entity with the gold's QID, and keep a table [training mentions, K] of entity ids (-1 where
+fewer than K remain), rows in mention-index order. The KB encoding and the mentions are split
+across ranks and gathered, so every rank ends with the same table. The training stream attaches
+``n_hard`` negatives per mention from its row (the top ranks, or a seeded random draw within the
+top-K); the loss scores every mention against the batch's gold entities plus all of the batch's
+hard negatives (shared negatives keep the cost a matrix product).
+
+    python -m train.negatives --checkpoint runs/NAME/best --out negatives.npy [--top-k 100] [--index flat]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_shards.store import EntityStore
+from data_shards.stream import OrderedStream, make_loader
+from eval.encode import encode_side
+from eval.ranking import build_index, search
+from train import distributed as D
+from train.config import Config, ConfigError, apply_override, build, to_dict
+from train.model import MMoEModel, load_export
+
+
+def entity_qids(store: EntityStore, ids: np.ndarray) -> dict[int, str]:
+    """QIDs of the given entity ids (read from the entity store, once per distinct id)."""
+    return {int(i): store.get(int(i))["json"]["qid"] for i in np.unique(ids) if i >= 0}
+
+
+def nearest_negatives(
+    mention_vecs: torch.Tensor, index, gold: np.ndarray, top_k: int, qid_of=None, slack: int = 8
+) -> np.ndarray:
+    """[M, top_k] entity ids nearest to each mention vector, without the gold entity and without
+    entities sharing the gold's QID (``qid_of``: callable ids -> {id: qid}); -1 pads a row that
+    runs out of candidates."""
+    k = min(top_k + slack, index.ntotal)
+    _, cand = search(index, mention_vecs, k)
+    cand = cand.numpy()
+    keep = cand != gold[:, None]
+    keep &= cand >= 0
+    if qid_of is not None:
+        qids = qid_of(np.concatenate([cand.reshape(-1), gold]))
+        gold_q = np.array([qids.get(int(g)) for g in gold], dtype=object)
+        cand_q = np.vectorize(lambda i: qids.get(int(i)), otypes=[object])(cand)
+        keep &= cand_q != gold_q[:, None]
+    out = np.full((len(cand), top_k), -1, dtype=np.int64)
+    for r in range(len(cand)):  # rows keep their rank order
+        row = cand[r][keep[r]][:top_k]
+        out[r, : len(row)] = row
+    return out
+
+
+def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: str = "train") -> tuple[np.ndarray, dict]:
+    """Mine the table for every mention of ``split`` (collective: every rank calls it)."""
+    n = cfg.negatives
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    batch = cfg.eval.batch_size
+    kb_stream = OrderedStream(cfg.data.shards, "kb", collator, batch, D.world(), D.rank())
+    kb, _ = encode_side(model, make_loader(kb_stream, cfg.eval.num_workers), device, entity=True, bf16=cfg.eval.bf16,
+                        gather=True, total=len(kb_stream), desc="mining: encode KB")
+    t_kb = time.perf_counter()
+    index = build_index(model.matcher.separable_vectors(kb), n.index)
+    t_index = time.perf_counter()
+    m_stream = OrderedStream(cfg.data.shards, split, collator, batch, D.world(), D.rank())
+    ms, ids = encode_side(model, make_loader(m_stream, cfg.eval.num_workers), device, entity=False, bf16=cfg.eval.bf16,
+                          total=len(m_stream), desc=f"mining: encode {split}")
+    store = EntityStore(cfg.data.shards)
+    local = nearest_negatives(model.matcher.separable_vectors(ms), index, ids["gold_id"].cpu().numpy(), n.top_k,
+                              qid_of=lambda a: entity_qids(store, a))
+    table = D.gather_rows(torch.from_numpy(local).to(device)).cpu().numpy()
+    order = D.gather_rows(ids["index"].to(device)).cpu().numpy()
+    if not np.array_equal(order, np.arange(len(order))):
+        raise RuntimeError("mined rows are not in mention order: the split's shards disagree with the manifest")
+    model.train(was_training)
+    stats = {"mentions": len(table), "top_k": n.top_k, "kb_size": len(kb), "index": n.index,
+             "encode_kb_s": t_kb - t0, "index_s": t_index - t_kb, "total_s": time.perf_counter() - t0,
+             "short_rows": int((table[:, -1] < 0).sum())}
+    return table, stats
+
+
+def save_table(table: np.ndarray, path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, table.astype(np.int64))
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+
+
+def load_table(path: str | Path, mentions: int | None = None) -> np.ndarray:
+    table = np.load(path, allow_pickle=False)
+    if table.ndim != 2 or table.dtype != np.int64:
+        raise ValueError(f"{path}: expected an int64 [mentions, K] table of entity ids")
+    if mentions is not None and len(table) != mentions:
+        raise ValueError(f"{path} has {len(table)} rows but the training split has {mentions} mentions: mined for other data?")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Mine hard negatives for a split with a trained model (FAISS).")
+    p.add_argument("--checkpoint", required=True, help="model export (runs/NAME/best)")
+    p.add_argument("--out", required=True, type=Path, help="output .npy table [mentions, top_k] of entity ids")
+    p.add_argument("--split", default="train")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--index", choices=["flat", "ivf", "ivfpq"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    D.init_process_group()
+    device = D.device_for_rank()
+    try:
+        model, cfg = load_export(a.checkpoint)
+        data = to_dict(cfg)
+        if a.top_k:
+            data["negatives"]["top_k"] = a.top_k
+        if a.index:
+            data["negatives"]["index"] = a.index
+        for o in a.overrides:
+            apply_override(data, o)
+        cfg = build(Config, data)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    from eval.evaluate import make_collator
+
+    model.to(device)
+    table, stats = mine(model, cfg, device, make_collator(cfg, model), a.split)
+    if D.is_main():
+        save_table(table, a.out, {"checkpoint": str(a.checkpoint), "split": a.split, **stats})
+        print(f"mined {stats['mentions']} x {stats['top_k']} negatives in {stats['total_s']:.1f}s "
+              f"(KB {stats['kb_size']} entities, index {stats['index']}): {a.out}")
+    D.barrier()
+
+
+if __name__ == "__main__":
+    main()
