@@ -32,8 +32,8 @@ from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import summarize
 from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
 from train import distributed as D
-from train.config import Config, ConfigError, apply_override, build, load_config, to_dict
-from train.model import MMoEModel, load_export
+from train.config import Config, ConfigError, to_dict
+from train.model import MMoEModel, load_export_for_command
 
 
 @dataclass
@@ -189,16 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     D.init_process_group()
     device = D.device_for_rank()
     try:
-        model, cfg = load_export(a.checkpoint)
-        data = to_dict(cfg)
-        if a.config:
-            other = to_dict(load_config(a.config))
-            data["data"], data["eval"] = other["data"], other["eval"]
-        if a.mode:
-            data["eval"]["mode"] = a.mode
-        for o in a.overrides:
-            apply_override(data, o)
-        cfg = build(Config, data)
+        settings = ([f"eval.mode={a.mode}"] if a.mode else []) + a.overrides
+        model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"))
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     model.to(device)

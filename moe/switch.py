@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe.expert_layout import deepspeed_to_local, ds_keys, take_prefixed
 from moe.routing import Routing, reference_gate, switch_route
 
 GATES = ("switch", "reference")
@@ -24,6 +25,13 @@ class MoEOutput:
     z_loss: Tensor  # router z-loss
     expert_counts: Tensor  # [E] routes per expert before dropping
     dropped_tokens: Tensor  # tokens whose every route was dropped
+
+
+def _accept_deepspeed_layout(module: SwitchMoE, state_dict: dict, prefix: str, *_) -> None:
+    names = ds_keys(state_dict, prefix)
+    if names:
+        for k, v in deepspeed_to_local(take_prefixed(state_dict, prefix, names), module.num_experts).items():
+            state_dict[prefix + k] = v
 
 
 class SwitchMoE(nn.Module):
@@ -74,6 +82,8 @@ class SwitchMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
         self.reset_parameters()
+        # A DeepSpeed-layout state dict holding every expert loads too (moe.expert_layout).
+        self.register_load_state_dict_pre_hook(_accept_deepspeed_layout)
 
     def reset_parameters(self) -> None:
         # Same init as nn.Linear for each expert, so a per-expert nn.Linear copy matches in scale.

@@ -17,9 +17,18 @@ from torch import Tensor, nn
 from moe.switch import MoEOutput, SwitchMoE
 
 
+BACKENDS = ("local", "deepspeed")
+
+
 @dataclass
 class MoESettings:
-    """Switch-MoE hyper-parameters shared by every unit."""
+    """Switch-MoE hyper-parameters shared by every unit.
+
+    ``backend: local`` runs :class:`SwitchMoE` (stacked experts, every expert on every rank);
+    ``backend: deepspeed`` runs ``deepspeed.moe.layer.MoE`` (:mod:`moe.deepspeed_backend`) with
+    ``ep_size`` ranks sharing each layer's experts (expert parallelism; ep_size must divide both
+    num_experts and the number of processes).
+    """
 
     num_experts: int = 4
     top_k: int = 3
@@ -30,8 +39,29 @@ class MoESettings:
     min_capacity: int = 4
     drop_tokens: bool = False
     dropped: str = "zero"
+    backend: str = "local"  # local | deepspeed
+    ep_size: int = 1  # expert-parallel group size (deepspeed backend)
 
-    def build(self, d_model: int, gate_dim: int | None = None) -> SwitchMoE:
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+        if self.ep_size < 1 or self.num_experts % self.ep_size:
+            raise ValueError(f"ep_size: {self.ep_size} must be >= 1 and divide num_experts ({self.num_experts})")
+        if self.ep_size > 1 and self.backend != "deepspeed":
+            raise ValueError(f"ep_size: {self.ep_size} needs backend: deepspeed (the local backend keeps every expert)")
+        if self.backend == "deepspeed" and self.gate != "switch":
+            raise ValueError(f"gate: {self.gate!r} exists only in the local backend; the deepspeed backend routes with "
+                             "the switch gate")
+
+    def build(self, d_model: int, gate_dim: int | None = None) -> nn.Module:
+        """A switch layer of the configured backend (same interface: ``layer(x, gate_input) -> MoEOutput``)."""
+        if self.backend == "deepspeed":
+            from moe.deepspeed_backend import DeepSpeedSwitchMoE  # imports deepspeed: only when asked for
+
+            return DeepSpeedSwitchMoE(d_model, self.expert_hidden, self.num_experts, self.top_k, gate_dim=gate_dim,
+                                      ep_size=self.ep_size, capacity_factor=self.capacity_factor,
+                                      eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
+                                      drop_tokens=self.drop_tokens, dropped=self.dropped)
         return SwitchMoE(
             d_model,
             self.expert_hidden,

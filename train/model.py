@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
-from train.config import Config, ModelConfig, load_config, save_config
+from train.config import Config, ModelConfig, apply_override, build, load_config, save_config, to_dict
 from train.encoder import ClipEncoder, load_clip
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
@@ -102,4 +102,21 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> t
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model, cfg
+
+
+
+def load_export_for_command(checkpoint: str | Path, settings: list[str], config: str | Path | None = None,
+                            sections: tuple[str, ...] = ("data", "eval", "negatives")) -> tuple[MMoEModel, Config]:
+    """An export for a command-line tool: ``config``'s ``sections`` replace the export's (the model
+    section always comes from the export, since it must fit the weights), then ``settings``
+    (``section.key=value``) apply. Errors are ConfigError/FileNotFoundError/ValueError."""
+    model, cfg = load_export(checkpoint)
+    data = to_dict(cfg)
+    if config:
+        other = to_dict(load_config(config))
+        for section in sections:
+            data[section] = other[section]
+    for assignment in settings:
+        apply_override(data, assignment)
+    return model, build(Config, data)
 

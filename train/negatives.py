@@ -30,8 +30,8 @@ from data_shards.stream import OrderedStream, make_loader
 from eval.encode import encode_side
 from eval.ranking import build_index, search
 from train import distributed as D
-from train.config import Config, ConfigError, apply_override, build, to_dict
-from train.model import MMoEModel, load_export
+from train.config import Config, ConfigError
+from train.model import MMoEModel, load_export_for_command
 
 
 def entity_qids(store: EntityStore, ids: np.ndarray) -> dict[int, str]:
@@ -122,15 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     D.init_process_group()
     device = D.device_for_rank()
     try:
-        model, cfg = load_export(a.checkpoint)
-        data = to_dict(cfg)
-        if a.top_k:
-            data["negatives"]["top_k"] = a.top_k
-        if a.index:
-            data["negatives"]["index"] = a.index
-        for o in a.overrides:
-            apply_override(data, o)
-        cfg = build(Config, data)
+        settings = [f"negatives.top_k={a.top_k}"] if a.top_k else []
+        settings += [f"negatives.index={a.index}"] if a.index else []
+        model, cfg = load_export_for_command(a.checkpoint, settings + a.overrides)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     from eval.evaluate import make_collator

@@ -1,25 +1,22 @@
 """Settings of the DME step, from an optional YAML file plus ``--set section.key=value`` overrides.
 
-Unknown keys and wrong types are errors that name the key, as in ``train/config.py`` (kept separate
-so the DME command does not import torch unless the embedding backend needs it).
+Unknown keys and wrong types are errors that name the key (the project's strict loader,
+``train/typed_config.py``, which imports nothing heavy: the DME command loads torch only for the
+embedding backend).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from data_shards.dme.candidates import CandidateSettings
+from train.typed_config import ConfigError, build, load_yaml, to_dict
 
 BACKENDS = ("embedding", "llm", "first", "none")
 
 
-class DMEConfigError(ValueError):
+class DMEConfigError(ConfigError):
     pass
 
 
@@ -75,52 +72,15 @@ class DMEConfig:
             raise DMEConfigError(str(err)) from None
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise DMEConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise DMEConfigError(f"unknown config key(s): {', '.join(where + str(k) for k in unknown)} (known: {sorted(names)})")
-    values = {}
-    for name, value in data.items():
-        key, tp = f"{prefix}.{name}" if prefix else name, hints[name]
-        if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, value, key)
-        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-        elif not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise DMEConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        else:
-            values[name] = value
-    return dataclasses.replace(cls(), **values)
-
-
 def load_dme_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DMEConfig:
     """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise DMEConfigError(f"{path}: the top level must be a mapping")
-    for assignment in overrides or []:
-        key, sep, raw = assignment.partition("=")
-        if not sep or not key.strip():
-            raise DMEConfigError(f"override {assignment!r} must look like key=value or section.key=value")
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise DMEConfigError(f"override {assignment!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    cfg = _build(DMEConfig, data, "")
+    try:
+        cfg = build(DMEConfig, load_yaml(path, overrides))
+    except ConfigError as err:
+        raise DMEConfigError(str(err)) from None
     cfg.validate()
     return cfg
 
 
-def config_dict(cfg: DMEConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def config_dict(cfg: DMEConfig) -> dict:
+    return to_dict(cfg)

@@ -1,0 +1,240 @@
+"""The DeepSpeed-MoE backend of the switch layers (``model.matcher.moe.backend: deepspeed``).
+
+:class:`DeepSpeedSwitchMoE` is ``deepspeed.moe.layer.MoE`` with FFN experts ``d -> h -> d`` (GELU),
+routed by :class:`SeparateInputGate` (DeepSpeed's ``TopKGate`` reading an optional separate gate
+input), and it keeps :class:`moe.switch.SwitchMoE`'s interface: ``forward(x, gate_input=None) ->
+MoEOutput``. With ``ep_size`` > 1 each rank holds ``num_experts / ep_size`` experts and tokens travel
+to them by all-to-all over the expert-parallel group, which ``deepspeed.initialize`` creates (or
+:func:`setup_expert_parallel` after ``deepspeed.init_distributed``).
+
+Every forward pass of a layer with ``ep_size`` > 1 is a collective: all ranks of its group must
+call it the same number of times. Training does; evaluation (ranks encode different numbers of
+batches) must use local copies with every expert instead: ``train.model.local_experts`` or an
+export. The weight layouts and their mapping are in :mod:`moe.expert_layout`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating, topkgating
+from torch import Tensor, nn
+
+from moe.expert_layout import LOCAL_KEYS, local_to_deepspeed, take_prefixed
+from moe.switch import DROPPED_POLICIES, MoEOutput, SwitchMoE
+
+
+class ExpertFFN(nn.Module):
+    """One expert: gelu(x W1^T + b1) W2^T + b2, the math of ``SwitchMoE.expert_forward``."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SeparateInputGate(TopKGate):
+    """DeepSpeed's ``TopKGate`` that routes on the MoE layer's second positional argument when one is given.
+
+    ``MOELayer`` hands that argument (``used_token`` in DeepSpeed's signature) to its gate; here it is
+    the gate input ``[..., gate_dim]`` aligned with the routed tokens. The routing functions are
+    DeepSpeed's own; the gate also keeps the router z-loss and which tokens lost every route.
+    """
+
+    def __init__(self, gate_dim: int, num_experts: int, k: int, capacity_factor: float, eval_capacity_factor: float,
+                 min_capacity: int, drop_tokens: bool) -> None:
+        super().__init__(gate_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
+                         noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False, ep_group=None,
+                         top2_2nd_expert_sampling=False)
+        self.z_loss: Tensor | None = None
+        self.lost: Tensor | None = None  # [tokens] bool, every route dropped by the capacity limit
+
+    def forward(self, input: Tensor, used_token: Tensor | None = None, sparse_routes: bool = False,
+                use_tutel: bool = False):
+        source = input if used_token is None else used_token.reshape(-1, used_token.shape[-1])
+        if source.shape[0] != input.shape[0]:
+            raise ValueError(f"gate input has {source.shape[0]} tokens, the routed input {input.shape[0]}")
+        logits = F.linear(source.float(), self.wg.weight.float())
+        self.z_loss = torch.logsumexp(logits, dim=1).pow(2).mean()
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.k == 1:
+            out = top1gating(logits, cf, self.min_capacity, None, None, self.drop_tokens, False, self.ep_group,
+                             sparse_routes, use_tutel)
+        elif self.k == 2:
+            out = top2gating(logits, cf, self.min_capacity, self.drop_tokens, self.ep_group, False, sparse_routes)
+        else:
+            out = topkgating(logits, self.k, cf, self.min_capacity, self.drop_tokens, self.ep_group,
+                             sparse_routes=sparse_routes)
+        if sparse_routes:  # out[3]: [k, tokens] expert index per route, -1 where dropped
+            self.lost = (out[3] < 0).all(dim=0).detach()
+        return out
+
+
+def _default_ep_rank(ep_size: int) -> int:
+    """The expert-parallel rank DeepSpeed's default topology gives this process (consecutive groups)."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    return rank % ep_size
+
+
+class DeepSpeedSwitchMoE(MoE):
+    """``deepspeed.moe.layer.MoE`` behind the ``SwitchMoE`` interface (see the module docstring).
+
+    Initialised from the same random draws as ``SwitchMoE`` (same seed, same weights: this rank
+    keeps its slice of the experts), so switching the backend does not change a run's start.
+    ``dropped: passthrough`` keeps the input of a token whose every route was dropped.
+    """
+
+    backend = "deepspeed"
+    gate_type = "switch"
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int,
+        *,
+        gate_dim: int | None = None,
+        ep_size: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        drop_tokens: bool = False,
+        dropped: str = "zero",
+    ) -> None:
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top-k must be in [1, num_experts={num_experts}], got k={k}")
+        if ep_size < 1 or num_experts % ep_size:
+            raise ValueError(f"moe.ep_size={ep_size} must divide moe.num_experts={num_experts}")
+        if dropped not in DROPPED_POLICIES:
+            raise ValueError(f"unknown dropped-token policy {dropped!r}; choose one of {DROPPED_POLICIES}")
+        with torch.random.fork_rng(devices=[]):  # DeepSpeed's own init draws are replaced below
+            super().__init__(d_model, ExpertFFN(d_model, d_ff), num_experts=num_experts, ep_size=ep_size, k=k,
+                             capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                             min_capacity=min_capacity, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
+                             top2_2nd_expert_sampling=False)
+            self.deepspeed_moe.gate = SeparateInputGate(gate_dim or d_model, num_experts, k, capacity_factor,
+                                                        eval_capacity_factor, min_capacity, drop_tokens)
+        self.d_model, self.d_ff, self.k, self.gate_dim = d_model, d_ff, k, gate_dim or d_model
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.min_capacity, self.drop_tokens, self.dropped = min_capacity, drop_tokens, dropped
+        # Same draws as SwitchMoE (router first, then w1, w2, b1, b2); keep this rank's experts.
+        ref = SwitchMoE(d_model, d_ff, num_experts, k, gate_dim=gate_dim)
+        self.load_local_state({k: v.detach() for k, v in ref.state_dict().items()}, _default_ep_rank(ep_size))
+        self.register_load_state_dict_pre_hook(_accept_local_layout)
+
+    # -- expert parallelism ------------------------------------------------------------------------
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Join (creating if needed) the expert-parallel group; idempotent, unlike DeepSpeed's."""
+        if self.deepspeed_moe.ep_group is not None:
+            return
+        if self.ep_size > 1:
+            if not dist.is_initialized():
+                raise RuntimeError("expert parallelism (moe.ep_size > 1) needs deepspeed.init_distributed() first")
+            if dist.get_world_size() % self.ep_size:
+                raise ValueError(f"moe.ep_size={self.ep_size} must divide the number of processes ({dist.get_world_size()})")
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+
+    @property
+    def ep_group(self):
+        return self.deepspeed_moe.ep_group
+
+    def ep_rank(self) -> int:
+        """Rank in the expert-parallel group (before the group exists: the one DeepSpeed will give)."""
+        if self.ep_size == 1:
+            return 0
+        if self.ep_group is None:
+            return _default_ep_rank(self.ep_size)
+        return dist.get_rank(group=self.ep_group)
+
+    def local_expert_ids(self, ep_rank: int | None = None) -> range:
+        r = self.ep_rank() if ep_rank is None else ep_rank
+        return range(r * self.num_local_experts, (r + 1) * self.num_local_experts)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, gate_input: Tensor | None = None) -> MoEOutput:  # type: ignore[override]
+        if gate_input is not None and gate_input.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"gate input {tuple(gate_input.shape)} must match tokens {tuple(x.shape)} but the last dim")
+        if self.ep_size > 1 and not self.training and not getattr(self, "lockstep_eval", False):
+            raise RuntimeError(
+                "an expert-parallel MoE layer (ep_size > 1) is a collective even in eval mode, and evaluation runs "
+                "different batches on each rank: evaluate inside `with train.model.local_experts(model) as m:` (every "
+                "rank gathers all experts) or from an export (train.model.save_export)")
+        output, l_aux, counts = super().forward(x, gate_input)
+        gate = self.deepspeed_moe.gate
+        lost = gate.lost
+        if self.dropped == "passthrough" and self.drop_tokens:
+            output = torch.where(lost.view(*x.shape[:-1], 1), x, output)
+        return MoEOutput(output, l_aux, gate.z_loss, counts, lost.sum())
+
+    # -- layouts (moe.expert_layout) ---------------------------------------------------------------
+    def load_local_state(self, local: dict[str, Tensor], ep_rank: int | None = None) -> None:
+        """Copy local-layout tensors (every expert) into this rank's gate and local experts."""
+        own = self.state_dict()
+        with torch.no_grad():
+            for key, value in local_to_deepspeed(local, self.local_expert_ids(ep_rank)).items():
+                own[key].copy_(value)
+
+    def local_state(self) -> dict[str, Tensor]:
+        """This rank's experts in the local layout, stacked (L = num_experts / ep_size of them)."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts
+        return {
+            "wg.weight": self.deepspeed_moe.gate.wg.weight.detach(),
+            "w1": torch.stack([e.fc1.weight.detach().t() for e in experts]),
+            "b1": torch.stack([e.fc1.bias.detach() for e in experts]),
+            "w2": torch.stack([e.fc2.weight.detach().t() for e in experts]),
+            "b2": torch.stack([e.fc2.bias.detach() for e in experts]),
+        }
+
+    def gathered_local_state(self) -> dict[str, Tensor]:
+        """Every expert in the local layout. Collective over the expert-parallel group when ep_size > 1."""
+        mine = self.local_state()
+        if self.ep_size == 1:
+            return {k: v.clone() for k, v in mine.items()}
+        group = self.ep_group
+        if group is None:
+            raise RuntimeError("this layer has no expert-parallel group yet: call deepspeed.initialize or "
+                               "moe.deepspeed_backend.setup_expert_parallel(model) after deepspeed.init_distributed()")
+        out = {"wg.weight": mine["wg.weight"].clone()}
+        for key in ("w1", "b1", "w2", "b2"):
+            t = mine[key].contiguous()
+            parts = [torch.empty_like(t) for _ in range(self.ep_size)]
+            dist.all_gather(parts, t, group=group)
+            out[key] = torch.cat(parts)  # group rank r holds global experts r*L .. r*L+L-1
+        return out
+
+    def to_local(self) -> SwitchMoE:
+        """A ``SwitchMoE`` with every expert (collective when ep_size > 1), on this layer's device and dtype."""
+        ref = self.deepspeed_moe.gate.wg.weight
+        with torch.random.fork_rng(devices=[]):  # its init is overwritten; leave the RNG stream alone
+            local = SwitchMoE(self.d_model, self.d_ff, self.num_experts, self.k, gate_dim=self.gate_dim,
+                              capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
+                              min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, dropped=self.dropped)
+        local.load_state_dict(self.gathered_local_state())
+        return local.to(ref.device, ref.dtype).train(self.training)
+
+
+def _accept_local_layout(module: DeepSpeedSwitchMoE, state_dict: dict, prefix: str, *_) -> None:
+    """Load a local-layout state (every expert, e.g. an export): keep the gate and this rank's experts."""
+    if prefix + "w1" in state_dict:
+        local = take_prefixed(state_dict, prefix, LOCAL_KEYS)
+        for k, v in local_to_deepspeed(local, module.local_expert_ids()).items():
+            state_dict[prefix + k] = v
+
+
+def deepspeed_layers(model: nn.Module) -> list[tuple[str, DeepSpeedSwitchMoE]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DeepSpeedSwitchMoE)]
+
+
+def setup_expert_parallel(model: nn.Module) -> None:
+    """Create/join the expert-parallel groups of every DeepSpeed MoE layer without ``deepspeed.initialize``
+    (unit tests, evaluation scripts); needs ``deepspeed.init_distributed()``."""
+    for _, layer in deepspeed_layers(model):
+        layer.set_deepspeed_parallelism()
