@@ -57,18 +57,21 @@ class Collator:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def _images(self, jpgs: list[bytes | None]) -> dict[str, Tensor]:
-        pixels = torch.zeros(len(jpgs), 3, self.image_size, self.image_size)
+        raw = np.zeros((len(jpgs), self.image_size, self.image_size, 3), dtype=np.uint8)
         mask = torch.zeros(len(jpgs), dtype=torch.bool)
         for i, jpg in enumerate(jpgs):
             if jpg is None:
                 continue
             with Image.open(io.BytesIO(jpg)) as img:
-                arr = np.array(img.convert("RGB"))  # writable copy for torch
+                arr = np.asarray(img.convert("RGB"))
             if arr.shape[:2] != (self.image_size, self.image_size):
                 raise ValueError(f"image of size {arr.shape[1]}x{arr.shape[0]} in the shards, the model expects "
                                  f"{self.image_size}: convert again with --image-size {self.image_size}")
-            pixels[i] = (torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+            raw[i] = arr
             mask[i] = True
+        # One normalisation for the whole batch; rows without an image stay exactly zero.
+        pixels = (torch.from_numpy(raw).permute(0, 3, 1, 2).float().div_(255.0) - self.mean) / self.std
+        pixels[~mask] = 0.0
         return {"pixel_values": pixels, "image_mask": mask}
 
     def mentions(self, samples: list[dict]) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -148,19 +149,19 @@ def _mention_sample(index: int, m: Mention, size: int, quality: int) -> tuple[di
 
 def _write_shard(job: tuple) -> dict:
     """Worker: prepare the images of one shard and write it atomically. Returns its record."""
-    kind, path, items, size, quality = job
+    group, path, items, size, quality = job
     stats = ImageStats()
     tmp = Path(f"{path}.tmp{os.getpid()}")
     with open(tmp, "wb") as fh:
         writer = wds.TarWriter(fh, encoder=False, mtime=0)  # mtime=0: byte-identical re-runs
         for item in items:
-            sample, reason, used = _entity_sample(item, size, quality) if kind == "kb" else _mention_sample(*item, size, quality)
+            sample, reason, used = _entity_sample(item, size, quality) if group == "kb" else _mention_sample(*item, size, quality)
             stats.add(reason, used)
             writer.write(sample)
         writer.close()
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.replace(tmp, path)
-    return {"path": str(path), "samples": len(items), "sha256": digest, "stats": asdict(stats)}
+    return {"group": group, "path": str(path), "samples": len(items), "sha256": digest, "stats": asdict(stats)}
 
 
 def _member_offsets(path: Path) -> dict[str, tuple[int, int]]:
@@ -174,15 +175,16 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _run(jobs: Iterable[tuple], workers: int, total: int | None, desc: str) -> Iterator[dict]:
-    bar = tqdm(total=total, desc=desc, unit="shard", disable=None)
+def _run(jobs: Iterable[tuple], workers: int, total: int) -> Iterator[dict]:
+    """All shards of all groups through one pool, results in job order (the KB index needs it)."""
+    bar = tqdm(total=total, desc="shards", unit="shard", disable=None)
     if workers <= 1:
         for job in jobs:
             yield _write_shard(job)
             bar.update()
     else:
         with mp.get_context("fork").Pool(workers) as pool:
-            for rec in pool.imap(_write_shard, jobs):  # ordered: shard i is yielded i-th
+            for rec in pool.imap(_write_shard, jobs):
                 yield rec
                 bar.update()
     bar.close()
@@ -192,56 +194,47 @@ def _shard_entry(rec: dict, out: Path) -> dict:
     return {"name": str(Path(rec["path"]).relative_to(out)), "samples": rec["samples"], "sha256": rec["sha256"]}
 
 
-def _convert_kb(root: Path, out: Path, s: ConvertSettings, n_entities: int) -> tuple[list[dict], ImageStats]:
-    kb_dir = out / "kb"
-    kb_dir.mkdir(parents=True, exist_ok=True)
+def _checked_kb(root: Path, threshold: float) -> Iterable[Entity]:
+    """The KB in id order (streamed when the file is sorted), after the cheap image pre-check."""
     try:
-        _precheck((e.image_paths for e in reader.iter_kb(root)), "KB (kb_entity.json)", s.max_missing)
-        entities: Iterable[Entity] = reader.iter_kb(root)
+        _precheck((e.image_paths for e in reader.iter_kb(root)), "KB (kb_entity.json)", threshold)
+        return reader.iter_kb(root)
     except KBNotSorted:
         sorted_kb = reader.read_kb(root)
-        _precheck((e.image_paths for e in sorted_kb), "KB (kb_entity.json)", s.max_missing)
-        entities = sorted_kb
-    jobs = ((("kb", kb_dir / f"kb-{i:06d}.tar", chunk, s.image_size, s.jpeg_quality))
-            for i, chunk in enumerate(_chunks(entities, s.shard_size)))
-    shards, stats = [], ImageStats()
-    index = np.zeros(n_entities, dtype=INDEX_DTYPE)
-    next_id = 0
-    for shard_no, rec in enumerate(_run(jobs, s.workers, -(-n_entities // s.shard_size), "KB shards")):
-        stats.merge(ImageStats(**rec["stats"]))
+        _precheck((e.image_paths for e in sorted_kb), "KB (kb_entity.json)", threshold)
+        return sorted_kb
+
+
+def _jobs(group: str, items: Iterable, out: Path, s: ConvertSettings) -> Iterator[tuple]:
+    for i, chunk in enumerate(_chunks(items, s.shard_size)):
+        yield group, out / group / f"{group}-{i:06d}.tar", chunk, s.image_size, s.jpeg_quality
+
+
+class _KBIndex:
+    """Byte offsets of every entity's members, filled shard by shard (data_shards/store.py reads it)."""
+
+    def __init__(self, n_entities: int) -> None:
+        self.rows = np.zeros(n_entities, dtype=INDEX_DTYPE)
+        self.next_id, self.shard_no = 0, 0
+
+    def add_shard(self, rec: dict) -> None:
         offsets = _member_offsets(Path(rec["path"]))
         for _ in range(rec["samples"]):
-            if next_id >= n_entities:
-                raise DatasetFormatError(f"kb_entity.json has more entities than qid2id.json ({n_entities})")
-            key = f"{next_id:09d}"
+            if self.next_id >= len(self.rows):
+                raise DatasetFormatError(f"kb_entity.json has more entities than qid2id.json ({len(self.rows)})")
+            key = f"{self.next_id:09d}"
             j_off, j_size = offsets[f"{key}.json"]
             p_off, p_size = offsets.get(f"{key}.jpg", (0, 0))
-            index[next_id] = (shard_no, j_off, j_size, p_off, p_size)
-            next_id += 1
-        shards.append(_shard_entry(rec, out))
-    if next_id != n_entities:
-        raise DatasetFormatError(f"kb_entity.json has {next_id} entities but qid2id.json maps {n_entities} QIDs")
-    stats.check("KB (kb_entity.json)", s.max_missing)
-    tmp = kb_dir / "index.npy.tmp.npy"
-    np.save(tmp, index)
-    os.replace(tmp, kb_dir / "index.npy")
-    return shards, stats
+            self.rows[self.next_id] = (self.shard_no, j_off, j_size, p_off, p_size)
+            self.next_id += 1
+        self.shard_no += 1
 
-
-def _convert_split(records: reader.SplitRecords, out: Path, s: ConvertSettings) -> tuple[list[dict], ImageStats]:
-    split_dir = out / records.split
-    split_dir.mkdir(parents=True, exist_ok=True)
-    what = f"{records.split} split ({records.path.name})"
-    _precheck(([m.image_path] if m.image_path else [] for m in records.mentions), what, s.max_missing)
-    jobs = (("mention", split_dir / f"{records.split}-{i:06d}.tar", chunk, s.image_size, s.jpeg_quality)
-            for i, chunk in enumerate(_chunks(enumerate(records.mentions), s.shard_size)))
-    shards, stats = [], ImageStats()
-    total = -(-len(records.mentions) // s.shard_size)
-    for rec in _run(jobs, s.workers, total, f"{records.split} shards"):
-        stats.merge(ImageStats(**rec["stats"]))
-        shards.append(_shard_entry(rec, out))
-    stats.check(what, s.max_missing)
-    return shards, stats
+    def save(self, kb_dir: Path) -> None:
+        if self.next_id != len(self.rows):
+            raise DatasetFormatError(f"kb_entity.json has {self.next_id} entities but qid2id.json maps {len(self.rows)} QIDs")
+        tmp = kb_dir / "index.npy.tmp.npy"
+        np.save(tmp, self.rows)
+        os.replace(tmp, kb_dir / "index.npy")
 
 
 def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | None = None) -> dict:
@@ -258,8 +251,27 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
         for records in splits.values():
             for m in records.mentions:
                 m.image_path = image_dir / m.image_path.name if m.image_path else None
-    out.mkdir(parents=True, exist_ok=True)
-    kb_shards, kb_stats = _convert_kb(root, out, s, len(qid2id))
+    # Cheap existence checks of every group before any decoding (a renamed folder fails in seconds).
+    entities = _checked_kb(root, s.max_missing)
+    what = {"kb": "KB (kb_entity.json)"} | {sp: f"{sp} split ({r.path.name})" for sp, r in splits.items()}
+    for sp, records in splits.items():
+        _precheck(([m.image_path] if m.image_path else [] for m in records.mentions), what[sp], s.max_missing)
+    for group in ["kb", *splits]:
+        (out / group).mkdir(parents=True, exist_ok=True)
+    jobs = [_jobs("kb", entities, out, s)] + [_jobs(sp, enumerate(r.mentions), out, s) for sp, r in splits.items()]
+    total = -(-len(qid2id) // s.shard_size) + sum(-(-len(r.mentions) // s.shard_size) for r in splits.values())
+    shards: dict[str, list[dict]] = {g: [] for g in what}
+    stats = {g: ImageStats() for g in what}
+    kb_index = _KBIndex(len(qid2id))
+    for rec in _run(itertools.chain(*jobs), s.workers, total):
+        group = rec["group"]
+        stats[group].merge(ImageStats(**rec["stats"]))
+        shards[group].append(_shard_entry(rec, out))
+        if group == "kb":
+            kb_index.add_shard(rec)
+    kb_index.save(out / "kb")
+    for group, st in stats.items():
+        st.check(what[group], s.max_missing)
     manifest: dict = {
         "format_version": FORMAT_VERSION,
         "dataset": lay.name,
@@ -269,19 +281,13 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
                    "desc_from": str(Path(s.desc_dir).resolve()) if s.desc_dir else None},
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()
                      if k not in ("workers", "desc_dir")},
-        "counts": {"entities": len(qid2id)},
-        "skipped": {},
-        "images": {"kb": asdict(kb_stats)},
-        "shards": {"kb": kb_shards},
+        "counts": {"entities": len(qid2id)} | {sp: len(r.mentions) for sp, r in splits.items()},
+        "skipped": {sp: {"nil": r.skipped_nil, "unknown_answer": r.skipped_unknown, "unknown_examples": r.unknown_examples}
+                    for sp, r in splits.items()},
+        "images": {g: asdict(st) for g, st in stats.items()},
+        "shards": shards,
         "entity_index": "kb/index.npy",
     }
-    for sp, records in splits.items():
-        shards, stats = _convert_split(records, out, s)
-        manifest["counts"][sp] = len(records.mentions)
-        manifest["skipped"][sp] = {"nil": records.skipped_nil, "unknown_answer": records.skipped_unknown,
-                                   "unknown_examples": records.unknown_examples}
-        manifest["images"][sp] = asdict(stats)
-        manifest["shards"][sp] = shards
     if (root / "tokenizer").is_dir():  # a dataset that ships its own tokenizer (the synthetic benchmark)
         tmp_tok = out / "tokenizer.tmp"
         shutil.rmtree(tmp_tok, ignore_errors=True)

@@ -20,6 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.comm import pg_utils
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating, topkgating
 from torch import Tensor, nn
@@ -74,6 +75,12 @@ class SeparateInputGate(TopKGate):
                              sparse_routes=sparse_routes)
         if sparse_routes:  # out[3]: [k, tokens] expert index per route, -1 where dropped
             self.lost = (out[3] < 0).all(dim=0).detach()
+            if self.drop_tokens and pg_utils.is_parallel(self.ep_group):
+                # Capacity follows the local token count; the all-to-all needs one buffer size per group.
+                # Routes were kept under the local capacity, so a larger buffer only adds empty slots.
+                capacity = torch.as_tensor(out[1]).clone()
+                dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+                out = (out[0], capacity, *out[2:])
         return out
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe.switch import MoEOutput, SwitchMoE
-
+from train.typed_config import ConfigError  # a ValueError; light module, no cycle
 
 BACKENDS = ("local", "deepspeed")
 
@@ -43,15 +43,17 @@ class MoESettings:
     ep_size: int = 1  # expert-parallel group size (deepspeed backend)
 
     def __post_init__(self) -> None:
+        key = "model.matcher.moe."
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+            raise ConfigError(f"{key}backend: expected one of {BACKENDS}, got {self.backend!r}")
         if self.ep_size < 1 or self.num_experts % self.ep_size:
-            raise ValueError(f"ep_size: {self.ep_size} must be >= 1 and divide num_experts ({self.num_experts})")
+            raise ConfigError(f"{key}ep_size: {self.ep_size} must be >= 1 and divide num_experts ({self.num_experts})")
         if self.ep_size > 1 and self.backend != "deepspeed":
-            raise ValueError(f"ep_size: {self.ep_size} needs backend: deepspeed (the local backend keeps every expert)")
+            raise ConfigError(f"{key}ep_size: {self.ep_size} needs backend: deepspeed (the local backend keeps every expert "
+                              "on every rank)")
         if self.backend == "deepspeed" and self.gate != "switch":
-            raise ValueError(f"gate: {self.gate!r} exists only in the local backend; the deepspeed backend routes with "
-                             "the switch gate")
+            raise ConfigError(f"{key}gate: {self.gate!r} exists only in the local backend; the deepspeed backend routes "
+                              "with the switch gate")
 
     def build(self, d_model: int, gate_dim: int | None = None) -> nn.Module:
         """A switch layer of the configured backend (same interface: ``layer(x, gate_input) -> MoEOutput``)."""

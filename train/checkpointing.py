@@ -1,27 +1,72 @@
 """Resumable checkpoints: DeepSpeed's engine state plus what continues the run exactly.
 
 Layout: ``<run>/checkpoints/step-000120/`` holds DeepSpeed's files (model, optimizer, scheduler,
-written by ``engine.save_checkpoint``), ``rng-rank<r>.pt`` per rank, and last of all
-``complete.json`` (trainer state: data position, step, best-so-far, W&B id), written atomically
-by rank 0 after every rank has finished writing. A folder without ``complete.json`` is a
-checkpoint that was being written when the process died: never resumed from, and removed.
+written by ``engine.save_checkpoint``; with the DeepSpeed MoE backend also one file per expert,
+``layer_{l}_expert_{e}_mp_rank_00_model_states.pt`` with global expert ids, and the optimizer
+state per expert-parallel rank), ``rng-rank<r>.pt`` per rank, ``moe-layout.json`` (backend,
+ep_size, experts), and last of all ``complete.json`` (trainer state: data position, step,
+best-so-far, W&B id), written atomically by rank 0 after every rank has finished writing. A
+folder without ``complete.json`` is a checkpoint that was being written when the process died:
+never resumed from, and removed.
+
+A checkpoint resumes with the MoE layout it was written with. Any checkpoint converts to a
+one-process export in the local layout (for eval.evaluate, or to start a run with another
+backend or ep_size from its weights)::
+
+    python -m train.checkpointing export runs/NAME/checkpoints/step-0000120 OUT [--config runs/NAME/config.yaml]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from train import distributed as D
 
 COMPLETE = "complete.json"
+MOE_LAYOUT = "moe-layout.json"
+
+
+class MoELayoutMismatch(RuntimeError):
+    """The checkpoint's experts are laid out for another MoE backend or ep_size."""
+
+
+def moe_layout(module: nn.Module) -> dict[str, Any]:
+    """How the model's switch layers hold their experts: backend, ep_size and experts per layer."""
+    from moe.switch import SwitchMoE
+
+    for m in module.modules():
+        if getattr(m, "backend", None) == "deepspeed":
+            return {"backend": "deepspeed", "ep_size": m.ep_size, "num_experts": m.num_experts}
+        if isinstance(m, SwitchMoE):
+            return {"backend": "local", "ep_size": 1, "num_experts": m.num_experts}
+    return {"backend": "none", "ep_size": 1, "num_experts": 0}
+
+
+def check_moe_layout(folder: Path, module: nn.Module) -> None:
+    path = folder / MOE_LAYOUT
+    if not path.is_file():
+        return  # written before the layout was recorded
+    saved, now = json.loads(path.read_text()), moe_layout(module)
+    if saved != now:
+        def show(x: dict) -> str:
+            return f"backend={x['backend']}, ep_size={x['ep_size']}, {x['num_experts']} experts per layer"
+
+        raise MoELayoutMismatch(
+            f"checkpoint {folder} holds its experts as {show(saved)}; this run has {show(now)}. Resume with "
+            f"--set model.matcher.moe.backend={saved['backend']} --set model.matcher.moe.ep_size={saved['ep_size']} "
+            "(the optimizer state is sharded by that layout), or convert the checkpoint to a one-process export "
+            f"in the local layout: python -m train.checkpointing export {folder} OUT")
 
 
 def tag_for(step: int) -> str:
@@ -85,6 +130,10 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
     D.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     save_rng(folder)
+    if D.is_main():
+        (folder / MOE_LAYOUT).write_text(json.dumps(moe_layout(engine.module)))
+    if os.environ.get("MMOE_TEST_DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
+        torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, folder / f"state-rank{D.rank()}.pt")
     D.barrier()
     _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
     if D.is_main():
@@ -99,6 +148,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
 
 def load(engine, folder: Path) -> dict[str, Any]:
     """Restore engine (model, optimizer, scheduler), RNG and return the trainer state."""
+    check_moe_layout(folder, engine.module)
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
@@ -123,3 +173,48 @@ def _test_hook(name: str, step: int) -> None:
     """Fault injection for the resume tests: SIGKILL this process at a given step."""
     if os.environ.get(name) == str(step):
         os.kill(os.getpid(), 9)
+
+
+def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
+    """Write a one-process export (local layout, ``train.model.save_export``) from a checkpoint of
+    either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert
+    weights (``mp_rank_00_model_states.pt``) plus every per-expert file (global expert ids) make a
+    DeepSpeed-layout state dict holding all experts, which the local switch layers load
+    (moe/expert_layout.py). The config defaults to the run's ``config.yaml`` two folders up."""
+    from train.config import load_config
+    from train.model import MMoEModel, export_config, save_export
+
+    folder = Path(folder)
+    config = Path(config) if config else folder.parent.parent / "config.yaml"
+    model_file = folder / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{folder} holds no {model_file.name}: pass a checkpoint folder (runs/NAME/checkpoints/step-N)")
+    if not config.is_file():
+        raise FileNotFoundError(f"no config at {config}: pass --config (the run's config.yaml)")
+    cfg = load_config(config)
+    # DeepSpeed's own files (our checkpoints); they hold plain Python objects besides tensors.
+    state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    for expert_file in sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
+    model = MMoEModel(export_config(cfg).model)
+    model.load_state_dict(state)
+    return save_export(model, cfg, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Checkpoint tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="convert a checkpoint (any MoE backend / ep_size) to a one-process export")
+    e.add_argument("checkpoint", type=Path, help="runs/NAME/checkpoints/step-N")
+    e.add_argument("out", type=Path, help="output folder (model.safetensors + config.yaml)")
+    e.add_argument("--config", type=Path, help="the run's config.yaml (default: two folders above the checkpoint)")
+    a = p.parse_args(argv)
+    try:
+        out = export_checkpoint(a.checkpoint, a.out, a.config)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print(f"export written: {out}")
+
+
+if __name__ == "__main__":
+    main()

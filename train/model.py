@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
+from train import distributed as D
 from train.config import Config, ModelConfig, apply_override, build, load_config, save_config, to_dict
 from train.encoder import ClipEncoder, load_clip
 
@@ -77,15 +79,66 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
 
 
+def _deepspeed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The DeepSpeed-backend switch layers (moe.deepspeed_backend), in module order (the same on every rank)."""
+    return [(n, m) for n, m in model.named_modules() if getattr(m, "backend", None) == "deepspeed"]
+
+
+def local_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's weights on CPU in the local layout: every switch layer as stacked ``wg.weight, w1,
+    b1, w2, b2`` with all of its experts (mapping: moe/expert_layout.py). For DeepSpeed MoE layers with
+    ep_size > 1 this gathers the experts over each expert-parallel group: call it on every rank."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, layer in _deepspeed_layers(model):
+        prefix = name + "."
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state.update({prefix + k: v for k, v in layer.gathered_local_state().items()})
+    return {k: v.cpu().contiguous() for k, v in state.items()}
+
+
+@contextmanager
+def local_experts(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every DeepSpeed MoE layer of ``model`` is swapped for a ``SwitchMoE`` holding
+    all of its experts, so ranks may run different numbers of batches (evaluation, KB encoding, mining)
+    with no all-to-all. Entering gathers the experts (a collective when ep_size > 1: every rank enters);
+    the copies are for inference (training them does not reach the DeepSpeed layers), and the original
+    layers come back on exit. A model without DeepSpeed layers is yielded unchanged."""
+    swaps = []
+    for name, layer in _deepspeed_layers(model):
+        parent_name, _, attr = name.rpartition(".")
+        swaps.append((model.get_submodule(parent_name) if parent_name else model, attr, layer, layer.to_local()))
+    try:
+        for parent, attr, _, local in swaps:
+            setattr(parent, attr, local)
+        yield model
+    finally:
+        for parent, attr, layer, _ in swaps:
+            setattr(parent, attr, layer)
+
+
+def export_config(cfg: Config) -> Config:
+    """The config an export is saved with: its weights are in the local layout, loadable on one process."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.matcher.moe.backend, cfg.model.matcher.moe.ep_size = "local", 1
+    return cfg
+
+
 def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     """A self-contained copy of the model (weights + resolved config) that evaluation loads
-    without DeepSpeed; written to a temporary folder and renamed, so it is never half-written."""
+    without DeepSpeed; written to a temporary folder and renamed, so it is never half-written.
+
+    Always in the local layout (``model.matcher.moe.backend: local``), whatever the training backend.
+    With expert-parallel DeepSpeed MoE layers (ep_size > 1) call it on every rank: the experts are
+    gathered over each expert-parallel group and rank 0 writes. Otherwise rank 0 alone may call it."""
+    state = local_state_dict(model)
     out_dir = Path(out_dir)
+    if not D.is_main():
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / EXPORT_WEIGHTS))
-    save_config(cfg, tmp / EXPORT_CONFIG)
+    save_config(export_config(cfg), tmp / EXPORT_CONFIG)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -96,7 +149,7 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> t
     path = Path(path)
     if not (path / EXPORT_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} holds no {EXPORT_WEIGHTS}: pass a model export (runs/NAME/best) or a checkpoint folder")
-    cfg = load_config(path / EXPORT_CONFIG)
+    cfg = export_config(load_config(path / EXPORT_CONFIG))  # exports hold the local layout
     model = MMoEModel(cfg.model)
     missing, unexpected = model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=str(map_location)), strict=False)
     if missing or unexpected:

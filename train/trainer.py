@@ -22,7 +22,7 @@ from train import checkpointing as ckpt
 from train import distributed as D
 from train.config import Config, save_config
 from train.loss import contrastive_loss
-from train.model import BATCH_KEYS, MMoEModel, build_model, load_export, save_export
+from train.model import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, save_export
 from train.negatives import load_table, mine, save_table
 from train.observe import RunLog
 
@@ -53,13 +53,22 @@ def deepspeed_config(cfg: Config, precision: str) -> dict:
 
 
 def param_groups(model: MMoEModel, cfg: Config) -> list[dict]:
-    """CLIP encoder parameters at train.clip_lr (default: the single rate), the rest at train.lr."""
+    """CLIP encoder parameters at train.clip_lr (default: the single rate), the rest at train.lr.
+
+    With DeepSpeed MoE layers, their expert parameters move to extra groups marked ``moe`` (one per
+    expert-parallel group name, at the rate of the group they came from), appended after these two,
+    as DeepSpeed requires for ZeRO and for reducing expert gradients over the expert-data-parallel group."""
     clip, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (clip if name.startswith("encoder.clip.") else rest).append(p)
     clip_lr = cfg.train.lr if cfg.train.clip_lr < 0 else cfg.train.clip_lr
-    return [{"params": rest, "lr": cfg.train.lr, "name": "matcher"}, {"params": clip, "lr": clip_lr, "name": "clip"}]
+    groups = [{"params": rest, "lr": cfg.train.lr, "name": "matcher"}, {"params": clip, "lr": clip_lr, "name": "clip"}]
+    if cfg.model.matcher.moe.backend == "deepspeed":
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def lr_factor(schedule: str, warmup: int, total: int):
@@ -99,6 +108,9 @@ class Trainer:
         if D.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(resolve_tokenizer(cfg))
+        ep_size = cfg.model.matcher.moe.ep_size
+        if D.world() % ep_size:
+            raise RunSetupError(f"model.matcher.moe.ep_size={ep_size} must divide the number of processes ({D.world()})")
         model, self.cfg = build_model(cfg, tokenizer)
         cfg = self.cfg
         self.collator = make_collator(cfg, model)
@@ -179,6 +191,12 @@ class Trainer:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _expert_load(self, loads: dict[str, list]) -> dict[str, float]:
+        """Fraction of routes per expert and dropped tokens, per MoE layer, over all ranks.
+
+        Both backends count, on each rank, the routes of that rank's own tokens to every (global)
+        expert before any all-to-all (DeepSpeed's exp_counts are per rank), so the sum over the
+        world is each expert's whole load: every expert-parallel group plus, when world > ep_size,
+        the data-parallel replicas of its experts."""
         out: dict[str, float] = {}
         for name, (counts, dropped) in sorted(loads.items()):
             t = torch.cat([counts.float().view(-1), dropped.float().view(1)]).to(self.device)
@@ -217,14 +235,14 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate_dev(self) -> None:
-        res = evaluate_split(self.engine.module, self.cfg, "dev", self.device, self.collator)
+        with local_experts(self.engine.module) as model:  # DeepSpeed MoE layers: every expert on every rank
+            res = evaluate_split(model, self.cfg, "dev", self.device, self.collator)
         m = res.metrics
         improved = m["MRR"] > self.state["best_mrr"]
         self.state["evals"].append({"step": self.state["step"], "epoch": self.state["epoch"], "MRR": m["MRR"], "H@1": m["H@1"]})
         if improved:
             self.state.update(best_mrr=m["MRR"], best_step=self.state["step"], bad_evals=0)
-            if D.is_main():
-                save_export(self.engine.module, self.cfg, self.run_dir / "best")
+            save_export(self.engine.module, self.cfg, self.run_dir / "best")  # every rank (gathers experts); rank 0 writes
         else:
             self.state["bad_evals"] += 1
         D.barrier()
