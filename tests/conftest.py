@@ -1,11 +1,17 @@
-"""Session fixtures: the tiny synthetic benchmark, generated and converted once."""
+"""Session fixtures: the tiny synthetic benchmark (generated and converted once) and a random-init
+model export on it."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
+from data_shards.collate import load_tokenizer
 from data_shards.convert import ConvertSettings, convert
 from data_shards.synthetic import generate, preset
+from tests.helpers import tiny_model_config
+from train.config import Config, DataConfig, EvalConfig
+from train.model import build_model, save_export
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +20,18 @@ def tiny_shards(tmp_path_factory) -> Path:
     generate(root / "raw", preset("tiny"), workers=1, progress=False)
     convert("synthetic", root / "raw", root / "shards", ConvertSettings(image_size=32, shard_size=29, workers=1))
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_shards, tmp_path_factory) -> Path:
+    """A seeded random-init tiny model exported as runs/NAME/best would be (read-only: copy it
+    before writing next to it)."""
+    cfg = tiny_model_config()
+    tiny = cfg.tiny_clip
+    tiny.vocab_size, tiny.bos_token_id, tiny.eos_token_id, tiny.pad_token_id = 0, -1, -1, -1  # from the tokenizer
+    config = Config(model=cfg, data=DataConfig(shards=str(tiny_shards), num_workers=0),
+                    eval=EvalConfig(batch_size=32, num_workers=0, mention_chunk=16))
+    config.negatives.top_k = 10
+    torch.manual_seed(0)
+    model, resolved = build_model(config, load_tokenizer(tiny_shards / "tokenizer"))
+    return save_export(model, resolved, tmp_path_factory.mktemp("ckpt") / "best")

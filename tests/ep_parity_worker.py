@@ -144,6 +144,7 @@ def train_runs(world: int, rank: int) -> dict[str, float]:
         cfg.train.zero_stage, cfg.train.grad_clip, cfg.train.lr, cfg.train.clip_lr = stage, 0.0, 1e-3, 5e-4
         torch.manual_seed(0)
         model = MMoEModel(cfg.model)
+        setup_expert_parallel(model)  # before deepspeed.initialize, which accepts layers already set up
         start = local_state_dict(model)
         groups = param_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)

@@ -5,38 +5,22 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
-from data_shards.collate import load_tokenizer
 from data_shards.stream import ShardSet
 from eval.evaluate import evaluate_split, main
-from tests.helpers import tiny_model_config
-from train.config import Config, DataConfig, EvalConfig
-from train.model import build_model, save_export
-
-
-@pytest.fixture(scope="module")
-def export(tiny_shards, tmp_path_factory):
-    cfg = tiny_model_config()
-    cfg.tiny_clip.vocab_size, cfg.tiny_clip.bos_token_id, cfg.tiny_clip.eos_token_id, cfg.tiny_clip.pad_token_id = 0, -1, -1, -1
-    config = Config(model=cfg, data=DataConfig(shards=str(tiny_shards), num_workers=0),
-                    eval=EvalConfig(batch_size=32, num_workers=0, mention_chunk=16))
-    torch.manual_seed(0)
-    model, resolved = build_model(config, load_tokenizer(tiny_shards / "tokenizer"))
-    return save_export(model, resolved, tmp_path_factory.mktemp("ckpt") / "best")
 
 
 def read_ranks(out_dir, split="test"):
     return [json.loads(line) for line in open(out_dir / f"per_mention-{split}.jsonl")]
 
 
-def test_cli_writes_results_per_mention_and_leaderboard(export, tmp_path, tiny_shards, capsys):
-    main(["--checkpoint", str(export), "--out", str(tmp_path), "--split", "test", "--name", "tiny"])
+def test_cli_writes_results_per_mention_and_leaderboard(tiny_export, tmp_path, tiny_shards, capsys):
+    main(["--checkpoint", str(tiny_export), "--out", str(tmp_path), "--split", "test", "--name", "tiny"])
     results = json.loads((tmp_path / "results-test.json").read_text())
     n = ShardSet.from_manifest(tiny_shards, "test").total
     assert results["metrics"]["mentions"] == n and results["metrics"]["kb_size"] == 200
-    assert len(results["manifest_sha256"]) == 64 and results["checkpoint"] == str(export)
+    assert len(results["manifest_sha256"]) == 64 and results["checkpoint"] == str(tiny_export)
     per = read_ranks(tmp_path)
     assert sorted(r["index"] for r in per) == list(range(n))
     assert all(r["mention_id"].startswith("synth-test-") for r in per)
@@ -48,9 +32,9 @@ def test_cli_writes_results_per_mention_and_leaderboard(export, tmp_path, tiny_s
     assert "[eval test] H@1" in out
 
 
-def test_two_stage_with_k_equal_to_kb_equals_exact_end_to_end(export, tmp_path):
-    main(["--checkpoint", str(export), "--out", str(tmp_path / "exact"), "--split", "dev"])
-    main(["--checkpoint", str(export), "--out", str(tmp_path / "two"), "--split", "dev", "--mode", "two-stage",
+def test_two_stage_with_k_equal_to_kb_equals_exact_end_to_end(tiny_export, tmp_path):
+    main(["--checkpoint", str(tiny_export), "--out", str(tmp_path / "exact"), "--split", "dev"])
+    main(["--checkpoint", str(tiny_export), "--out", str(tmp_path / "two"), "--split", "dev", "--mode", "two-stage",
           "--set", "eval.top_k=200", "--set", "eval.recall_at=[1,10,200]"])
     exact, two = read_ranks(tmp_path / "exact", "dev"), read_ranks(tmp_path / "two", "dev")
     assert [r["rank"] for r in exact] == [r["rank"] for r in two]
@@ -58,11 +42,11 @@ def test_two_stage_with_k_equal_to_kb_equals_exact_end_to_end(export, tmp_path):
     assert recall["recall@200"] == 100.0 and recall["recall@1"] <= recall["recall@10"]
 
 
-def test_two_processes_give_the_same_numbers_as_one(export, tmp_path):
-    main(["--checkpoint", str(export), "--out", str(tmp_path / "one"), "--split", "test"])
+def test_two_processes_give_the_same_numbers_as_one(tiny_export, tmp_path):
+    main(["--checkpoint", str(tiny_export), "--out", str(tmp_path / "one"), "--split", "test"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
-           "eval.evaluate", "--checkpoint", str(export), "--out", str(tmp_path / "two"), "--split", "test"]
+           "eval.evaluate", "--checkpoint", str(tiny_export), "--out", str(tmp_path / "two"), "--split", "test"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = read_ranks(tmp_path / "one"), read_ranks(tmp_path / "two")
@@ -75,10 +59,10 @@ def test_two_processes_give_the_same_numbers_as_one(export, tmp_path):
         assert m1["metrics"][k] == m2["metrics"][k]
 
 
-def test_evaluate_split_restores_training_mode(export, tiny_shards):
+def test_evaluate_split_restores_training_mode(tiny_export, tiny_shards):
     from train.model import load_export
 
-    model, cfg = load_export(export)
+    model, cfg = load_export(tiny_export)
     model.train()
     res = evaluate_split(model, cfg, "dev", torch.device("cpu"))
     assert model.training and res.metrics["mentions"] > 0

@@ -8,34 +8,20 @@ import torch
 from PIL import Image
 
 import eval.link as link_mod
-from data_shards.collate import load_tokenizer
 from data_shards.images import prepare_image
 from data_shards.store import EntityStore
 from data_shards.stream import load_manifest
 from eval.evaluate import make_collator, manifest_hash
 from eval.link import link, load_cache, main
-from tests.helpers import tiny_model_config
-from train.config import Config, DataConfig, EvalConfig
-from train.model import BATCH_KEYS, EXPORT_WEIGHTS, build_model, load_export, save_export
+from train.model import BATCH_KEYS, EXPORT_WEIGHTS, load_export
 
 SENTENCE, MENTION, DESC = "Photo: kalo mirezu at the market.", "kalo mirezu", "a famous painter from somewhere"
 
 
-@pytest.fixture(scope="module")
-def export(tiny_shards, tmp_path_factory):
-    cfg = tiny_model_config()
-    cfg.tiny_clip.vocab_size, cfg.tiny_clip.bos_token_id, cfg.tiny_clip.eos_token_id, cfg.tiny_clip.pad_token_id = 0, -1, -1, -1
-    config = Config(model=cfg, data=DataConfig(shards=str(tiny_shards), num_workers=0),
-                    eval=EvalConfig(batch_size=32, num_workers=0, mention_chunk=16))
-    torch.manual_seed(0)
-    model, resolved = build_model(config, load_tokenizer(tiny_shards / "tokenizer"))
-    return save_export(model, resolved, tmp_path_factory.mktemp("ckpt") / "best")
-
-
 @pytest.fixture
-def own_export(export, tmp_path):
-    """A private copy of the export, so the KB cache written next to it starts absent."""
-    return shutil.copytree(export, tmp_path / "best", ignore=shutil.ignore_patterns("kb_cache-*"))
+def own_export(tiny_export, tmp_path):
+    """A private copy of the tiny_export, so the KB cache written next to it starts absent."""
+    return shutil.copytree(tiny_export, tmp_path / "best", ignore=shutil.ignore_patterns("kb_cache-*"))
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +57,10 @@ def direct_top(checkpoint, shards, image, k):
 
 
 @pytest.mark.parametrize("with_image", [True, False])
-def test_top_k_equals_scoring_every_entity_directly(export, tiny_shards, query_image, with_image):
+def test_top_k_equals_scoring_every_entity_directly(tiny_export, tiny_shards, query_image, with_image):
     image = query_image if with_image else None
-    results = link(export, SENTENCE, MENTION, image=image, desc=DESC, top_k=7, device="cpu")
-    ids, scores, store = direct_top(export, tiny_shards, image, 7)
+    results = link(tiny_export, SENTENCE, MENTION, image=image, desc=DESC, top_k=7, device="cpu")
+    ids, scores, store = direct_top(tiny_export, tiny_shards, image, 7)
     assert [r.entity_id for r in results] == ids
     assert [r.rank for r in results] == list(range(1, 8))
     torch.testing.assert_close(torch.tensor([r.score for r in results]), scores, rtol=1e-5, atol=1e-5)
@@ -83,9 +69,9 @@ def test_top_k_equals_scoring_every_entity_directly(export, tiny_shards, query_i
         assert (r.qid, r.name) == (meta["qid"], meta["name"])
 
 
-def test_two_stage_scores_are_the_full_matcher_scores(export, tiny_shards, query_image):
-    exact = link(export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=200, device="cpu")
-    two = link(export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=5, mode="two-stage", device="cpu")
+def test_two_stage_scores_are_the_full_matcher_scores(tiny_export, tiny_shards, query_image):
+    exact = link(tiny_export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=200, device="cpu")
+    two = link(tiny_export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=5, mode="two-stage", device="cpu")
     by_id = {r.entity_id: r.score for r in exact}
     assert len(two) == 5 and [r.score for r in two] == sorted((r.score for r in two), reverse=True)
     for r in two:  # re-ranked candidates carry the same scores as exact mode gives them

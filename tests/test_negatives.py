@@ -40,21 +40,6 @@ def test_short_rows_are_padded_with_minus_one():
     assert sorted(table[0, :2].tolist()) == [0, 2] and table[0, 2:].tolist() == [-1, -1]
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tiny_shards, tmp_path_factory):
-    from tests.helpers import tiny_model_config
-    from train.config import Config, DataConfig, EvalConfig
-    from train.model import build_model, save_export
-
-    cfg = tiny_model_config()
-    cfg.tiny_clip.vocab_size, cfg.tiny_clip.bos_token_id, cfg.tiny_clip.eos_token_id, cfg.tiny_clip.pad_token_id = 0, -1, -1, -1
-    config = Config(model=cfg, data=DataConfig(shards=str(tiny_shards), num_workers=0), eval=EvalConfig(num_workers=0))
-    config.negatives.top_k = 10
-    torch.manual_seed(0)
-    model, resolved = build_model(config, load_tokenizer(tiny_shards / "tokenizer"))
-    return save_export(model, resolved, tmp_path_factory.mktemp("neg") / "best")
-
-
 def test_mined_lists_never_contain_the_gold(tiny_export, tiny_shards):
     model, cfg = load_export(tiny_export)
     table, stats = mine(model, cfg, torch.device("cpu"), make_collator(cfg, model))
