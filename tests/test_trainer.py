@@ -104,3 +104,18 @@ def test_config_errors_name_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(TINY), "--set", "train.epochs=many"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
+
+
+def test_zero_stages_1_and_2_train_like_stage_0(tiny_shards, tmp_path):
+    """ZeRO partitions optimizer state and gradients; in fp32 the losses must not change."""
+    runs = {}
+    for stage in (0, 1, 2):
+        proc = train(["--set", f"train.run_name=z{stage}", "--set", f"train.zero_stage={stage}", "--set", "train.max_steps=4",
+                      "--set", "train.log_every=1", "--set", "train.eval_every_epochs=0", "--set", "train.test_at_end=false"],
+                     tmp_path, tiny_shards)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[stage] = losses(tmp_path / f"z{stage}")
+    assert sorted(runs[0]) == [1, 2, 3, 4]
+    for stage in (1, 2):
+        for step, loss in runs[0].items():
+            assert runs[stage][step] == pytest.approx(loss, rel=1e-5), f"ZeRO-{stage} step {step}"
