@@ -310,6 +310,10 @@ class Trainer:
                     metrics.update(self._expert_load(loads))
                     self.log.log(st["step"], metrics)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sps=f"{metrics['train/samples_per_s']:.0f}")
+                    if bar.disable and D.is_main():  # no terminal (batch job, CI): a line per log step instead
+                        print(f"[train] step {st['step']}/{self.total_steps} epoch {metrics['train/epoch']:.2f} "
+                              f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
+                              f"{metrics['train/samples_per_s']:.0f} samples/s", flush=True)
                     acc, loads, n_acc, samples, t_window = {}, {}, 0, 0, time.perf_counter()
                 at_epoch_eval = epoch_done and st["epoch"] % max(1, cfg.train.eval_every_epochs) == 0
                 at_step_eval = cfg.train.eval_every_steps > 0 and st["step"] % cfg.train.eval_every_steps == 0
