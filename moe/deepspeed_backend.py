@@ -132,9 +132,11 @@ class DeepSpeedSwitchMoE(MoE):
         self.d_model, self.d_ff, self.k, self.gate_dim = d_model, d_ff, k, gate_dim or d_model
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.drop_tokens, self.dropped = min_capacity, drop_tokens, dropped
+        # True: allow eval-mode calls with ep_size > 1 (the caller keeps every rank in lockstep).
+        self.lockstep_eval = False
         # Same draws as SwitchMoE (router first, then w1, w2, b1, b2); keep this rank's experts.
         ref = SwitchMoE(d_model, d_ff, num_experts, k, gate_dim=gate_dim)
-        self.load_local_state({k: v.detach() for k, v in ref.state_dict().items()}, _default_ep_rank(ep_size))
+        self.load_local_state({n: v.detach() for n, v in ref.state_dict().items()}, _default_ep_rank(ep_size))
         self.register_load_state_dict_pre_hook(_accept_local_layout)
 
     # -- expert parallelism ------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class DeepSpeedSwitchMoE(MoE):
     def forward(self, x: Tensor, gate_input: Tensor | None = None) -> MoEOutput:  # type: ignore[override]
         if gate_input is not None and gate_input.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"gate input {tuple(gate_input.shape)} must match tokens {tuple(x.shape)} but the last dim")
-        if self.ep_size > 1 and not self.training and not getattr(self, "lockstep_eval", False):
+        if self.ep_size > 1 and not self.training and not self.lockstep_eval:
             raise RuntimeError(
                 "an expert-parallel MoE layer (ep_size > 1) is a collective even in eval mode, and evaluation runs "
                 "different batches on each rank: evaluate inside `with train.model.local_experts(model) as m:` (every "
