@@ -192,6 +192,7 @@ def main() -> None:
     if rank == 0:
         out.write_text(json.dumps({"world": world, "ranks": gathered}, indent=1))
     D.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

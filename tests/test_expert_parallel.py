@@ -67,6 +67,19 @@ def test_weights_convert_between_layouts_in_both_directions():
         SwitchMoE(8, 16, 4, 2, gate_dim=5).load_state_dict(half.state_dict())
 
 
+@pytest.mark.parametrize("dropped", ["zero", "passthrough"])
+def test_dropped_tokens_match_the_local_layer(dropped):
+    kw = dict(capacity_factor=0.25, min_capacity=1, drop_tokens=True, dropped=dropped)
+    torch.manual_seed(1)
+    local = SwitchMoE(8, 16, 4, 2, **kw)
+    torch.manual_seed(1)
+    ds = DeepSpeedSwitchMoE(8, 16, 4, 2, **kw)
+    x = torch.randn(3, 20, 8)
+    a, b = local(x), ds(x)
+    assert a.dropped_tokens > 0 and torch.equal(a.dropped_tokens, b.dropped_tokens)
+    torch.testing.assert_close(b.output, a.output)
+
+
 def test_settings_are_checked_and_an_expert_parallel_layer_refuses_uneven_evaluation():
     for overrides, message in ((["model.matcher.moe.backend=deepspeed", "model.matcher.moe.ep_size=3"], "divide num_experts"),
                                (["model.matcher.moe.ep_size=2"], "needs backend: deepspeed"),
@@ -127,7 +140,9 @@ def records(run_dir):
 
 def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_process(tiny_shards, tmp_path):
     run_dir, ckpts = tmp_path / "ep", tmp_path / "ep" / "checkpoints"
-    ep2 = ["--set", "model.matcher.moe.ep_size=2", "--set", "train.save_every_steps=3"]
+    # Hard negatives are mined at the start (collective over the expert-parallel ranks' local copies).
+    negatives = ["--set", "negatives.enabled=true", "--set", "negatives.warmup_epochs=0", "--set", "negatives.top_k=5"]
+    ep2 = ["--set", "model.matcher.moe.ep_size=2", "--set", "train.save_every_steps=3"] + negatives
     first = train(ep2 + ["--set", "train.max_steps=6"], tmp_path, tiny_shards, 29673,
                   {"MMOE_TEST_KILL_AT_STEP": "6", "MMOE_TEST_DUMP_STATE": "1"})
     assert first.returncode != 0 and (ckpts / "step-0000006" / "complete.json").is_file(), first.stderr[-4000:]
@@ -144,6 +159,16 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     assert all(torch.equal(r0[k], r1[k]) for k in dense), "non-expert parameters diverged across ranks"
     assert not any(torch.equal(r0[k], r1[k]) for k in experts), "ranks should hold different experts"
 
+    # The same model trained data-parallel with the local backend (same seed, same batches) logs the
+    # same first-step loss and global gradient norm: the expert-parallel norm sums every rank's experts.
+    local = train(["--set", "model.matcher.moe.backend=local", "--set", "train.run_name=local", "--set", "train.max_steps=1"]
+                  + negatives, tmp_path, tiny_shards, 29677)
+    assert local.returncode == 0, local.stderr[-4000:]
+    ref = next(r for r in records(tmp_path / "local") if r.get("step") == 1 and "train/loss" in r)
+    ep_first = next(r for r in records(run_dir) if r.get("step") == 1 and "train/loss" in r)
+    assert ep_first["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-5)
+    assert ep_first["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
+
     # A layout change is refused with the way to convert (before any DeepSpeed loading).
     other = train(["--set", "train.max_steps=8", "--resume", "auto"], tmp_path, tiny_shards, 0, nproc=1)
     assert other.returncode != 0
@@ -151,9 +176,10 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
 
     # Resume from step 3 (drop step 6's completion marker) and continue to step 8.
     (ckpts / "step-0000006" / "complete.json").unlink()
-    resumed = train(ep2 + ["--set", "train.max_steps=8", "--resume", "auto"], tmp_path, tiny_shards, 29675,
-                    {"MMOE_TEST_DUMP_STATE": "1"})
+    resumed = train(ep2 + ["--set", "train.max_steps=8", "--set", "train.test_at_end=true", "--resume", "auto"], tmp_path,
+                    tiny_shards, 29675, {"MMOE_TEST_DUMP_STATE": "1"})
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "[eval test] H@1" in resumed.stdout  # the best export, evaluated with every expert on every rank
     assert "step-0000003" in resumed.stderr
     recs = records(run_dir)
     losses = {r["step"]: r["train/loss"] for r in recs if "train/loss" in r}  # the resumed run's values win

@@ -153,7 +153,10 @@ class Trainer:
             if D.is_main():
                 print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", file=sys.stderr)
             return
-        saved = ckpt.load(self.engine, folder)
+        try:
+            saved = ckpt.load(self.engine, folder)
+        except ckpt.MoELayoutMismatch as err:
+            raise RunSetupError(str(err)) from None
         for key in ("world", "batch_size", "num_workers", "train_fraction"):
             now = {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
                    "train_fraction": self.cfg.data.train_fraction}[key]
@@ -187,8 +190,25 @@ class Trainer:
         fp16) but not for a plain fp32 client optimizer; measure it there (pre-clipping)."""
         if self.engine.zero_optimization() or self.precision != "fp32":
             return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        from deepspeed.moe.utils import is_moe_param
+        from deepspeed.utils import groups
+
+        dense, expert, group_name = [], [], None
+        for p in self.engine.module.parameters():
+            if p.grad is None:
+                continue
+            if is_moe_param(p):  # DeepSpeed expert weights: each rank holds only its own experts
+                expert.append(p.grad)
+                group_name = p.group_name
+            else:
+                dense.append(p.grad)
+        square = torch.nn.utils.get_total_norm(dense).pow(2) if dense else torch.zeros(())
+        if expert:
+            expert_sq = torch.nn.utils.get_total_norm(expert).pow(2).to(self.device)
+            if D.world() > 1:
+                dist.all_reduce(expert_sq, group=groups._get_expert_parallel_group(group_name))
+            square = square.to(self.device) + expert_sq
+        return float(square.sqrt())
 
     def _expert_load(self, loads: dict[str, list]) -> dict[str, float]:
         """Fraction of routes per expert and dropped tokens, per MoE layer, over all ranks.
@@ -220,7 +240,8 @@ class Trainer:
         since = e - n.warmup_epochs
         due = since == 0 or (since > 0 and n.refresh_epochs > 0 and since % n.refresh_epochs == 0)
         if due and st["batch"] == 0 and st["negatives_epoch"] != e:
-            table, stats = mine(self.engine.module, self.cfg, self.device, self.collator)
+            with local_experts(self.engine.module) as model:  # every expert on every rank
+                table, stats = mine(model, self.cfg, self.device, self.collator)
             path = self.run_dir / "negatives" / f"epoch-{e:03d}.npy"
             if D.is_main():
                 save_table(table, path, {"epoch": e, "step": st["step"], **stats})
@@ -259,7 +280,8 @@ class Trainer:
             return None
         model, _ = load_export(best)
         self.engine.module.load_state_dict(model.state_dict())  # every rank evaluates the best weights
-        res = evaluate_split(self.engine.module, self.cfg, "test", self.device, self.collator)
+        with local_experts(self.engine.module) as module:
+            res = evaluate_split(module, self.cfg, "test", self.device, self.collator)
         if D.is_main():
             board = write_outputs(res, self.cfg, self.run_dir, str(best), self.cfg.train.run_name)
             self.log.log(self.state["step"], {f"test/{k}": v for k, v in res.metrics.items()})
