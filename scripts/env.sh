@@ -15,7 +15,12 @@ if [ ! -f "$VENV/.complete" ]; then
     (cd "$ROOT" && DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt)
     touch "$VENV/.complete"
 else
-    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --no-deps -e .)
+    # Quiet unless it fails (setuptools prints a banner on every editable install).
+    if ! out=$(cd "$ROOT" && "$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1); then
+        echo "$out" >&2
+        echo "[env] installing this checkout into $VENV failed" >&2
+        return 1 2>/dev/null || exit 1
+    fi
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
