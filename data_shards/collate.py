@@ -80,7 +80,6 @@ class Collator:
         batch.update(self._images([s.get("jpg") for s in samples]))
         batch["gold_id"] = torch.tensor([m["gold_id"] for m in metas], dtype=torch.long)
         batch["index"] = torch.tensor([m["index"] for m in metas], dtype=torch.long)
-        batch["mention_id"] = [m["id"] for m in metas]
         return batch
 
     def entities(self, samples: list[dict]) -> dict[str, Tensor]:

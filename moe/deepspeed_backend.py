@@ -26,7 +26,7 @@ from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating, topkgati
 from torch import Tensor, nn
 
 from moe.expert_layout import LOCAL_KEYS, local_to_deepspeed, take_prefixed
-from moe.switch import DROPPED_POLICIES, MoEOutput, SwitchMoE
+from moe.switch import MoEOutput, SwitchMoE, check_layer_args
 
 
 class ExpertFFN(nn.Module):
@@ -116,12 +116,9 @@ class DeepSpeedSwitchMoE(MoE):
         drop_tokens: bool = False,
         dropped: str = "zero",
     ) -> None:
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"top-k must be in [1, num_experts={num_experts}], got k={k}")
+        check_layer_args(num_experts, k, dropped)
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"moe.ep_size={ep_size} must divide moe.num_experts={num_experts}")
-        if dropped not in DROPPED_POLICIES:
-            raise ValueError(f"unknown dropped-token policy {dropped!r}; choose one of {DROPPED_POLICIES}")
         with torch.random.fork_rng(devices=[]):  # DeepSpeed's own init draws are replaced below
             super().__init__(d_model, ExpertFFN(d_model, d_ff), num_experts=num_experts, ep_size=ep_size, k=k,
                              capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,

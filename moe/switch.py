@@ -16,6 +16,14 @@ GATES = ("switch", "reference")
 DROPPED_POLICIES = ("zero", "passthrough")
 
 
+def check_layer_args(num_experts: int, k: int, dropped: str) -> None:
+    """Arguments every switch layer (local or DeepSpeed backend) must satisfy."""
+    if dropped not in DROPPED_POLICIES:
+        raise ValueError(f"unknown dropped-token policy {dropped!r}; choose one of {DROPPED_POLICIES}")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"top-k must be in [1, num_experts={num_experts}], got k={k}")
+
+
 @dataclass
 class MoEOutput:
     """Result of one MoE call: the transformed tokens plus what the trainer logs and optimises."""
@@ -66,10 +74,7 @@ class SwitchMoE(nn.Module):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
-        if dropped not in DROPPED_POLICIES:
-            raise ValueError(f"unknown dropped-token policy {dropped!r}; choose one of {DROPPED_POLICIES}")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"top-k must be in [1, num_experts={num_experts}], got k={k}")
+        check_layer_args(num_experts, k, dropped)
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.gate_type, self.dropped = gate, dropped
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
