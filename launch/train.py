@@ -10,10 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, this file's folder (launch/) comes first on sys.path, where "train" would
-# resolve to this very file instead of the project's train/ package: drop that entry.
+# Run as a script, this file's folder (launch/) comes first on sys.path, where "train" would resolve
+# to this very file: replace that entry by the repository root, so the checkout this script belongs
+# to supplies every project module (nothing of the project is installed anywhere).
 _here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
 
 from train.config import ConfigError, load_config  # noqa: E402
 from train.trainer import RunSetupError, Trainer  # noqa: E402

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtualenv and activate it. Source it: `source scripts/env.sh`.
-# The venv is cached per hash of the requirement files, so a second run costs seconds; the
-# editable install of this checkout is refreshed every time (the cache may serve several clones).
+# The venv is cached per hash of requirements.txt, so a second run costs seconds. It holds third-party
+# packages only: nothing of this project is installed into it (it may serve several checkouts), and
+# every entry point imports the folders of the checkout it is started from (README, "Layout").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-HASH="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+HASH="$(sha256sum < "$ROOT/requirements.txt" | cut -c1-16)"
 VENV="${MMOE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mmoe-trainer/venv-$HASH}"
 if [ ! -f "$VENV/.complete" ]; then
     echo "[env] creating $VENV (first run: a few minutes)" >&2
@@ -14,13 +15,6 @@ if [ ! -f "$VENV/.complete" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     (cd "$ROOT" && DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt)
     touch "$VENV/.complete"
-else
-    # Quiet unless it fails (setuptools prints a banner on every editable install).
-    if ! out=$(cd "$ROOT" && "$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1); then
-        echo "$out" >&2
-        echo "[env] installing this checkout into $VENV failed" >&2
-        return 1 2>/dev/null || exit 1
-    fi
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
