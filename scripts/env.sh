@@ -9,12 +9,20 @@ PY="${PYTHON:-python3}"
 HASH="$(sha256sum < "$ROOT/requirements.txt" | cut -c1-16)"
 VENV="${MMOE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mmoe-trainer/venv-$HASH}"
 if [ ! -f "$VENV/.complete" ]; then
-    echo "[env] creating $VENV (first run: a few minutes)" >&2
-    rm -rf "$VENV"
-    "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    (cd "$ROOT" && DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt)
-    touch "$VENV/.complete"
+    mkdir -p "$(dirname "$VENV")"
+    # One builder at a time: a second shell (another checkout, a parallel test run) waits here.
+    exec 9>"$VENV.lock"
+    flock 9
+    if [ ! -f "$VENV/.complete" ]; then
+        echo "[env] creating $VENV (first run: a few minutes)" >&2
+        rm -rf "$VENV"
+        "$PY" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        (cd "$ROOT" && DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt)
+        touch "$VENV/.complete"
+    fi
+    flock -u 9
+    exec 9>&-
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from moe.matcher import MatcherSettings
@@ -41,3 +43,10 @@ def random_batch(n: int, seed: int, text_len: int = TEXT_LEN, image_size: int = 
 
 def take(batch: dict, rows) -> dict:
     return {k: v[rows] for k, v in batch.items()}
+
+
+def free_port() -> int:
+    """A TCP port free right now, so concurrent test runs on one machine do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -9,6 +9,7 @@ import torch
 
 from data_shards.stream import ShardSet
 from eval.evaluate import evaluate_split, main
+from tests.helpers import free_port
 
 
 def read_ranks(out_dir, split="test"):
@@ -45,7 +46,7 @@ def test_two_stage_with_k_equal_to_kb_equals_exact_end_to_end(tiny_export, tmp_p
 def test_two_processes_give_the_same_numbers_as_one(tiny_export, tmp_path):
     main(["--checkpoint", str(tiny_export), "--out", str(tmp_path / "one"), "--split", "test"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
            "eval.evaluate", "--checkpoint", str(tiny_export), "--out", str(tmp_path / "two"), "--split", "test"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

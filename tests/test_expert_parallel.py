@@ -17,6 +17,7 @@ import torch
 from moe.deepspeed_backend import DeepSpeedSwitchMoE
 from moe.switch import SwitchMoE
 from moe.units import MoESettings
+from tests.helpers import free_port
 from train.checkpointing import export_checkpoint
 from train.config import ConfigError, load_config
 
@@ -106,7 +107,7 @@ def test_parity_with_the_local_layer_in_one_process(tmp_path):
 
 def test_parity_at_ep_size_2_and_zero_stages_match_data_parallel_training(tmp_path):
     out = tmp_path / "parity2.json"
-    proc = subprocess.run(TORCHRUN + ["--master_port", "29671", "tests/ep_parity_worker.py", str(out)], cwd=ROOT,
+    proc = subprocess.run(TORCHRUN + ["--master_port", str(free_port()), "tests/ep_parity_worker.py", str(out)], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = check_report(out, 2)
@@ -143,7 +144,7 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     # Hard negatives are mined at the start (collective over the expert-parallel ranks' local copies).
     negatives = ["--set", "negatives.enabled=true", "--set", "negatives.warmup_epochs=0", "--set", "negatives.top_k=5"]
     ep2 = ["--set", "model.matcher.moe.ep_size=2", "--set", "train.save_every_steps=3"] + negatives
-    first = train(ep2 + ["--set", "train.max_steps=6"], tmp_path, tiny_shards, 29673,
+    first = train(ep2 + ["--set", "train.max_steps=6"], tmp_path, tiny_shards, free_port(),
                   {"MMOE_TEST_KILL_AT_STEP": "6", "MMOE_TEST_DUMP_STATE": "1"})
     assert first.returncode != 0 and (ckpts / "step-0000006" / "complete.json").is_file(), first.stderr[-4000:]
     killed = {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
@@ -162,7 +163,7 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     # The same model trained data-parallel with the local backend (same seed, same batches) logs the
     # same first-step loss and global gradient norm: the expert-parallel norm sums every rank's experts.
     local = train(["--set", "model.matcher.moe.backend=local", "--set", "train.run_name=local", "--set", "train.max_steps=1"]
-                  + negatives, tmp_path, tiny_shards, 29677)
+                  + negatives, tmp_path, tiny_shards, free_port())
     assert local.returncode == 0, local.stderr[-4000:]
     ref = next(r for r in records(tmp_path / "local") if r.get("step") == 1 and "train/loss" in r)
     ep_first = next(r for r in records(run_dir) if r.get("step") == 1 and "train/loss" in r)
@@ -177,7 +178,7 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     # Resume from step 3 (drop step 6's completion marker) and continue to step 8.
     (ckpts / "step-0000006" / "complete.json").unlink()
     resumed = train(ep2 + ["--set", "train.max_steps=8", "--set", "train.test_at_end=true", "--resume", "auto"], tmp_path,
-                    tiny_shards, 29675, {"MMOE_TEST_DUMP_STATE": "1"})
+                    tiny_shards, free_port(), {"MMOE_TEST_DUMP_STATE": "1"})
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "[eval test] H@1" in resumed.stdout  # the best export, evaluated with every expert on every rank
     assert "step-0000003" in resumed.stderr

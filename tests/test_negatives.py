@@ -14,6 +14,7 @@ from data_shards.store import EntityStore
 from data_shards.stream import ShardSet, TrainStream, make_loader
 from eval.evaluate import make_collator
 from eval.ranking import build_index
+from tests.helpers import free_port
 from tests.test_trainer import ROOT, losses, train
 from train.model import load_export
 from train.negatives import load_table, mine, nearest_negatives
@@ -84,7 +85,7 @@ def test_two_process_mining_equals_one_process(tiny_export, tmp_path):
     one = subprocess.run([sys.executable, "-m", "train.negatives", "--checkpoint", str(tiny_export), "--out",
                           str(tmp_path / "one.npy")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
                           "train.negatives", "--checkpoint", str(tiny_export), "--out", str(tmp_path / "two.npy")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -64,7 +64,7 @@ def test_killed_run_resumes_exactly_and_never_from_a_half_written_checkpoint(tin
 
 
 def test_two_processes_with_the_deepspeed_launcher_train_save_and_resume(tiny_shards, tmp_path):
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29641"]
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     args = ["--set", "train.run_name=two", "--set", "train.max_steps=4", "--set", "train.save_every_steps=2",
             "--set", "train.eval_every_epochs=0", "--set", "train.test_at_end=true", "--set", "wandb.mode=disabled"]
     first = train(args, tmp_path, tiny_shards, launcher=launcher)
