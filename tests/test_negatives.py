@@ -85,7 +85,8 @@ def test_two_process_mining_equals_one_process(tiny_export, tmp_path):
     one = subprocess.run([sys.executable, "-m", "train.negatives", "--checkpoint", str(tiny_export), "--out",
                           str(tmp_path / "one.npy")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m",
                           "train.negatives", "--checkpoint", str(tiny_export), "--out", str(tmp_path / "two.npy")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
