@@ -3,7 +3,9 @@
     python -m bench.bench_matcher [--batch 32] [--iters 5] [--device cpu|cuda]
 
 Sizes: batch 32 mentions x 32 gold entities, 50 text tokens (dt 512), 50 image tokens (dv 96),
-hidden 96, 4 experts, top-k 3 (matcher only, no CLIP). Each variant runs in its own process so
+hidden 96, 4 experts d -> 4d -> out, top-k 3 (the faithful matcher at the paper's sizes, no CLIP).
+The baseline (bench/published_style.py) is the same model computed the way the published code
+computes it: dense experts, the [N, M, L, L] attention with its value product, no cache. Each variant runs in its own process so
 its peak memory is its own; both are checked to give the same scores first. Prints seconds per
 step, the speed ratio and peak memory.
 """
@@ -23,15 +25,13 @@ import torch.nn.functional as F
 
 from bench.published_style import published_style_scores
 from moe.features import Features
-from moe.matcher import MatcherSettings, MMoEMatcher
-from moe.units import MoESettings
+from moe.matcher import MMoEMatcher
+from moe.published import published_matcher
 
 
 def paper_matcher(device: str) -> MMoEMatcher:
     torch.manual_seed(0)
-    settings = MatcherSettings(text_dim=512, image_dim=96, hidden=96, cross_dim=96,
-                               moe=MoESettings(num_experts=4, top_k=3, expert_hidden=96))
-    return MMoEMatcher(settings).to(device)
+    return published_matcher(top_k=3, compat=False).to(device)
 
 
 def random_features(n: int, seed: int, device: str, text_len: int = 50, image_len: int = 50) -> Features:

@@ -1,7 +1,8 @@
 """Turn shard samples into model batches: CLIP tokenisation and normalised image tensors.
 
 Text: mentions ``mention [SEP] sentence [SEP] description``, entities ``name [SEP] description``
-(the description is dropped with ``use_desc=False``), max length 50, padded to max length.
+(``mention_desc`` / ``entity_desc`` False drop the description of that side), max length 50,
+padded to max length.
 Images: the converter already resized and cropped them; here they are decoded and normalised
 with the CLIP mean and std. Inputs without an image get a zero pixel row and ``image_mask``
 False (the model never reads that row).
@@ -37,20 +38,22 @@ class Collator:
         tokenizer: PreTrainedTokenizerBase,
         image_size: int,
         max_length: int = 50,
-        use_desc: bool = True,
+        mention_desc: bool = True,
+        entity_desc: bool = True,
         mean: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN),
         std: tuple[float, ...] = tuple(OPENAI_CLIP_STD),
     ) -> None:
-        self.tokenizer, self.image_size, self.max_length, self.use_desc = tokenizer, image_size, max_length, use_desc
+        self.tokenizer, self.image_size, self.max_length = tokenizer, image_size, max_length
+        self.mention_desc, self.entity_desc = mention_desc, entity_desc
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def mention_text(self, meta: dict) -> str:
-        parts = [meta["mention"], meta["sentence"]] + ([meta["desc"]] if self.use_desc and meta.get("desc") else [])
+        parts = [meta["mention"], meta["sentence"]] + ([meta["desc"]] if self.mention_desc and meta.get("desc") else [])
         return SEP.join(parts)
 
     def entity_text(self, meta: dict) -> str:
-        return SEP.join([meta["name"]] + ([meta["desc"]] if self.use_desc and meta.get("desc") else []))
+        return SEP.join([meta["name"]] + ([meta["desc"]] if self.entity_desc and meta.get("desc") else []))
 
     def _tokens(self, texts: list[str]) -> dict[str, Tensor]:
         enc = self.tokenizer(texts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt")

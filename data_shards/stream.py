@@ -67,15 +67,22 @@ class ShardSet:
         entries = manifest["shards"][group]
         return cls([Path(shard_root) / e["name"] for e in entries], [e["samples"] for e in entries])
 
-    def subset(self, fraction: float, seed: int) -> ShardSet:
-        """A seeded subset of round(fraction * N) samples (low-resource training)."""
+    def subset(self, fraction: float, seed: int, mode: str = "random") -> ShardSet:
+        """round(fraction * N) samples (low-resource training): a seeded random subset, or with
+        ``mode="first"`` the first ones in split-file order (MIMIC's 10% / 20% settings)."""
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
+        if mode not in ("random", "first"):
+            raise ValueError(f"data.train_fraction_mode must be random or first, got {mode!r}")
         if fraction == 1.0:
             return self
         n = sum(self.file_counts)
         keep = np.zeros(n, dtype=bool)
-        keep[np.random.default_rng([seed, 7919]).permutation(n)[: max(1, round(fraction * n))]] = True
+        take = max(1, round(fraction * n))
+        if mode == "first":
+            keep[:take] = True  # shards hold the split in file order
+        else:
+            keep[np.random.default_rng([seed, 7919]).permutation(n)[:take]] = True
         return ShardSet(self.paths, self.file_counts, keep)
 
     @property
@@ -184,9 +191,10 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 1000,
         split: str = "train",
         fraction: float = 1.0,
+        fraction_mode: str = "random",
     ) -> None:
         self.root = Path(shard_root)
-        self.shards = ShardSet.from_manifest(self.root, split).subset(fraction, seed)
+        self.shards = ShardSet.from_manifest(self.root, split).subset(fraction, seed, fraction_mode)
         if self.shards.total == 0:
             raise ValueError(f"{self.root}: the {split} split is empty")
         self.collator, self.batch_size = collator, batch_size

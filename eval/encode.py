@@ -9,7 +9,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from eval.ranking import autocast_for
-from moe.features import SideCache
+from moe.features import Features, SideCache
 from train import distributed as D
 from train.model import BATCH_KEYS, MMoEModel
 
@@ -18,26 +18,65 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+class _Blocker:
+    """Feeds the matcher side exactly ``block`` rows at a time (the last block may be shorter).
+
+    Only ``model.matcher.compat: published`` needs it: the published gate normalises over the batch,
+    so a side's output depends on which rows share its call, and the published evaluation's blocks
+    (entity blocks of 6,000 KB rows, mention batches of 20) must be reproduced row for row."""
+
+    def __init__(self, fn, block: int) -> None:
+        self.fn, self.block = fn, block
+        self.pending: list[Features] = []
+        self.rows = 0
+
+    def push(self, f: Features) -> list[SideCache]:
+        self.pending.append(f)
+        self.rows += len(f)
+        out = []
+        while self.rows >= self.block:
+            feats = Features.cat(self.pending)
+            out.append(self.fn(feats.index(slice(0, self.block)))[0])
+            rest = feats.index(slice(self.block, None))
+            self.pending, self.rows = ([rest] if len(rest) else []), len(rest)
+        return out
+
+    def flush(self) -> list[SideCache]:
+        if not self.rows:
+            return []
+        out = [self.fn(Features.cat(self.pending))[0]]
+        self.pending, self.rows = [], 0
+        return out
+
+
 def encode_side(
     model: MMoEModel, batches: Iterable[dict], device: torch.device, *, entity: bool, bf16: bool = True,
-    gather: bool = False, total: int | None = None, desc: str = "",
+    gather: bool = False, total: int | None = None, desc: str = "", block: int | None = None,
 ) -> tuple[SideCache, dict[str, Tensor]]:
     """Run the entity (or mention) side over ``batches`` of this rank and return the cache with
     each row's ids (``entity_id``; or ``index`` and ``gold_id`` of mentions). With ``gather``,
     every rank gets all ranks' rows in rank order; ranks hold contiguous ranges, so that is
-    dataset order (the KB cache)."""
+    dataset order (the KB cache). ``block`` (compat: published only) runs the matcher side on
+    exactly that many consecutive rows at a time, whatever the loader's batch size."""
+    if block is not None and D.world() > 1:
+        raise ValueError("model.matcher.compat: published reproduces the published evaluation's blocking, which is "
+                         "defined on one process: evaluate it with one process (python -m eval.evaluate ...)")
     parts: list[SideCache] = []
     id_keys = ("entity_id",) if entity else ("index", "gold_id")
     ids: dict[str, list[Tensor]] = {k: [] for k in id_keys}
+    side_fn = model.matcher.entity_side if entity else model.matcher.mention_side
+    blocker = _Blocker(side_fn, block) if block else None
     bar = tqdm(total=total, desc=desc, unit="row", disable=not D.is_main() or None)
     with torch.no_grad(), autocast_for(device, bf16):
         for batch in batches:
-            inputs = _to({k: batch[k] for k in BATCH_KEYS}, device)
-            side, _ = model.entity_side(inputs) if entity else model.mention_side(inputs)
-            parts.append(side.to(dtype=torch.float32))
+            feats = model.features(_to({k: batch[k] for k in BATCH_KEYS}, device))
+            sides = blocker.push(feats) if blocker else [side_fn(feats)[0]]
+            parts += [s.to(dtype=torch.float32) for s in sides]
             for k in id_keys:
                 ids[k].append(batch[k].to(device))
             bar.update(len(batch[id_keys[0]]))
+        if blocker:
+            parts += [s.to(dtype=torch.float32) for s in blocker.flush()]
     bar.close()
     if not parts:
         raise ValueError(f"no {'entities' if entity else 'mentions'} to encode on rank {D.rank()}")

@@ -58,7 +58,8 @@ def resolve_tokenizer(cfg: Config) -> str:
 
 def make_collator(cfg: Config, model: MMoEModel) -> Collator:
     image_size = model.encoder.clip.config.vision_config.image_size
-    return Collator(load_tokenizer(resolve_tokenizer(cfg)), image_size, cfg.model.text_max_length, cfg.data.use_desc)
+    return Collator(load_tokenizer(resolve_tokenizer(cfg)), image_size, cfg.model.text_max_length,
+                    mention_desc=cfg.data.mention_desc, entity_desc=cfg.data.entity_desc)
 
 
 def evaluate_split(
@@ -72,15 +73,18 @@ def evaluate_split(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     kb_stream = OrderedStream(cfg.data.shards, "kb", collator, e.batch_size, D.world(), D.rank())
+    compat = model.matcher.settings.published
     kb, kb_ids = encode_side(model, make_loader(kb_stream, e.num_workers), device, entity=True, bf16=e.bf16,
-                             gather=True, total=len(kb_stream), desc="encode KB")
+                             gather=True, total=len(kb_stream), desc="encode KB",
+                             block=e.compat_entity_block if compat else None)
     if not torch.equal(kb_ids["entity_id"].cpu(), torch.arange(len(kb))):
         raise RuntimeError("KB cache rows are not in entity id order: the KB shards are inconsistent with the manifest")
     timings["encode_kb_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     m_stream = OrderedStream(cfg.data.shards, split, collator, e.batch_size, D.world(), D.rank())
     mentions, m_ids = encode_side(model, make_loader(m_stream, e.num_workers), device, entity=False, bf16=e.bf16,
-                                  total=len(m_stream), desc=f"encode {split}")
+                                  total=len(m_stream), desc=f"encode {split}",
+                                  block=e.compat_mention_batch if compat else None)
     timings["encode_mentions_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     gold = m_ids["gold_id"]

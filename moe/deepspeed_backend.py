@@ -30,15 +30,26 @@ from moe.switch import MoEOutput, SwitchMoE, check_layer_args
 
 
 class ExpertFFN(nn.Module):
-    """One expert: gelu(x W1^T + b1) W2^T + b2, the math of ``SwitchMoE.expert_forward``."""
+    """One expert: gelu(x W1^T + b1) W2^T + b2 (``d_model -> d_ff -> d_out``), the math of
+    ``SwitchMoE.expert_forward``.
 
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    DeepSpeed's ``MOELayer`` moves tokens at one width and reshapes the combined output to the
+    input's shape, so an expert whose output width differs from its input width cannot run in it
+    as is. Here both travel at ``width = max(d_model, d_out)``: the expert reads the first
+    ``d_model`` columns and writes its result into the first ``d_out`` columns, zeros after
+    (:class:`DeepSpeedSwitchMoE` pads the input and slices the output).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, d_out: int | None = None) -> None:
         super().__init__()
+        self.d_model, self.d_out = d_model, d_out or d_model
+        self.width = max(self.d_model, self.d_out)
         self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.fc2 = nn.Linear(d_ff, self.d_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        y = self.fc2(F.gelu(self.fc1(x[..., : self.d_model])))
+        return F.pad(y, (0, self.width - self.d_out)) if self.d_out < self.width else y
 
 
 class SeparateInputGate(TopKGate):
@@ -54,6 +65,7 @@ class SeparateInputGate(TopKGate):
         super().__init__(gate_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                          noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False, ep_group=None,
                          top2_2nd_expert_sampling=False)
+        self.wg = nn.Linear(gate_dim, num_experts).float()  # the published router has a bias
         self.z_loss: Tensor | None = None
         self.lost: Tensor | None = None  # [tokens] bool, every route dropped by the capacity limit
 
@@ -62,7 +74,7 @@ class SeparateInputGate(TopKGate):
         source = input if used_token is None else used_token.reshape(-1, used_token.shape[-1])
         if source.shape[0] != input.shape[0]:
             raise ValueError(f"gate input has {source.shape[0]} tokens, the routed input {input.shape[0]}")
-        logits = F.linear(source.float(), self.wg.weight.float())
+        logits = F.linear(source.float(), self.wg.weight.float(), self.wg.bias.float())
         self.z_loss = torch.logsumexp(logits, dim=1).pow(2).mean()
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.k == 1:
@@ -95,7 +107,9 @@ class DeepSpeedSwitchMoE(MoE):
 
     Initialised from the same random draws as ``SwitchMoE`` (same seed, same weights: this rank
     keeps its slice of the experts), so switching the backend does not change a run's start.
-    ``dropped: passthrough`` keeps the input of a token whose every route was dropped.
+    ``dropped: passthrough`` keeps the input of a token whose every route was dropped. An expert
+    width change (``d_out`` != ``d_model``, the text unit's 512 -> 96) runs at the wider of the two
+    widths (see :class:`ExpertFFN`): the all-to-all then carries zero columns.
     """
 
     backend = "deepspeed"
@@ -108,6 +122,7 @@ class DeepSpeedSwitchMoE(MoE):
         num_experts: int,
         k: int,
         *,
+        d_out: int | None = None,
         gate_dim: int | None = None,
         ep_size: int = 1,
         capacity_factor: float = 1.0,
@@ -117,22 +132,25 @@ class DeepSpeedSwitchMoE(MoE):
         dropped: str = "zero",
     ) -> None:
         check_layer_args(num_experts, k, dropped)
+        d_out = d_out or d_model
+        if dropped == "passthrough" and drop_tokens and d_out != d_model:
+            raise ValueError(f"dropped: passthrough needs equal input and output widths, got {d_model} -> {d_out}")
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"moe.ep_size={ep_size} must divide moe.num_experts={num_experts}")
         with torch.random.fork_rng(devices=[]):  # DeepSpeed's own init draws are replaced below
-            super().__init__(d_model, ExpertFFN(d_model, d_ff), num_experts=num_experts, ep_size=ep_size, k=k,
+            super().__init__(max(d_model, d_out), ExpertFFN(d_model, d_ff, d_out), num_experts=num_experts, ep_size=ep_size, k=k,
                              capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                              min_capacity=min_capacity, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
                              top2_2nd_expert_sampling=False)
             self.deepspeed_moe.gate = SeparateInputGate(gate_dim or d_model, num_experts, k, capacity_factor,
                                                         eval_capacity_factor, min_capacity, drop_tokens)
-        self.d_model, self.d_ff, self.k, self.gate_dim = d_model, d_ff, k, gate_dim or d_model
+        self.d_model, self.d_ff, self.d_out, self.k, self.gate_dim = d_model, d_ff, d_out, k, gate_dim or d_model
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.drop_tokens, self.dropped = min_capacity, drop_tokens, dropped
         # True: allow eval-mode calls with ep_size > 1 (the caller keeps every rank in lockstep).
         self.lockstep_eval = False
         # Same draws as SwitchMoE (router first, then w1, w2, b1, b2); keep this rank's experts.
-        ref = SwitchMoE(d_model, d_ff, num_experts, k, gate_dim=gate_dim)
+        ref = SwitchMoE(d_model, d_ff, num_experts, k, d_out=d_out, gate_dim=gate_dim)
         self.load_local_state({n: v.detach() for n, v in ref.state_dict().items()}, _default_ep_rank(ep_size))
         self.register_load_state_dict_pre_hook(_accept_local_layout)
 
@@ -173,7 +191,11 @@ class DeepSpeedSwitchMoE(MoE):
                 "an expert-parallel MoE layer (ep_size > 1) is a collective even in eval mode, and evaluation runs "
                 "different batches on each rank: evaluate inside `with train.model.local_experts(model) as m:` (every "
                 "rank gathers all experts) or from an export (train.model.save_export)")
-        output, l_aux, counts = super().forward(x, gate_input)
+        width = max(self.d_model, self.d_out)
+        # The gate always gets its input explicitly: the routed tensor may be zero-padded.
+        routed = F.pad(x, (0, width - self.d_model)) if self.d_model < width else x
+        output, l_aux, counts = super().forward(routed, x if gate_input is None else gate_input)
+        output = output[..., : self.d_out]
         gate = self.deepspeed_moe.gate
         lost = gate.lost
         if self.dropped == "passthrough" and self.drop_tokens:
@@ -193,6 +215,7 @@ class DeepSpeedSwitchMoE(MoE):
         experts = self.deepspeed_moe.experts.deepspeed_experts
         return {
             "wg.weight": self.deepspeed_moe.gate.wg.weight.detach(),
+            "wg.bias": self.deepspeed_moe.gate.wg.bias.detach(),
             "w1": torch.stack([e.fc1.weight.detach().t() for e in experts]),
             "b1": torch.stack([e.fc1.bias.detach() for e in experts]),
             "w2": torch.stack([e.fc2.weight.detach().t() for e in experts]),
@@ -208,7 +231,7 @@ class DeepSpeedSwitchMoE(MoE):
         if group is None:
             raise RuntimeError("this layer has no expert-parallel group yet: call deepspeed.initialize or "
                                "moe.deepspeed_backend.setup_expert_parallel(model) after deepspeed.init_distributed()")
-        out = {"wg.weight": mine["wg.weight"].clone()}
+        out = {"wg.weight": mine["wg.weight"].clone(), "wg.bias": mine["wg.bias"].clone()}
         for key in ("w1", "b1", "w2", "b2"):
             t = mine[key].contiguous()
             parts = [torch.empty_like(t) for _ in range(self.ep_size)]
@@ -220,7 +243,7 @@ class DeepSpeedSwitchMoE(MoE):
         """A ``SwitchMoE`` with every expert (collective when ep_size > 1), on this layer's device and dtype."""
         ref = self.deepspeed_moe.gate.wg.weight
         with torch.random.fork_rng(devices=[]):  # its init is overwritten; leave the RNG stream alone
-            local = SwitchMoE(self.d_model, self.d_ff, self.num_experts, self.k, gate_dim=self.gate_dim,
+            local = SwitchMoE(self.d_model, self.d_ff, self.num_experts, self.k, d_out=self.d_out, gate_dim=self.gate_dim,
                               capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
                               min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, dropped=self.dropped)
         local.load_state_dict(self.gathered_local_state())

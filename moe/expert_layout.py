@@ -1,20 +1,21 @@
 """The two layouts of a switch layer's weights and the mapping between them (pure torch, no DeepSpeed).
 
-Local layout (``moe.switch.SwitchMoE``, every export, ``model.safetensors``), E experts, width d,
-hidden h, gate width g::
+Local layout (``moe.switch.SwitchMoE``, every export, ``model.safetensors``), E experts, input width
+d, hidden h, output width o, gate width g::
 
-    wg.weight  [E, g]     router
+    wg.weight  [E, g]     wg.bias [E]   router
     w1         [E, d, h]  b1 [E, h]
-    w2         [E, h, d]  b2 [E, d]
+    w2         [E, h, o]  b2 [E, o]
 
 DeepSpeed layout (``moe.deepspeed_backend.DeepSpeedSwitchMoE``: ``deepspeed.moe.layer.MoE`` with one
 ``ExpertFFN`` per expert), on the rank of expert-parallel rank r of ``ep_size``, with L = E / ep_size
 local experts numbered i = 0..L-1 (global expert e = r * L + i)::
 
     deepspeed_moe.gate.wg.weight                           = wg.weight                 (every rank)
+    deepspeed_moe.gate.wg.bias                             = wg.bias                   (every rank)
     deepspeed_moe.experts.deepspeed_experts.{i}.fc1.weight = w1[e].T   [h, d]
     deepspeed_moe.experts.deepspeed_experts.{i}.fc1.bias   = b1[e]
-    deepspeed_moe.experts.deepspeed_experts.{i}.fc2.weight = w2[e].T   [d, h]
+    deepspeed_moe.experts.deepspeed_experts.{i}.fc2.weight = w2[e].T   [o, h]
     deepspeed_moe.experts.deepspeed_experts.{i}.fc2.bias   = b2[e]
 
 DeepSpeed's checkpoint files name the same tensors with the *global* id e
@@ -30,15 +31,16 @@ from collections.abc import Mapping, MutableMapping
 import torch
 from torch import Tensor
 
-LOCAL_KEYS = ("wg.weight", "w1", "b1", "w2", "b2")
+LOCAL_KEYS = ("wg.weight", "wg.bias", "w1", "b1", "w2", "b2")
 DS_GATE = "deepspeed_moe.gate.wg.weight"
+DS_GATE_BIAS = "deepspeed_moe.gate.wg.bias"
 DS_EXPERT = "deepspeed_moe.experts.deepspeed_experts."
 _DS_EXPERT_KEY = re.compile(r"^deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
 
 
 def local_to_deepspeed(local: Mapping[str, Tensor], experts: range) -> dict[str, Tensor]:
     """Local-layout tensors -> DeepSpeed keys for the global experts ``experts``, renumbered from 0."""
-    out = {DS_GATE: local["wg.weight"]}
+    out = {DS_GATE: local["wg.weight"], DS_GATE_BIAS: local["wg.bias"]}
     for i, e in enumerate(experts):
         p = f"{DS_EXPERT}{i}."
         out[p + "fc1.weight"] = local["w1"][e].t().contiguous()
@@ -61,6 +63,7 @@ def deepspeed_to_local(ds: Mapping[str, Tensor], num_experts: int) -> dict[str, 
     per = [f"{DS_EXPERT}{e}." for e in range(num_experts)]
     return {
         "wg.weight": ds[DS_GATE],
+        "wg.bias": ds[DS_GATE_BIAS],
         "w1": torch.stack([ds[p + "fc1.weight"].t() for p in per]),
         "b1": torch.stack([ds[p + "fc1.bias"] for p in per]),
         "w2": torch.stack([ds[p + "fc2.weight"].t() for p in per]),
@@ -75,5 +78,5 @@ def take_prefixed(state: MutableMapping[str, Tensor], prefix: str, names) -> dic
 
 def ds_keys(state: Mapping[str, Tensor], prefix: str) -> list[str]:
     """The DeepSpeed-layout keys (gate and experts) under ``prefix``, without the prefix."""
-    return [k[len(prefix):] for k in state if k.startswith(prefix) and (k[len(prefix):] == DS_GATE
+    return [k[len(prefix):] for k in state if k.startswith(prefix) and (k[len(prefix):] in (DS_GATE, DS_GATE_BIAS)
                                                                        or _DS_EXPERT_KEY.match(k[len(prefix):]))]

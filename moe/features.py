@@ -32,6 +32,10 @@ class Features:
     def index(self, rows: Tensor | slice) -> Features:
         return Features(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
+    @staticmethod
+    def cat(parts: list[Features]) -> Features:
+        return Features(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Features)})
+
 
 class SideCache:
     """Per-input tensors of one side (mention or entity) after the MoE units, keyed by name.

@@ -8,8 +8,8 @@ Two gates live here:
   (``deepspeed/moe/sharded_moe.py``: ``top1gating``/``top2gating``/``topkgating`` with
   ``use_rts=False``, ``top2_2nd_expert_sampling=False`` and ``drop_policy="probs"``), so the
   DeepSpeed backend can be swapped in and give the same numbers.
-* :func:`reference_gate` -- opt-in reproduction of the published MMoE gate, defects included
-  (see its docstring). Only for comparing with published numbers.
+* :func:`published_gate` -- the published MMoE gate, defects included (see its docstring), used only
+  by ``model.matcher.compat: published`` to reproduce published numbers.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def switch_route(
     return Routing(top_i, weight, kept, capacity, l_aux, z_loss, expert_counts)
 
 
-def reference_gate(logits: Tensor, k: int, eps: float = 1e-9) -> Tensor:
+def published_gate(logits: Tensor, k: int, capacity_factor: float = 1.0, eps: float = 1e-6) -> Tensor:
     """The published MMoE gate, reproduced with its defects. Returns dense weights [N, L, E].
 
     ``logits`` is ``[N, L, E]`` (batch, sequence, experts). What it does, step by step:
@@ -119,21 +119,18 @@ def reference_gate(logits: Tensor, k: int, eps: float = 1e-9) -> Tensor:
     1. ``p = softmax(logits, -1)`` and the top-k expert indices ``idx`` ([N, L, k]);
     2. the mask is built with ``scatter_(1, idx, 1)`` -- along the *sequence* dimension -- so it
        marks sequence positions ``idx`` (< E) in expert columns 0..k-1 instead of each token's
-       chosen experts. Tokens at positions >= E get an all-zero mask (zero MoE output) and only
-       experts 0..k-1 ever receive weight;
-    3. ``g = p * mask`` is then normalised over the *batch* dimension and multiplied by the
-       batch size ("capacity"), so a token's weight depends on the other rows of the batch.
-
-    Where a column's batch sum is zero the published code's output is zero; we clamp the
-    denominator by ``eps`` to get that zero without NaNs.
+       chosen experts: ``mask[n, idx[n, l, j], j] = 1``. Tokens at positions >= E get an all-zero
+       mask (zero MoE output) and only experts 0..k-1 ever receive weight;
+    3. ``g = p * mask`` is divided by its sum over the *batch* dimension plus ``eps`` and
+       multiplied by ``int(capacity_factor * N)``, so a token's weight depends on the other rows
+       of the batch (the published "capacity").
     """
     if logits.dim() != 3:
-        raise ValueError(f"the reference gate needs [batch, seq, experts] logits, got {tuple(logits.shape)}")
-    n = logits.shape[0]
-    probs = F.softmax(logits.float(), dim=-1)
-    idx = probs.topk(k, dim=-1).indices  # [N, L, k]
+        raise ValueError(f"the published gate needs [batch, seq, experts] logits, got {tuple(logits.shape)}")
     if logits.shape[1] < logits.shape[2]:
-        raise ValueError("the reference gate scatters expert ids along the sequence; needs seq_len >= num_experts")
+        raise ValueError("the published gate scatters expert ids along the sequence; needs seq_len >= num_experts")
+    probs = F.softmax(logits, dim=-1)
+    idx = probs.topk(k, dim=-1).indices  # [N, L, k]
     mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)  # the published dim-1 scatter
     gated = probs * mask
-    return gated / gated.sum(dim=0, keepdim=True).clamp_min(eps) * n
+    return gated / (gated.sum(dim=0, keepdim=True) + eps) * int(capacity_factor * logits.shape[0])

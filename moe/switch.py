@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe.expert_layout import deepspeed_to_local, ds_keys, take_prefixed
-from moe.routing import Routing, reference_gate, switch_route
+from moe.routing import Routing, published_gate, switch_route
 
-GATES = ("switch", "reference")
+GATES = ("switch", "published")
 DROPPED_POLICIES = ("zero", "passthrough")
 
 
@@ -28,8 +28,8 @@ def check_layer_args(num_experts: int, k: int, dropped: str) -> None:
 class MoEOutput:
     """Result of one MoE call: the transformed tokens plus what the trainer logs and optimises."""
 
-    output: Tensor  # same shape as the input
-    l_aux: Tensor  # load-balancing loss (0 for the reference gate, which has none)
+    output: Tensor  # [..., d_out], the input's leading dimensions
+    l_aux: Tensor  # load-balancing loss (0 for the published gate, which has none)
     z_loss: Tensor  # router z-loss
     expert_counts: Tensor  # [E] routes per expert before dropping
     dropped_tokens: Tensor  # tokens whose every route was dropped
@@ -43,17 +43,19 @@ def _accept_deepspeed_layout(module: SwitchMoE, state_dict: dict, prefix: str, *
 
 
 class SwitchMoE(nn.Module):
-    """Top-k switch MoE over FFN experts ``d_model -> d_ff -> d_model``.
+    """Top-k switch MoE over FFN experts ``d_model -> d_ff -> d_out`` (GELU; MMoE: d_ff = 4 d_model).
 
     * ``gate="switch"`` (default): per-token routing with DeepSpeed ``TopKGate`` semantics
-      (:func:`moe.routing.switch_route`).
-    * ``gate="reference"``: the published code's gate, defects included
-      (:func:`moe.routing.reference_gate`); inputs must be ``[batch, seq, d_model]``.
+      (:func:`moe.routing.switch_route`); a token's output never depends on the other tokens
+      unless ``drop_tokens`` is on.
+    * ``gate="published"``: the published code's gate, defects included
+      (:func:`moe.routing.published_gate`); inputs must be ``[batch, seq, d_model]``. Only for
+      ``model.matcher.compat: published``.
 
-    The gate may read a different tensor than the experts transform (``gate_input``), which
-    the cross unit uses. Tokens whose every route is dropped by the capacity limit get a zero
-    output (``dropped="zero"``, as DeepSpeed) or keep their input (``dropped="passthrough"``).
-    Expert output width equals the input width, as DeepSpeed's MoE layer requires.
+    The router is ``Linear(gate_dim, E)`` with a bias, as published. The gate may read a different
+    tensor than the experts transform (``gate_input``), which the cross unit uses. Tokens whose
+    every route is dropped by the capacity limit get a zero output (``dropped="zero"``, as
+    DeepSpeed) or keep their input (``dropped="passthrough"``, only when d_out == d_model).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class SwitchMoE(nn.Module):
         num_experts: int,
         k: int,
         *,
+        d_out: int | None = None,
         gate_dim: int | None = None,
         gate: str = "switch",
         capacity_factor: float = 1.0,
@@ -75,28 +78,31 @@ class SwitchMoE(nn.Module):
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
         check_layer_args(num_experts, k, dropped)
-        self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
+        d_out = d_out or d_model
+        if dropped == "passthrough" and drop_tokens and d_out != d_model:
+            raise ValueError(f"dropped: passthrough needs equal input and output widths, got {d_model} -> {d_out}")
+        self.d_model, self.d_ff, self.d_out, self.num_experts, self.k = d_model, d_ff, d_out, num_experts, k
+        self.gate_dim = gate_dim or d_model
         self.gate_type, self.dropped = gate, dropped
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.drop_tokens = min_capacity, drop_tokens
-        # Router without bias, kept in fp32 like DeepSpeed's TopKGate.wg.
-        self.wg = nn.Linear(gate_dim or d_model, num_experts, bias=False)
+        # Router with bias (the published w_gate), applied in fp32 like DeepSpeed's TopKGate.wg.
+        self.wg = nn.Linear(self.gate_dim, num_experts)
         # Stacked expert FFNs: expert e computes gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e].
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff))
-        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_out))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, d_out))
         self.reset_parameters()
         # A DeepSpeed-layout state dict holding every expert loads too (moe.expert_layout).
         self.register_load_state_dict_pre_hook(_accept_deepspeed_layout)
 
     def reset_parameters(self) -> None:
         # Same init as nn.Linear for each expert, so a per-expert nn.Linear copy matches in scale.
-        for w, fan_in in ((self.w1, self.d_model), (self.w2, self.d_ff)):
+        for w, b, fan_in in ((self.w1, self.b1, self.d_model), (self.w2, self.b2, self.d_ff)):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(w, -bound, bound)
-        nn.init.uniform_(self.b1, -1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_model))
-        nn.init.uniform_(self.b2, -1.0 / math.sqrt(self.d_ff), 1.0 / math.sqrt(self.d_ff))
+            nn.init.uniform_(b, -bound, bound)
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         """One expert on its own (used by tests and by weight conversion to per-expert modules)."""
@@ -104,15 +110,14 @@ class SwitchMoE(nn.Module):
         return h @ self.w2[expert] + self.b2[expert]
 
     def router_logits(self, gate_input: Tensor) -> Tensor:
-        return F.linear(gate_input.float(), self.wg.weight.float())
+        return F.linear(gate_input.float(), self.wg.weight.float(), self.wg.bias.float())
 
     def forward(self, x: Tensor, gate_input: Tensor | None = None) -> MoEOutput:
         gate_input = x if gate_input is None else gate_input
         if gate_input.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"gate input {tuple(gate_input.shape)} must match tokens {tuple(x.shape)} but the last dim")
-        if self.gate_type == "reference":
-            return self._forward_reference(x, gate_input)
-        shape = x.shape
+        if self.gate_type == "published":
+            return self._forward_published(x, gate_input)
         tokens = x.reshape(-1, self.d_model)
         routing = switch_route(
             self.router_logits(gate_input.reshape(-1, gate_input.shape[-1])),
@@ -126,19 +131,20 @@ class SwitchMoE(nn.Module):
         if self.dropped == "passthrough" and self.drop_tokens:
             lost = ~routing.kept.any(dim=1)
             out = torch.where(lost.unsqueeze(1), tokens, out)
-        return MoEOutput(out.view(shape), routing.l_aux, routing.z_loss, routing.expert_counts, dropped)
+        return MoEOutput(out.view(*x.shape[:-1], self.d_out), routing.l_aux, routing.z_loss, routing.expert_counts, dropped)
 
     def _dispatch(self, tokens: Tensor, routing: Routing) -> Tensor:
         """Sort kept routes by expert into an [E, C, d] buffer, run all experts with two batched
         matmuls, and add each route's weighted result back to its token."""
         num_tokens = tokens.shape[0]
+        out = tokens.new_zeros(num_tokens, self.d_out)
         route_token = torch.arange(num_tokens, device=tokens.device).unsqueeze(1).expand_as(routing.expert_index)
         kept = routing.kept.reshape(-1)
         expert = routing.expert_index.reshape(-1)[kept]
         token = route_token.reshape(-1)[kept]
         weight = routing.weight.reshape(-1)[kept]
         if expert.numel() == 0:
-            return tokens.new_zeros(tokens.shape)
+            return out
         # Position of every route inside its expert's block (stable sort keeps token order).
         order = torch.sort(expert, stable=True).indices
         counts = torch.bincount(expert, minlength=self.num_experts)
@@ -151,17 +157,22 @@ class SwitchMoE(nn.Module):
         buffer = buffer.view(self.num_experts, cap, self.d_model)
         hidden = F.gelu(torch.baddbmm(self.b1.unsqueeze(1).to(tokens.dtype), buffer, self.w1.to(tokens.dtype)))
         result = torch.baddbmm(self.b2.unsqueeze(1).to(tokens.dtype), hidden, self.w2.to(tokens.dtype))
-        routed = result.reshape(-1, self.d_model)[slot] * weight.unsqueeze(1).to(tokens.dtype)
-        return tokens.new_zeros(tokens.shape).index_add(0, token, routed)
+        routed = result.reshape(-1, self.d_out)[slot] * weight.unsqueeze(1).to(tokens.dtype)
+        return out.index_add(0, token, routed)
 
-    def _forward_reference(self, x: Tensor, gate_input: Tensor) -> MoEOutput:
+    def _forward_published(self, x: Tensor, gate_input: Tensor) -> MoEOutput:
+        """Every expert on every token, weighted by the published gate. Written with the published
+        code's operations in its order (``nn.Linear``-layout weights, stacking the experts on the
+        last dimension, one sum over it), so its numbers are reproduced to the bit on a given
+        machine, not merely to rounding. Slow by design (dense); only for ``compat: published``."""
         if x.dim() != 3:
-            raise ValueError("the reference gate needs [batch, seq, d_model] inputs")
-        weights = reference_gate(self.router_logits(gate_input), self.k)  # [N, L, E]
-        # Dense: every expert on every token (the reference is for E = 4-ish, comparison only).
-        hidden = F.gelu(torch.einsum("nld,edf->nlef", x, self.w1.to(x.dtype)) + self.b1.to(x.dtype))
-        expert_out = torch.einsum("nlef,efd->nled", hidden, self.w2.to(x.dtype)) + self.b2.to(x.dtype)
-        out = (expert_out * weights.unsqueeze(-1).to(x.dtype)).sum(dim=2)
+            raise ValueError("the published gate needs [batch, seq, d_model] inputs")
+        weights = published_gate(self.router_logits(gate_input), self.k).to(x.dtype)  # [N, L, E]
+        outs = []
+        for e in range(self.num_experts):
+            hidden = F.gelu(F.linear(x, self.w1[e].t().contiguous(), self.b1[e]))
+            outs.append(F.linear(hidden, self.w2[e].t().contiguous(), self.b2[e]))
+        out = torch.sum(weights.unsqueeze(-2) * torch.stack(outs, dim=-1), dim=-1)
         zero = x.new_zeros((), dtype=torch.float32)
         counts = (weights > 0).reshape(-1, self.num_experts).sum(0)
         dropped = (weights.sum(-1) == 0).sum()

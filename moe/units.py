@@ -22,7 +22,8 @@ BACKENDS = ("local", "deepspeed")
 
 @dataclass
 class MoESettings:
-    """Switch-MoE hyper-parameters shared by every unit.
+    """Switch-MoE hyper-parameters shared by every unit (published: 4 experts, top-k 2-4, FFN
+    experts ``d -> 4d -> out`` with GELU).
 
     ``backend: local`` runs :class:`SwitchMoE` (stacked experts, every expert on every rank);
     ``backend: deepspeed`` runs ``deepspeed.moe.layer.MoE`` (:mod:`moe.deepspeed_backend`) with
@@ -32,8 +33,7 @@ class MoESettings:
 
     num_experts: int = 4
     top_k: int = 3
-    expert_hidden: int = 96
-    gate: str = "switch"
+    expert_mult: int = 4  # expert FFN inner width = expert_mult * input width (published: 4)
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
@@ -51,32 +51,28 @@ class MoESettings:
         if self.ep_size > 1 and self.backend != "deepspeed":
             raise ConfigError(f"{key}ep_size: {self.ep_size} needs backend: deepspeed (the local backend keeps every expert "
                               "on every rank)")
-        if self.backend == "deepspeed" and self.gate != "switch":
-            raise ConfigError(f"{key}gate: {self.gate!r} exists only in the local backend; the deepspeed backend routes "
-                              "with the switch gate")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"{key}top_k: {self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.expert_mult < 1:
+            raise ConfigError(f"{key}expert_mult: expected >= 1, got {self.expert_mult}")
 
-    def build(self, d_model: int, gate_dim: int | None = None) -> nn.Module:
-        """A switch layer of the configured backend (same interface: ``layer(x, gate_input) -> MoEOutput``)."""
+    def build(self, d_model: int, d_out: int, gate_dim: int | None = None, gate: str = "switch") -> nn.Module:
+        """A switch layer ``d_model -> expert_mult * d_model -> d_out`` of the configured backend (same
+        interface: ``layer(x, gate_input) -> MoEOutput``); ``gate: published`` only on the local backend."""
+        d_ff = self.expert_mult * d_model
         if self.backend == "deepspeed":
+            if gate != "switch":
+                raise ConfigError("model.matcher.compat: published runs the published gate, which exists only in the "
+                                  "local backend (model.matcher.moe.backend: local)")
             from moe.deepspeed_backend import DeepSpeedSwitchMoE  # imports deepspeed: only when asked for
 
-            return DeepSpeedSwitchMoE(d_model, self.expert_hidden, self.num_experts, self.top_k, gate_dim=gate_dim,
+            return DeepSpeedSwitchMoE(d_model, d_ff, self.num_experts, self.top_k, d_out=d_out, gate_dim=gate_dim,
                                       ep_size=self.ep_size, capacity_factor=self.capacity_factor,
                                       eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
                                       drop_tokens=self.drop_tokens, dropped=self.dropped)
-        return SwitchMoE(
-            d_model,
-            self.expert_hidden,
-            self.num_experts,
-            self.top_k,
-            gate_dim=gate_dim,
-            gate=self.gate,
-            capacity_factor=self.capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor,
-            min_capacity=self.min_capacity,
-            drop_tokens=self.drop_tokens,
-            dropped=self.dropped,
-        )
+        return SwitchMoE(d_model, d_ff, self.num_experts, self.top_k, d_out=d_out, gate_dim=gate_dim, gate=gate,
+                         capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
+                         min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, dropped=self.dropped)
 
 
 class MoELog:
@@ -141,112 +137,136 @@ def global_to_local_paired(query: Tensor, query_mask: Tensor, key: Tensor, value
 class IntraUnit(nn.Module):
     """Intra-level MoE unit for one modality (the text unit and the vision unit).
 
-    Per input: [global; tokens] -> Linear(d_in, h) -> switch MoE -> routed global g and tokens.
-    Pair score = mean of
-      g2l: LayerNorm(global-to-local attention, entity tokens attend over mention tokens) . g_entity
-      g2g: g_mention . g_entity
+    Inputs are the matcher's LayerNormed features: global ``gl`` [B, d] and tokens [B, L, d].
+    One switch MoE ``d -> 4d -> h`` runs on ``[gl; tokens]``: routed global g (row 0) and routed
+    tokens T (rows 1..L). For a (mention m, entity e) pair:
+
+      g2l = g_e . LN(mean over e's tokens q of softmax_k(Q_e[q] . K_m[k] / sqrt(h)) V_m[k])
+      g2g = gl_m . gl_e   (the LayerNormed globals before the MoE)
+      score = (g2l + g2g) / 2
+
+    with Q_e = Wq T_e, K_m = Wk T_m, V_m = Wv T_m. Padding tokens are masked out of the keys and
+    out of the mean over entity tokens, unless ``masked`` is False (the published code masks
+    nothing). The mention's routed global is not used, as published.
     """
 
-    def __init__(self, name: str, d_in: int, hidden: int, moe: MoESettings) -> None:
+    def __init__(self, name: str, d_in: int, hidden: int, moe: MoESettings, *, gate: str = "switch",
+                 masked: bool = True) -> None:
         super().__init__()
-        self.name = name
-        self.in_proj = nn.Linear(d_in, hidden)
-        self.moe = moe.build(hidden)
+        self.name, self.masked = name, masked
+        self.moe = moe.build(d_in, hidden, gate=gate)
         self.wq = nn.Linear(hidden, hidden)
         self.wk = nn.Linear(hidden, hidden)
         self.wv = nn.Linear(hidden, hidden)
         self.norm = nn.LayerNorm(hidden)
 
     def _route(self, glob: Tensor, tokens: Tensor, log: MoELog) -> tuple[Tensor, Tensor]:
-        seq = self.in_proj(torch.cat([glob.unsqueeze(1), tokens], dim=1))
-        out = self.moe(seq)
+        out = self.moe(torch.cat([glob.unsqueeze(1), tokens], dim=1))
         log.add(self.name, out)
         return out.output[:, 0], out.output[:, 1:]
 
+    def _mask(self, mask: Tensor) -> Tensor:
+        return mask if self.masked else torch.ones_like(mask)
+
     def mention_side(self, glob: Tensor, tokens: Tensor, mask: Tensor, log: MoELog) -> dict[str, Tensor]:
-        g, tok = self._route(glob, tokens, log)
-        return {"g": g, "key": self.wk(tok), "value": self.wv(tok), "mask": mask}
+        _, tok = self._route(glob, tokens, log)
+        return {"glob": glob, "key": self.wk(tok), "value": self.wv(tok), "mask": self._mask(mask)}
 
     def entity_side(self, glob: Tensor, tokens: Tensor, mask: Tensor, log: MoELog) -> dict[str, Tensor]:
         g, tok = self._route(glob, tokens, log)
-        return {"g": g, "query": self.wq(tok), "mask": mask}
+        return {"glob": glob, "g": g, "query": self.wq(tok), "mask": self._mask(mask)}
 
     def score(self, m: dict[str, Tensor], e: dict[str, Tensor]) -> Tensor:
+        if not self.masked:
+            return self._score_published(m, e)
         ctx = global_to_local(e["query"], e["mask"], m["key"], m["value"], m["mask"])
         g2l = (self.norm(ctx) * e["g"].unsqueeze(0)).sum(-1)
-        g2g = m["g"] @ e["g"].t()
+        g2g = m["glob"] @ e["glob"].t()
         return (g2l + g2g) / 2
+
+    def _score_published(self, m: dict[str, Tensor], e: dict[str, Tensor]) -> Tensor:
+        """The published code's operations in its order (entity-major [N, M, Lq, Lk] attention, value
+        product before the mean over entity tokens), so ``compat: published`` reproduces its numbers
+        to the bit; the same value as :meth:`score` with all-true masks, up to rounding."""
+        query, key, value = e["query"].unsqueeze(1), m["key"].unsqueeze(0), m["value"].unsqueeze(0)
+        probs = torch.softmax(torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1]), dim=-1)
+        ctx = self.norm(torch.mean(torch.matmul(probs, value), dim=-2))  # [N, M, h]
+        g2l = torch.sum(e["g"].unsqueeze(1) * ctx, dim=-1).transpose(0, 1)
+        return (g2l + torch.matmul(m["glob"], e["glob"].transpose(-1, -2))) / 2
 
     def score_pairs(self, m: dict[str, Tensor], e: dict[str, Tensor]) -> Tensor:
         ctx = global_to_local_paired(e["query"], e["mask"], m["key"], m["value"], m["mask"])
-        return ((self.norm(ctx) * e["g"]).sum(-1) + (m["g"] * e["g"]).sum(-1)) / 2
+        return ((self.norm(ctx) * e["g"]).sum(-1) + (m["glob"] * e["glob"]).sum(-1)) / 2
 
 
 def align_length(tokens: Tensor, length: int) -> Tensor:
     """Resample a token sequence to ``length`` positions (identity when already that long).
 
-    The cross unit's gate reads the other modality's tokens position by position; with CLIP
-    ViT-B/32 and 50 text tokens both sequences have 50 positions, other encoders may differ.
+    The cross unit's gate reads the other modality's tokens position by position; the published
+    model needs as many text tokens as image tokens (50 and 50 with CLIP ViT-B/32). Other sizes
+    (the synthetic presets) are average-pooled to the routed sequence's length.
     """
     if tokens.shape[1] == length:
         return tokens
     return F.adaptive_avg_pool1d(tokens.transpose(1, 2), length).transpose(1, 2)
 
 
-class GatedAttentionPool(nn.Module):
-    """A global vector attends over tokens; a tanh gate mixes the context in; LayerNorm."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.wq, self.wk, self.wv = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.gate = nn.Linear(2 * dim, dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, glob: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-        logits = torch.einsum("bh,blh->bl", self.wq(glob), self.wk(tokens)) / math.sqrt(glob.shape[-1])
-        attn = torch.softmax(masked_logits(logits, mask), dim=-1)
-        ctx = torch.einsum("bl,blh->bh", attn, self.wv(tokens))
-        mix = torch.tanh(self.gate(torch.cat([glob, ctx], dim=-1)))
-        return self.norm(glob + mix * ctx)
+CROSS_GATES = ("context", "global")
 
 
 class CrossUnit(nn.Module):
     """Inter-level MoE unit.
 
-    Text and image features are projected to a common width c. One MoE transforms
-    [text global; image tokens] while its gate reads [image global; text tokens]; the other
-    transforms [image global; text tokens] while its gate reads [text global; image tokens].
-    The routed text global attends over the routed image tokens (text->image) and the routed
-    image global over the routed text tokens (image->text), each through a tanh-gated pool.
-    Pair score = mean of the two directions' dot products. Separable: each side is computed
-    alone, so the score is an inner product of 2c-dim vectors (FAISS-indexable).
+    Text and image features are projected to a common width c (``text_fc``, ``image_fc``): tc', tt',
+    ic', it'. ONE MoE layer serves both directions: a = [tc'; it'] is routed with the gate reading
+    b = [ic'; tt'], and b with the gate reading a. From the routed a: t (row 0) and image tokens I;
+    from the routed b: i (row 0) and text tokens T. Then, per input (no pair interaction):
+
+      text->image:  ctx = softmax(t . I^T) I;   v_t2i = LN(tc' * tanh(gate_fc(s)) + ctx)
+      image->text:  ctx = softmax(i . T^T) T;   v_i2t = LN(ic' * tanh(gate_fc(s)) + ctx)
+
+    where the scalar gate reads s = ctx (``gate_source: context``) or s = tc' / ic' (``global``) on
+    both sides; the published code reads ctx on the entity side and tc' / ic' on the mention side
+    (``gate_source: published``). Text padding is masked out of T unless ``masked`` is False.
+    Pair score = (v_t2i_m . v_t2i_e + v_i2t_m . v_i2t_e) / 2: separable, an inner product of 2c-dim
+    vectors (FAISS-indexable).
     """
 
-    def __init__(self, d_text: int, d_image: int, dim: int, moe: MoESettings) -> None:
+    def __init__(self, d_text: int, d_image: int, dim: int, moe: MoESettings, *, gate: str = "switch",
+                 gate_source: str = "context", masked: bool = True) -> None:
         super().__init__()
-        self.text_proj = nn.Linear(d_text, dim)
-        self.image_proj = nn.Linear(d_image, dim)
-        self.moe_t2i = moe.build(dim, gate_dim=dim)
-        self.moe_i2t = moe.build(dim, gate_dim=dim)
-        self.pool_t2i = GatedAttentionPool(dim)
-        self.pool_i2t = GatedAttentionPool(dim)
+        if gate_source not in CROSS_GATES + ("published",):
+            raise ConfigError(f"model.matcher.cross_gate: expected one of {CROSS_GATES}, got {gate_source!r}")
+        self.gate_source, self.masked = gate_source, masked
+        self.text_fc = nn.Linear(d_text, dim)
+        self.image_fc = nn.Linear(d_image, dim)
+        self.moe = moe.build(dim, dim, gate_dim=dim, gate=gate)
+        self.gate_fc = nn.Linear(dim, 1)
+        self.gate_norm = nn.LayerNorm(dim)
 
-    def side(
-        self, text_g: Tensor, text_tok: Tensor, text_mask: Tensor, image_g: Tensor, image_tok: Tensor, log: MoELog
-    ) -> dict[str, Tensor]:
-        tg, tt = self.text_proj(text_g), self.text_proj(text_tok)
-        ig, it = self.image_proj(image_g), self.image_proj(image_tok)
-        seq_a = torch.cat([tg.unsqueeze(1), it], dim=1)
-        gate_a = torch.cat([ig.unsqueeze(1), align_length(tt, it.shape[1])], dim=1)
-        seq_b = torch.cat([ig.unsqueeze(1), tt], dim=1)
-        gate_b = torch.cat([tg.unsqueeze(1), align_length(it, tt.shape[1])], dim=1)
-        out_a = self.moe_t2i(seq_a, gate_a)
-        out_b = self.moe_i2t(seq_b, gate_b)
-        log.add("cross_t2i", out_a)
-        log.add("cross_i2t", out_b)
-        image_mask = torch.ones(it.shape[:2], dtype=torch.bool, device=it.device)
-        t2i = self.pool_t2i(out_a.output[:, 0], out_a.output[:, 1:], image_mask)
-        i2t = self.pool_i2t(out_b.output[:, 0], out_b.output[:, 1:], text_mask)
+    def _pool(self, glob: Tensor, tokens: Tensor, mask: Tensor | None, orig: Tensor, mention: bool) -> Tensor:
+        logits = torch.matmul(glob.unsqueeze(1), tokens.transpose(-1, -2))  # [B, 1, L]
+        if mask is not None:
+            logits = masked_logits(logits, mask.unsqueeze(1))
+        ctx = torch.matmul(torch.softmax(logits, dim=-1), tokens).squeeze(1)
+        use_global = self.gate_source == "global" or (self.gate_source == "published" and mention)
+        gate = torch.tanh(self.gate_fc(orig if use_global else ctx))
+        return self.gate_norm(orig * gate + ctx)
+
+    def side(self, tc: Tensor, tt: Tensor, text_mask: Tensor, ic: Tensor, it: Tensor, log: MoELog, *,
+             mention: bool) -> dict[str, Tensor]:
+        tc, tt, ic, it = self.text_fc(tc), self.text_fc(tt), self.image_fc(ic), self.image_fc(it)
+        seq_a = torch.cat([tc.unsqueeze(1), it], dim=1)
+        seq_b = torch.cat([ic.unsqueeze(1), tt], dim=1)
+        gate_a = torch.cat([ic.unsqueeze(1), align_length(tt, it.shape[1])], dim=1)
+        gate_b = torch.cat([tc.unsqueeze(1), align_length(it, tt.shape[1])], dim=1)
+        out_a = self.moe(seq_a, gate_a)
+        out_b = self.moe(seq_b, gate_b)
+        log.add("cross", out_a)
+        log.add("cross", out_b)
+        a, b = out_a.output, out_b.output
+        t2i = self._pool(a[:, 0], a[:, 1:], None, tc, mention)
+        i2t = self._pool(b[:, 0], b[:, 1:], text_mask if self.masked else None, ic, mention)
         return {"t2i": t2i, "i2t": i2t}
 
     @staticmethod

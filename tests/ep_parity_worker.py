@@ -43,19 +43,21 @@ def expert_grads(layer) -> dict[str, torch.Tensor]:
             "w2": torch.stack([e.fc2.weight.grad.t() for e in ex]), "b2": torch.stack([e.fc2.bias.grad for e in ex])}
 
 
-def layer_parity(ep: int, k: int, drop: bool, gate_dim: int | None, rank: int) -> dict[str, float]:
-    kw = dict(gate_dim=gate_dim, capacity_factor=8.0 if drop else 1.0, eval_capacity_factor=8.0 if drop else 1.0,
-              min_capacity=1, drop_tokens=drop)
+def layer_parity(ep: int, k: int, drop: bool, gate_dim: int | None, rank: int, d_in: int = 8,
+                 d_out: int = 8) -> dict[str, float]:
+    """One switch layer ``d_in -> 4 d_in -> d_out``; d_out != d_in is the published text unit's shape (512 -> 96)."""
+    kw = dict(d_out=d_out, gate_dim=gate_dim, capacity_factor=8.0 if drop else 1.0,
+              eval_capacity_factor=8.0 if drop else 1.0, min_capacity=1, drop_tokens=drop)
     torch.manual_seed(10 + k)
-    local = SwitchMoE(8, 16, 4, k, **kw)
+    local = SwitchMoE(d_in, 4 * d_in, 4, k, **kw)
     torch.manual_seed(10 + k)
-    ds = DeepSpeedSwitchMoE(8, 16, 4, k, ep_size=ep, **kw)
+    ds = DeepSpeedSwitchMoE(d_in, 4 * d_in, 4, k, ep_size=ep, **kw)
     setup_expert_parallel(ds)
     g = torch.Generator().manual_seed(1000 * rank + 7 * k)
     n = 3 + rank  # ranks route different token counts
-    x = torch.randn(n, 10, 8, generator=g)
+    x = torch.randn(n, 10, d_in, generator=g)
     gin = torch.randn(n, 10, gate_dim, generator=g) if gate_dim else None
-    w = torch.randn(n, 10, 8, generator=g)
+    w = torch.randn(n, 10, d_out, generator=g)
     res: dict[str, float] = {}
     grads = {}
     for name, layer in (("local", local), ("ds", ds)):
@@ -74,6 +76,7 @@ def layer_parity(ep: int, k: int, drop: bool, gate_dim: int | None, rank: int) -
     if lg is not None:
         res["grad_gate_input"] = diff(lg, dg)
     res["grad_router"] = diff(local.wg.weight.grad, ds.deepspeed_moe.gate.wg.weight.grad)
+    res["grad_router_bias"] = diff(local.wg.bias.grad, ds.deepspeed_moe.gate.wg.bias.grad)
     ref = expert_grads(local)
     if ep > 1:  # expert e's gradient gathers every rank's tokens
         for t in ref.values():
@@ -124,7 +127,7 @@ def model_parity(ep: int, rank: int) -> dict[str, float]:
         side, _ = swapped.mention_side(m)
         ref, _ = local.mention_side(m)
         res["local_experts_side"] = max(diff(side[k], ref[k]) for k in ref.tensors)
-    res["restored"] = float(sum(isinstance(x, DeepSpeedSwitchMoE) for x in ds.modules()) != 4)
+    res["restored"] = float(sum(isinstance(x, DeepSpeedSwitchMoE) for x in ds.modules()) != 3)  # text, vision, cross
     return res
 
 
@@ -184,6 +187,8 @@ def main() -> None:
                 for gate_dim in (None, 5):
                     for key, v in layer_parity(ep, k, drop, gate_dim, rank).items():
                         results[f"layer/ep{ep}/k{k}/drop{int(drop)}/gate{gate_dim or 0}/{key}"] = v
+                for key, v in layer_parity(ep, k, drop, None, rank, d_in=12, d_out=5).items():  # width change
+                    results[f"layer/ep{ep}/k{k}/drop{int(drop)}/12to5/{key}"] = v
         for key, v in model_parity(ep, rank).items():
             results[f"model/ep{ep}/{key}"] = v
     if world == 2:

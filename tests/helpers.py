@@ -14,12 +14,12 @@ from train.encoder import TinyClipSettings
 TEXT_LEN = 17  # equals the tiny CLIP's image token count (4x4 patches + CLS)
 
 
-def tiny_model_config(gate: str = "switch", top_k: int = 2, num_experts: int = 4, **moe_kw) -> ModelConfig:
+def tiny_model_config(compat: str = "none", top_k: int = 2, num_experts: int = 4, **moe_kw) -> ModelConfig:
     clip = TinyClipSettings(vocab_size=100, bos_token_id=98, eos_token_id=99, pad_token_id=0, text_hidden=32,
                             vision_hidden=32, layers=1, heads=2, image_size=32, patch_size=8, projection_dim=24,
                             max_text_positions=32, seed=0)
-    moe = MoESettings(num_experts=num_experts, top_k=top_k, expert_hidden=16, gate=gate, min_capacity=1, **moe_kw)
-    matcher = MatcherSettings(text_dim=24, image_dim=16, hidden=16, cross_dim=16, moe=moe)
+    moe = MoESettings(num_experts=num_experts, top_k=top_k, min_capacity=1, **moe_kw)
+    matcher = MatcherSettings(text_dim=24, image_dim=16, hidden=16, cross_dim=16, compat=compat, moe=moe)
     return ModelConfig(tiny_clip=clip, text_max_length=TEXT_LEN, matcher=matcher)
 
 

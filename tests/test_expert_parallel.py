@@ -84,10 +84,10 @@ def test_dropped_tokens_match_the_local_layer(dropped):
 def test_settings_are_checked_and_an_expert_parallel_layer_refuses_uneven_evaluation():
     for overrides, message in ((["model.matcher.moe.backend=deepspeed", "model.matcher.moe.ep_size=3"], "divide num_experts"),
                                (["model.matcher.moe.ep_size=2"], "needs backend: deepspeed"),
-                               (["model.matcher.moe.backend=deepspeed", "model.matcher.moe.gate=reference"], "local backend")):
+                               (["model.matcher.moe.backend=deepspeed", "model.matcher.compat=published"], "local backend")):
         with pytest.raises(ConfigError, match=message):
             load_config(TINY, overrides)
-    layer = MoESettings(num_experts=4, top_k=2, backend="deepspeed", ep_size=2).build(8)
+    layer = MoESettings(num_experts=4, top_k=2, backend="deepspeed", ep_size=2).build(8, 8)
     layer.eval()
     with pytest.raises(RuntimeError, match="local_experts"):  # would hang: ranks encode different batches
         layer(torch.randn(2, 5, 8))
@@ -113,11 +113,12 @@ def test_parity_at_ep_size_2_and_zero_stages_match_data_parallel_training(tmp_pa
     ranks = check_report(out, 2)
     for res in ranks:
         assert any(k.startswith("layer/ep2/") for k in res)
-        assert res["train/local/moe_groups"] == 0 and res["train/local/lrs"] == [1e-3, 5e-4]
+        # matcher, clip, and their no-decay halves (biases: weight decay 0, as published)
+        assert res["train/local/moe_groups"] == 0 and res["train/local/lrs"] == [1e-3, 5e-4, 1e-3, 5e-4]
         for stage in (0, 1, 2):
             name = f"train/ep2_zero{stage}"
-            # Expert parameters in their own 'moe' group; the matcher/CLIP learning rates are kept.
-            assert res[f"{name}/moe_groups"] == 1 and res[f"{name}/lrs"] == [1e-3, 5e-4, 1e-3]
+            # Expert parameters in their own 'moe' groups (weights, biases); the matcher/CLIP learning rates are kept.
+            assert res[f"{name}/moe_groups"] == 2 and res[f"{name}/lrs"] == [1e-3, 5e-4, 1e-3, 5e-4, 1e-3, 1e-3]
             assert res[f"{name}/moved"] > 1e-4
             assert res[f"{name}/vs_local"] < TOL, f"ZeRO {stage}: expert-parallel training differs from data parallel"
             assert res[f"{name}/dense_rank_diff"] == 0.0  # non-expert parameters identical on both ranks
@@ -151,8 +152,8 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     assert sorted(killed) == list(range(1, 7))
     assert json.loads((ckpts / "step-0000006" / "moe-layout.json").read_text()) == {
         "backend": "deepspeed", "ep_size": 2, "num_experts": 4}
-    # DeepSpeed wrote one file per (layer, global expert): 4 switch layers x 4 experts.
-    assert len(list((ckpts / "step-0000006").glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 16
+    # DeepSpeed wrote one file per (layer, global expert): 3 switch layers (text, vision, cross) x 4 experts.
+    assert len(list((ckpts / "step-0000006").glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 12
     r0, r1 = (torch.load(ckpts / "step-0000006" / f"state-rank{r}.pt") for r in (0, 1))
     dense = [k for k in r0 if "deepspeed_experts" not in k]
     experts = [k for k in r0 if "deepspeed_experts" in k]
@@ -188,8 +189,8 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
         assert losses[step] == pytest.approx(killed[step], rel=1e-6, abs=1e-7), f"step {step} differs after resume"
     assert sorted(losses) == list(range(1, 9))
     assert sum(losses[s] for s in (7, 8)) < sum(losses[s] for s in (1, 2)), losses
-    loads = [r for r in recs if "moe/cross_t2i/expert0" in r]
-    assert loads and all(sum(r[f"moe/cross_t2i/expert{e}"] for e in range(4)) == pytest.approx(1.0) for r in loads)
+    loads = [r for r in recs if "moe/cross/expert0" in r]
+    assert loads and all(sum(r[f"moe/cross/expert{e}"] for e in range(4)) == pytest.approx(1.0) for r in loads)
 
     # The best export (written at step 8) is in the local layout with every expert, gathered from both ranks.
     from safetensors.torch import load_file
@@ -197,11 +198,11 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     export = load_file(str(run_dir / "best" / "model.safetensors"))
     assert "backend: local" in (run_dir / "best" / "config.yaml").read_text()
     s0, s1 = (torch.load(ckpts / "step-0000008" / f"state-rank{r}.pt") for r in (0, 1))
-    w1 = export["matcher.units.cross.moe_i2t.w1"]
+    w1 = export["matcher.units.cross.moe.w1"]
     assert w1.shape[0] == 4
     for rank, state in enumerate((s0, s1)):
         for i in range(2):
-            key = f"matcher.units.cross.moe_i2t.deepspeed_moe.experts.deepspeed_experts.{i}.fc1.weight"
+            key = f"matcher.units.cross.moe.deepspeed_moe.experts.deepspeed_experts.{i}.fc1.weight"
             assert torch.equal(w1[2 * rank + i], state[key].t())
     # Any checkpoint converts to the same export offline (no DeepSpeed, no process group).
     export_checkpoint(ckpts / "step-0000008", tmp_path / "converted")

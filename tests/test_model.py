@@ -44,9 +44,9 @@ def test_default_gate_scores_do_not_depend_on_other_entities(model):
     torch.testing.assert_close(reordered[:, [3, 1, 4]], crowded.flip(0)[:, [0, 2, 1]], rtol=1e-5, atol=1e-5)
 
 
-def test_reference_gate_scores_do_depend_on_other_entities():
+def test_published_compat_scores_do_depend_on_other_entities():
     torch.manual_seed(0)
-    model = MMoEModel(tiny_model_config(gate="reference", top_k=2)).eval()
+    model = MMoEModel(tiny_model_config(compat="published", top_k=2)).eval()
     mentions, entities = random_batch(4, 3), random_batch(9, 4)
     with torch.no_grad():
         alone = model(mentions, take(entities, slice(0, 3)))[0]["overall"]

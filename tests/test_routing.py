@@ -1,11 +1,11 @@
-"""The switch gate: DeepSpeed parity, top-k semantics, capacity, and the reference gate."""
+"""The switch gate: DeepSpeed parity, top-k semantics, capacity, and the published gate."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import top1gating, top2gating, topkgating
 
-from moe.routing import reference_gate, switch_route
+from moe.routing import published_gate, switch_route
 from moe.switch import SwitchMoE
 
 
@@ -122,7 +122,7 @@ def test_gate_can_read_a_different_tensor():
     moe = SwitchMoE(8, 16, num_experts=4, k=2, gate_dim=5)
     x, g = torch.randn(10, 8), torch.randn(10, 5)
     out = moe(x, g).output
-    probs = F.softmax(g @ moe.wg.weight.t(), dim=-1)
+    probs = F.softmax(g @ moe.wg.weight.t() + moe.wg.bias, dim=-1)
     top_p, top_i = probs.topk(2, dim=-1)
     weights = torch.zeros_like(probs).scatter(1, top_i, top_p / top_p.sum(-1, keepdim=True))
     torch.testing.assert_close(out, expert_mixture(moe, x, weights), rtol=1e-5, atol=1e-6)
@@ -135,7 +135,7 @@ def test_z_loss_is_mean_squared_logsumexp():
     torch.testing.assert_close(routing.z_loss, expected)
 
 
-def test_reference_gate_matches_hand_computed_example():
+def test_published_gate_matches_hand_computed_example():
     # Batch N=2, sequence L=3, E=2 experts, top-1. Logits chosen so that the softmax values are
     # exact: logit 0 vs log(3) gives probabilities 1/4 and 3/4.
     l3 = torch.log(torch.tensor(3.0)).item()
@@ -147,18 +147,44 @@ def test_reference_gate_matches_hand_computed_example():
     # because k=1). Sample 0 marks positions {1, 0, 1} -> rows 0 and 1 in column 0; sample 1 marks
     # {0, 0, 1} -> rows 0 and 1 in column 0. Column 1 and row 2 stay zero.
     # g = p * mask: sample 0 rows 0,1 col 0 = p[0,0,0]=1/4, p[0,1,0]=3/4; sample 1: 3/4, 3/4.
-    # Normalise over the batch (dim 0) per (row, col) and multiply by N=2:
+    # Normalise over the batch (dim 0) per (row, col), + 1e-6 in the denominator, and multiply by N=2:
     #   (row 0, col 0): 1/4 / (1/4 + 3/4) * 2 = 0.5 for sample 0, 1.5 for sample 1
     #   (row 1, col 0): 3/4 / (3/4 + 3/4) * 2 = 1.0 for both samples
     expected = torch.tensor([
         [[0.5, 0.0], [1.0, 0.0], [0.0, 0.0]],
         [[1.5, 0.0], [1.0, 0.0], [0.0, 0.0]],
     ])
-    torch.testing.assert_close(reference_gate(logits, 1), expected)
+    torch.testing.assert_close(published_gate(logits, 1), expected)
+    # The empty (row 2) columns stay exactly zero: 0 / (0 + 1e-6).
+    assert torch.all(published_gate(logits, 1)[:, 2] == 0)
 
 
-def test_reference_gate_zeroes_late_positions_and_uses_first_k_experts():
+def test_published_gate_zeroes_late_positions_and_uses_first_k_experts():
     torch.manual_seed(5)
-    weights = reference_gate(torch.randn(3, 10, 4), 2)
+    weights = published_gate(torch.randn(3, 10, 4), 2)
     assert torch.all(weights[:, 4:] == 0)  # positions >= E get nothing
     assert torch.all(weights[..., 2:] == 0)  # experts >= k are never used
+
+
+def test_experts_can_change_width_like_the_published_text_unit():
+    """d -> 4d -> out with out != d (the text unit: 512 -> 2048 -> 96), checked against a loop."""
+    torch.manual_seed(6)
+    moe = SwitchMoE(12, 48, num_experts=4, k=3, d_out=5)
+    x = torch.randn(2, 9, 12)
+    out = moe(x).output
+    assert out.shape == (2, 9, 5)
+    flat = x.reshape(-1, 12)
+    probs = F.softmax(moe.router_logits(flat), dim=-1)
+    top_p, top_i = probs.topk(3, dim=-1)
+    weights = torch.zeros_like(probs).scatter(1, top_i, top_p / top_p.sum(-1, keepdim=True))
+    torch.testing.assert_close(out.reshape(-1, 5), expert_mixture(moe, flat, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_published_layer_is_the_dense_mixture_under_the_published_gate():
+    torch.manual_seed(7)
+    moe = SwitchMoE(6, 24, num_experts=4, k=2, d_out=3, gate="published")
+    x = torch.randn(5, 8, 6)
+    weights = published_gate(moe.router_logits(x), 2)  # [N, L, E]
+    expected = torch.stack([expert_mixture(moe, x[n], weights[n]) for n in range(5)])
+    torch.testing.assert_close(moe(x).output, expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(moe(x).output[:, 4:] == 0)

@@ -104,9 +104,13 @@ def test_collation_texts_images_and_desc_switch(tiny_shards, collator):
     assert (b["input_ids"][:, 0] == tok.bos_token_id).all()
     sample = {"mention": "abc", "sentence": "the abc river", "desc": "a long river"}
     assert collator.mention_text(sample) == "abc [SEP] the abc river [SEP] a long river"
-    no_desc = Collator(tok, 32, 17, use_desc=False)
+    no_desc = Collator(tok, 32, 17, mention_desc=False, entity_desc=False)
     assert no_desc.mention_text(sample) == "abc [SEP] the abc river"
     assert no_desc.entity_text({"name": "abc", "desc": "a long river"}) == "abc"
+    # The paper's "w/o DME" ablation removes the mention's description only.
+    wo_dme = Collator(tok, 32, 17, mention_desc=False)
+    assert wo_dme.mention_text(sample) == "abc [SEP] the abc river"
+    assert wo_dme.entity_text({"name": "abc", "desc": "a long river"}) == "abc [SEP] a long river"
     # Rows without an image are zero and masked out.
     assert (b["pixel_values"][~b["image_mask"]] == 0).all()
 
@@ -123,3 +127,11 @@ def test_train_fraction_is_a_seeded_subset_seen_exactly_once(tiny_shards, collat
     assert sorted(seen) == sorted(torch.cat([b["mentions"]["index"] for b in make_loader(again, 0)]).tolist())
     other = TrainStream(tiny_shards, collator, 8, seed=6, world=1, rank=0, fraction=0.2)
     assert sorted(seen) != sorted(torch.cat([b["mentions"]["index"] for b in make_loader(other, 0)]).tolist())
+
+
+def test_train_fraction_first_takes_the_first_mentions_in_file_order(tiny_shards, collator):
+    n = ShardSet.from_manifest(tiny_shards, "train").total
+    take = round(0.3 * n)
+    ds = TrainStream(tiny_shards, collator, 8, seed=5, world=1, rank=0, fraction=0.3, fraction_mode="first")
+    seen = torch.cat([b["mentions"]["index"][b["weight"] > 0] for b in make_loader(ds, 0)]).tolist()
+    assert sorted(seen) == list(range(take))

@@ -40,12 +40,20 @@ class LossConfig:
 class DataConfig:
     shards: str = "data/synthetic/shards"  # output folder of data_shards.convert
     tokenizer: str = ""  # "": <shards>/tokenizer if present, else model.clip_path
-    use_desc: bool = True  # append the (DME) description to mention and entity texts
+    # Append the (DME) description to the mention text / the entity text. The paper's "w/o DME"
+    # ablation removes only the mention's: mention_desc: false.
+    mention_desc: bool = True
+    entity_desc: bool = True
     batch_size: int = 32  # micro batch per process
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    train_fraction: float = 1.0  # low-resource training: a seeded subset of the training mentions
+    train_fraction: float = 1.0  # low-resource training: a subset of the training mentions
+    train_fraction_mode: str = "random"  # random: a seeded subset | first: the first ones in file order (MIMIC)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train_fraction_mode not in ("random", "first"):
+            raise ConfigError(f"data.train_fraction_mode: expected random or first, got {self.train_fraction_mode!r}")
 
 
 @dataclass
@@ -59,6 +67,11 @@ class EvalConfig:
     max_pair_elements: int = 1 << 26  # bound on the attention tensor of one scoring block
     bf16: bool = True  # on GPUs that support it; CPUs always compute in fp32
     num_workers: int = 2
+    # Under model.matcher.compat: published, scores depend on the batch a side is computed in; the
+    # published evaluation computes the entity side on blocks of 6,000 KB rows (its eval_chunk_size)
+    # and the mention side on batches of 20 mentions (its eval_batch_size).
+    compat_entity_block: int = 6000
+    compat_mention_batch: int = 20
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "two-stage"):

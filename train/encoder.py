@@ -84,12 +84,14 @@ class ClipEncoder(nn.Module):
     image_global  = Linear(visual_projection(pooled), dv)   [B, dv]
     image_tokens  = Linear(vision last hidden states, dv)   [B, Lv, dv]
     The vision tower runs only on inputs that have an image; the others get zeros and
-    ``image_mask`` False.
+    ``image_mask`` False. With ``zero_pixels_for_missing`` (``compat: published``) it runs on every
+    row, an input without an image reading all-zero (normalised) pixels, as the published code does.
     """
 
-    def __init__(self, clip: CLIPModel, text_dim: int, image_dim: int) -> None:
+    def __init__(self, clip: CLIPModel, text_dim: int, image_dim: int, zero_pixels_for_missing: bool = False) -> None:
         super().__init__()
         self.clip = clip
+        self.zero_pixels_for_missing = zero_pixels_for_missing
         # CLIP's own contrastive temperature is not used by the matcher. As a 0-dim parameter it
         # would also trip DeepSpeed's parameter broadcast (a scalar cannot be viewed as bytes),
         # so it is kept as a buffer: out of the optimizer, still in the state dict.
@@ -112,13 +114,15 @@ class ClipEncoder(nn.Module):
         text_tokens = self.text_token_proj(text.last_hidden_state)
         batch = input_ids.shape[0]
         image_mask = image_mask.bool()
+        run = torch.ones_like(image_mask) if self.zero_pixels_for_missing else image_mask
         dtype = text_tokens.dtype
         image_global = text_tokens.new_zeros(batch, self.image_dim)
         image_tokens = text_tokens.new_zeros(batch, self.image_tokens, self.image_dim)
-        if image_mask.any():
-            vis = self.clip.vision_model(pixel_values=pixel_values[image_mask].to(dtype))
+        if run.any():
+            pixels = torch.where(image_mask[:, None, None, None], pixel_values, 0.0)[run].to(dtype)
+            vis = self.clip.vision_model(pixel_values=pixels)
             g = self.image_global_proj(self.clip.visual_projection(vis.pooler_output))
             tok = self.image_token_proj(vis.last_hidden_state)
-            image_global = image_global.index_put((image_mask.nonzero(as_tuple=True)[0],), g.to(dtype))
-            image_tokens = image_tokens.index_put((image_mask.nonzero(as_tuple=True)[0],), tok.to(dtype))
+            image_global = image_global.index_put((run.nonzero(as_tuple=True)[0],), g.to(dtype))
+            image_tokens = image_tokens.index_put((run.nonzero(as_tuple=True)[0],), tok.to(dtype))
         return Features(text_global, text_tokens, attention_mask.bool(), image_global, image_tokens, image_mask)

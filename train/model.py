@@ -33,7 +33,8 @@ class MMoEModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         s = cfg.matcher
-        self.encoder = ClipEncoder(load_clip(cfg.clip_path, cfg.tiny_clip), s.text_dim, s.image_dim)
+        self.encoder = ClipEncoder(load_clip(cfg.clip_path, cfg.tiny_clip), s.text_dim, s.image_dim,
+                                   zero_pixels_for_missing=s.published)
         self.matcher = MMoEMatcher(s)
 
     def features(self, batch: Mapping[str, Tensor]) -> Features:

@@ -53,17 +53,23 @@ def deepspeed_config(cfg: Config, precision: str) -> dict:
 
 
 def param_groups(model: MMoEModel, cfg: Config) -> list[dict]:
-    """CLIP encoder parameters at train.clip_lr (default: the single rate), the rest at train.lr.
+    """Matcher parameters at train.lr and CLIP encoder parameters at train.clip_lr (default: the single
+    rate), each with weight decay train.weight_decay except parameters whose name contains ``bias``
+    (weight decay 0, as published; its ``LayerNorm`` names match no module, so LayerNorm weights decay).
+    Order: matcher, clip, then their no-decay halves (the schedule's lr list keeps clip at index 1).
 
     With DeepSpeed MoE layers, their expert parameters move to extra groups marked ``moe`` (one per
-    expert-parallel group name, at the rate of the group they came from), appended after these two,
+    expert-parallel group name, at the rate of the group they came from), appended after these,
     as DeepSpeed requires for ZeRO and for reducing expert gradients over the expert-data-parallel group."""
-    clip, rest = [], []
+    buckets: dict[tuple[str, bool], list] = {(g, d): [] for g in ("matcher", "clip") for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (clip if name.startswith("encoder.clip.") else rest).append(p)
-    clip_lr = cfg.train.lr if cfg.train.clip_lr < 0 else cfg.train.clip_lr
-    groups = [{"params": rest, "lr": cfg.train.lr, "name": "matcher"}, {"params": clip, "lr": clip_lr, "name": "clip"}]
+            buckets[("clip" if name.startswith("encoder.clip.") else "matcher", "bias" not in name)].append(p)
+    lr = {"matcher": cfg.train.lr, "clip": cfg.train.lr if cfg.train.clip_lr < 0 else cfg.train.clip_lr}
+    groups = [{"params": buckets[(g, True)], "lr": lr[g], "weight_decay": cfg.train.weight_decay, "name": g}
+              for g in ("matcher", "clip")]
+    groups += [{"params": buckets[(g, False)], "lr": lr[g], "weight_decay": 0.0, "name": f"{g}_no_decay"}
+               for g in ("matcher", "clip")]
     if cfg.model.matcher.moe.backend == "deepspeed":
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -116,7 +122,7 @@ class Trainer:
         self.collator = make_collator(cfg, model)
         self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
                                   rank=D.rank(), num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  fraction=cfg.data.train_fraction)
+                                  fraction=cfg.data.train_fraction, fraction_mode=cfg.data.train_fraction_mode)
         self.batches_per_epoch = self.stream.batches_per_epoch()
         steps_by_epochs = cfg.train.epochs * self.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
