@@ -296,14 +296,17 @@ class TrainStream(IterableDataset):
 
 class OrderedStream(IterableDataset):
     """Samples of one shard group in order (a split's mentions, or the KB's entities), this
-    rank's contiguous share only, collated into batches that carry their indices/ids."""
+    rank's contiguous share only, collated into batches that carry their indices/ids. With
+    ``align`` > 1 every rank's share starts at a multiple of ``align`` (whole blocks per rank)."""
 
     def __init__(self, shard_root: Path | str, group: str, collator: Collator, batch_size: int,
-                 world: int = 1, rank: int = 0) -> None:
+                 world: int = 1, rank: int = 0, align: int = 1) -> None:
         self.shards = ShardSet.from_manifest(shard_root, group)
         self.is_kb = group == "kb"
         self.collator, self.batch_size = collator, batch_size
-        self.range = split_evenly(self.shards.total, world)[rank]
+        total = self.shards.total
+        a, b = split_evenly(-(-total // align), world)[rank]
+        self.range = (min(a * align, total), min(b * align, total))
 
     def __len__(self) -> int:
         return self.range[1] - self.range[0]

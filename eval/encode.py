@@ -57,10 +57,8 @@ def encode_side(
     each row's ids (``entity_id``; or ``index`` and ``gold_id`` of mentions). With ``gather``,
     every rank gets all ranks' rows in rank order; ranks hold contiguous ranges, so that is
     dataset order (the KB cache). ``block`` (compat: published only) runs the matcher side on
-    exactly that many consecutive rows at a time, whatever the loader's batch size."""
-    if block is not None and D.world() > 1:
-        raise ValueError("model.matcher.compat: published reproduces the published evaluation's blocking, which is "
-                         "defined on one process: evaluate it with one process (python -m eval.evaluate ...)")
+    exactly that many consecutive rows at a time, whatever the loader's batch size; this rank's rows
+    must then start at a block boundary (``OrderedStream(..., align=block)``)."""
     parts: list[SideCache] = []
     id_keys = ("entity_id",) if entity else ("index", "gold_id")
     ids: dict[str, list[Tensor]] = {k: [] for k in id_keys}

@@ -72,16 +72,23 @@ def evaluate_split(
     model.eval()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    kb_stream = OrderedStream(cfg.data.shards, "kb", collator, e.batch_size, D.world(), D.rank())
     compat = model.matcher.settings.published
+    if compat:
+        # The published blocks (compat: published): every rank encodes the whole KB in blocks of
+        # compat_entity_block rows, and the mentions are split between ranks in whole batches of
+        # compat_mention_batch, so any number of processes computes the published evaluation's numbers.
+        kb_stream = OrderedStream(cfg.data.shards, "kb", collator, e.batch_size)
+    else:
+        kb_stream = OrderedStream(cfg.data.shards, "kb", collator, e.batch_size, D.world(), D.rank())
     kb, kb_ids = encode_side(model, make_loader(kb_stream, e.num_workers), device, entity=True, bf16=e.bf16,
-                             gather=True, total=len(kb_stream), desc="encode KB",
+                             gather=not compat, total=len(kb_stream), desc="encode KB",
                              block=e.compat_entity_block if compat else None)
     if not torch.equal(kb_ids["entity_id"].cpu(), torch.arange(len(kb))):
         raise RuntimeError("KB cache rows are not in entity id order: the KB shards are inconsistent with the manifest")
     timings["encode_kb_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    m_stream = OrderedStream(cfg.data.shards, split, collator, e.batch_size, D.world(), D.rank())
+    m_stream = OrderedStream(cfg.data.shards, split, collator, e.batch_size, D.world(), D.rank(),
+                             align=e.compat_mention_batch if compat else 1)
     mentions, m_ids = encode_side(model, make_loader(m_stream, e.num_workers), device, entity=False, bf16=e.bf16,
                                   total=len(m_stream), desc=f"encode {split}",
                                   block=e.compat_mention_batch if compat else None)

@@ -2,6 +2,7 @@
 the compatibility mode evaluates with the published blocking."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,9 @@ from data_shards.stream import OrderedStream, make_loader
 from eval.encode import encode_side
 from eval.evaluate import make_collator
 from moe.published import ours_to_published
-from tests.helpers import random_batch, tiny_model_config
+from tests.helpers import free_port, random_batch, tiny_model_config
 from train.config import Config, DataConfig, EvalConfig, save_config
-from train.model import build_model, load_export
+from train.model import build_model, load_export, save_export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,15 +124,19 @@ def test_compat_evaluation_computes_each_side_on_the_published_blocks(tiny_shard
     torch.testing.assert_close(a["text.g"], b["text.g"], rtol=1e-5, atol=1e-5)
 
 
-def test_compat_evaluation_command_runs_on_one_process(tiny_shards, tmp_path):
+def test_compat_evaluation_gives_the_same_numbers_on_one_and_two_processes(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards)
     torch.manual_seed(0)
     model, resolved = build_model(cfg, load_tokenizer(tiny_shards / "tokenizer"))
-    from train.model import save_export
-
     save_export(model, resolved, tmp_path / "best")
-    proc = subprocess.run([sys.executable, "-m", "eval.evaluate", "--checkpoint", str(tmp_path / "best"), "--split", "test",
-                           "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next((tmp_path / "eval").glob("results-*.json")).read_text())
-    assert results["metrics"]["mentions"] > 0
+    runs = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                            f"--master_port={free_port()}"]}
+    ranks = {}
+    for name, launcher in runs.items():
+        proc = subprocess.run(launcher + ["-m", "eval.evaluate", "--checkpoint", str(tmp_path / "best"), "--split", "test",
+                                          "--out", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / name / "per_mention-test.jsonl").read_text().splitlines()]
+        ranks[name] = [(r["index"], r["rank"], r["top_ids"]) for r in rows]
+    assert ranks["one"] and ranks["one"] == ranks["two"]
