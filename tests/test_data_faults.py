@@ -1,0 +1,219 @@
+"""Fault injection on the data path (issue 12, items 2-5 and 7): every fault is either a clear error
+that names what is wrong or a counted, reported skip; none gives a silently wrong result."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_shards.convert import ConvertSettings, TooManyMissingImages, convert
+from data_shards.images import prepare_image
+from data_shards.reader import DatasetFormatError
+from data_shards.store import EntityStore
+from tests.fixtures import write_fixture
+
+SMALL = ConvertSettings(image_size=16, shard_size=2, workers=1)
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _assert_consistent(out: Path) -> None:
+    """Every shard the manifest lists has the manifest's sha256, and no other shard is there."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {e["name"]: e["sha256"] for group in manifest["shards"].values() for e in group}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*.tar")}
+    assert on_disk == set(listed)
+    for name, sha in listed.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
+
+
+def _no_leftovers(parent: Path) -> None:
+    assert not [p for p in parent.rglob("*") if ".tmp" in p.name or ".building-" in p.name or ".old-" in p.name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 2: a failed conversion never leaves a mixed folder
+
+
+def test_conversion_failing_after_writing_shards_leaves_the_previous_output_untouched(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_fixture(raw, "wikimel")
+    convert("wikimel", raw, out, SMALL)
+    before = _tree(out)
+    # Files that exist (the cheap pre-check passes) but do not decode: the threshold is exceeded
+    # only after every shard was written.
+    for p in (raw / "kb_image").glob("*.jpg"):
+        p.write_bytes(b"not an image")
+    with pytest.raises(TooManyMissingImages, match="KB"):
+        convert("wikimel", raw, out, ConvertSettings(image_size=16, shard_size=3, workers=1))
+    assert _tree(out) == before
+    _assert_consistent(out)
+    _no_leftovers(tmp_path)
+
+
+def test_conversion_crashing_part_way_with_workers_leaves_the_previous_output_untouched(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_fixture(raw, "wikimel")
+    convert("wikimel", raw, out, SMALL)
+    before = _tree(out)
+    test_file = raw / "WIKIMEL_test.json"  # the last group written: kb, train and dev shards are done by then
+    test_file.write_text(test_file.read_text().replace("Air Jordan", "Air \\ud800 Jordan"))
+    with pytest.raises(DatasetFormatError, match=r"WIKIMEL_test\.json: mention id 't2': field 'sentence'.*not valid Unicode"):
+        convert("wikimel", raw, out, ConvertSettings(image_size=16, shard_size=1, workers=2))
+    assert _tree(out) == before
+    _no_leftovers(tmp_path)
+
+
+def test_a_stale_tokenizer_never_survives_a_new_conversion(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_fixture(raw, "wikimel")
+    (raw / "tokenizer").mkdir()
+    (raw / "tokenizer" / "tokenizer.json").write_text("{}")
+    manifest = convert("wikimel", raw, out, SMALL)
+    assert manifest["tokenizer"] == "tokenizer" and (out / "tokenizer" / "tokenizer.json").is_file()
+    shutil.rmtree(raw / "tokenizer")
+    manifest = convert("wikimel", raw, out, SMALL)
+    assert "tokenizer" not in manifest and not (out / "tokenizer").exists()
+    _assert_consistent(out)
+
+
+def test_conversion_refuses_to_replace_a_folder_that_is_not_a_shards_folder(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        convert("wikimel", raw, tmp_path / "mine", SMALL)
+    with pytest.raises(ValueError, match="dataset folder"):
+        convert("wikimel", raw, tmp_path, SMALL)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 4: the converter writes correct data or says why not
+
+
+def _decoded(jpg: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(jpg)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float32)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_grayscale_is_scaled_not_white(tmp_path, mode):
+    ramp = np.tile(np.linspace(0, 65535, 32), (32, 1))  # dark on the left, bright on the right
+    if mode == "I;16":
+        img = Image.fromarray(ramp.astype(np.uint16))
+        path = tmp_path / "gray16.png"
+    elif mode == "I":
+        img = Image.fromarray(ramp.astype(np.int32), mode="I")
+        path = tmp_path / "gray32.tif"
+    else:
+        img = Image.fromarray((ramp / 65535).astype(np.float32), mode="F")
+        path = tmp_path / "float.tif"
+    img.save(path)
+    with Image.open(path) as check:
+        assert check.mode == mode
+    jpg, reason = prepare_image(path, 16, 95)
+    assert reason == ""
+    px = _decoded(jpg)
+    assert abs(px.mean() - 127.5) < 12  # mid-gray on average, not 255
+    assert px[:, :3].mean() < 40 and px[:, -3:].mean() > 215  # the ramp survives
+
+
+def test_sixteen_bit_png_in_the_shards_and_in_link(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    Image.fromarray(np.full((30, 40), 32768, np.uint16)).save(raw / "kb_image" / "Q100_0.jpg", format="PNG")
+    convert("wikimel", raw, tmp_path / "out", SMALL)
+    entity = EntityStore(tmp_path / "out").get(0)
+    assert abs(_decoded(entity["jpg"]).mean() - 127.5) < 4
+    # eval.link prepares its query image with the same function (no folder confinement for a user's own file).
+    from eval import link
+
+    assert link.prepare_image is prepare_image
+
+
+def test_image_paths_escaping_the_image_folder_are_refused(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    outside = tmp_path / "secret.jpg"
+    shutil.copy(raw / "kb_image" / "Q100_0.jpg", outside)
+    os.symlink(outside, raw / "kb_image" / "link.jpg")
+    os.symlink(raw / "kb_image" / "Q200_0.jpg", raw / "kb_image" / "inner_link.jpg")  # stays inside: fine
+    os.mkfifo(raw / "kb_image" / "pipe.jpg")
+    kb = json.loads((raw / "kb_entity.json").read_text())
+    kb[0]["image_list"] = ["../../secret.jpg"]
+    kb[1]["image_list"] = [str(outside)]
+    kb[2]["image_list"] = ["link.jpg"]
+    kb[3]["image_list"] = ["pipe.jpg"]
+    kb[5]["image_list"] = ["inner_link.jpg"]
+    (raw / "kb_entity.json").write_text(json.dumps(kb))
+    done: list[dict] = []
+    worker = threading.Thread(target=lambda: done.append(convert(
+        "wikimel", raw, tmp_path / "out", ConvertSettings(image_size=16, shard_size=2, workers=1, max_missing=0.9))),
+        daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done, "the conversion hung (a FIFO was opened?)"
+    kb_stats = done[0]["images"]["kb"]
+    assert kb_stats["refused"] == 4 and kb_stats["present"] == 1 and kb_stats["none"] == 1
+    store = EntityStore(tmp_path / "out")
+    for i in range(4):
+        meta = store.get(i)
+        assert meta["jpg"] is None and meta["json"]["image_reason"].startswith("refused")
+    assert "not a regular file" in store.get(3)["json"]["image_reason"]
+    assert store.get(5)["jpg"] is not None
+
+
+def test_duplicate_qid_in_the_kb_is_an_error_naming_both_records(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    kb = json.loads((raw / "kb_entity.json").read_text())
+    kb[4]["qid"] = "Q200"
+    (raw / "kb_entity.json").write_text(json.dumps(kb))
+    with pytest.raises(DatasetFormatError, match=r"QID 'Q200' appears twice, at entity ids 1 and 4"):
+        convert("wikimel", raw, tmp_path / "out", SMALL)
+
+
+def test_qid2id_disagreeing_with_the_kb_is_an_error_naming_the_record(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    qid2id = json.loads((raw / "qid2id.json").read_text())
+    qid2id["Q300"], qid2id["Q400"] = qid2id["Q400"], qid2id["Q300"]  # two rows swapped
+    (raw / "qid2id.json").write_text(json.dumps(qid2id))
+    with pytest.raises(DatasetFormatError, match=r"maps 'Q300' to row 3, but kb_entity\.json has it at entity id 2"):
+        convert("wikimel", raw, tmp_path / "out", SMALL)
+
+
+def test_unencodable_kb_text_names_the_record_and_leaves_no_temporary_files(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    kb_file = raw / "kb_entity.json"
+    kb_file.write_text(kb_file.read_text().replace("river in the Middle East", "river \\udc80 East"))
+    with pytest.raises(DatasetFormatError, match=r"kb_entity\.json: entity id 4 \('Q500'\): field 'desc'"):
+        convert("wikimel", raw, tmp_path / "out", SMALL)
+    assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_an_empty_split_is_refused_with_its_name(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    dev = json.loads((raw / "WIKIMEL_dev.json").read_text())
+    dev[0]["answer"] = "nil"
+    (raw / "WIKIMEL_dev.json").write_text(json.dumps(dev))
+    with pytest.raises(DatasetFormatError, match=r"the dev split \(.*WIKIMEL_dev\.json\) has no mention to link \(1 nil"):
+        convert("wikimel", raw, tmp_path / "out", SMALL)
