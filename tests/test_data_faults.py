@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import tarfile
 import threading
 from pathlib import Path
 
@@ -217,3 +218,133 @@ def test_an_empty_split_is_refused_with_its_name(tmp_path):
     (raw / "WIKIMEL_dev.json").write_text(json.dumps(dev))
     with pytest.raises(DatasetFormatError, match=r"the dev split \(.*WIKIMEL_dev\.json\) has no mention to link \(1 nil"):
         convert("wikimel", raw, tmp_path / "out", SMALL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 3: checksums and truncation
+
+
+@pytest.fixture
+def shards_copy(tiny_shards, tmp_path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(tiny_shards, out)
+    return out
+
+
+def _manifest(shards: Path) -> dict:
+    return json.loads((shards / "manifest.json").read_text())
+
+
+def _cut_at_sample_boundary(path: Path, keep: int) -> None:
+    """Rewrite a shard as a valid tar holding only its first ``keep`` samples."""
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m, _ in members))[:keep]
+    with tarfile.open(path, "w") as tf:
+        for m, data in members:
+            if m.name.split(".")[0] in keys:
+                tf.addfile(m, io.BytesIO(data))
+
+
+def _collator(shards: Path):
+    from data_shards.collate import Collator, load_tokenizer
+
+    return Collator(load_tokenizer(shards / "tokenizer"), 32, 17)
+
+
+def test_a_dev_shard_cut_in_half_stops_the_ordered_stream(shards_copy):
+    from data_shards.store import ShardError
+    from data_shards.stream import OrderedStream
+
+    entry = _manifest(shards_copy)["shards"]["dev"][0]
+    path = shards_copy / entry["name"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    stream = OrderedStream(shards_copy, "dev", _collator(shards_copy), batch_size=8)
+    with pytest.raises(ShardError, match=rf"{entry['name']}.*(truncated|damaged)"):
+        for _ in stream:
+            pass
+
+
+def test_a_train_shard_cut_at_a_sample_boundary_stops_the_train_stream(shards_copy):
+    from data_shards.store import ShardError
+    from data_shards.stream import TrainStream
+
+    entry = _manifest(shards_copy)["shards"]["train"][1]
+    _cut_at_sample_boundary(shards_copy / entry["name"], keep=entry["samples"] - 3)
+    stream = TrainStream(shards_copy, _collator(shards_copy), batch_size=16, shuffle_buffer=4)
+    with pytest.raises(ShardError, match=rf"{entry['name']} holds {entry['samples'] - 3} samples but the manifest lists "
+                                         rf"{entry['samples']}"):
+        for _ in stream:
+            pass
+
+
+def test_a_truncated_kb_shard_is_refused_by_the_entity_store(shards_copy):
+    from data_shards.store import ShardError
+
+    entry = _manifest(shards_copy)["shards"]["kb"][2]
+    path = shards_copy / entry["name"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ShardError, match=rf"{entry['name']} is truncated"):
+        EntityStore(shards_copy)
+
+
+def test_verify_command_lists_every_bad_file(shards_copy, capsys):
+    from data_shards.verify import main as verify_main
+
+    assert verify_main([str(shards_copy), "--quiet"]) == 0
+    assert "files match manifest.json" in capsys.readouterr().out
+    m = _manifest(shards_copy)
+    tampered, cut = shards_copy / m["shards"]["dev"][0]["name"], shards_copy / m["shards"]["kb"][0]["name"]
+    data = bytearray(tampered.read_bytes())
+    data[700] ^= 0xFF  # same size, one byte different
+    tampered.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:1024])
+    (shards_copy / m["shards"]["test"][0]["name"]).unlink()
+    assert verify_main([str(shards_copy), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "3 file(s) differ" in err
+    assert f"{m['shards']['dev'][0]['name']}: sha256" in err
+    assert f"{m['shards']['kb'][0]['name']}: 1024 bytes, the manifest says" in err
+    assert f"{m['shards']['test'][0]['name']}: missing" in err
+    assert verify_main([str(shards_copy), "--quiet", "--groups", "train"]) == 0
+
+
+def test_evaluation_verifies_its_split_and_the_kb_before_ranking(shards_copy, tiny_export, tmp_path):
+    from eval.evaluate import main as evaluate_main
+
+    m = _manifest(shards_copy)
+    dev = shards_copy / m["shards"]["dev"][0]["name"]
+    data = bytearray(dev.read_bytes())
+    data[700] ^= 0xFF
+    dev.write_bytes(bytes(data))
+    args = ["--checkpoint", str(tiny_export), "--split", "dev", "--out", str(tmp_path / "res"), "--set",
+            f"data.shards={shards_copy}"]
+    with pytest.raises(SystemExit, match=rf"(?s){m['shards']['dev'][0]['name']}: sha256.*eval.verify_checksums=false"):
+        evaluate_main(args)
+    assert not (tmp_path / "res" / "results-dev.json").exists()
+    evaluate_main(args + ["--split", "test"])  # the test split and the KB are intact
+    assert (tmp_path / "res" / "results-test.json").is_file()
+
+
+def test_trainer_refuses_empty_splits_and_bad_shards_before_training(shards_copy):
+    from train.config import Config
+    from train.trainer import RunSetupError, Trainer
+
+    cfg = Config()
+    cfg.data.shards = str(shards_copy)
+    Trainer._check_data(cfg)  # intact, checksums not asked for
+    first = shards_copy / _manifest(shards_copy)["shards"]["train"][0]["name"]
+    first.write_bytes(first.read_bytes()[:-512])
+    Trainer._check_data(cfg)
+    cfg.data.verify_checksums = True
+    with pytest.raises(RunSetupError, match=rf"{first.parent.name}/{first.name}: \d+ bytes, the manifest says"):
+        Trainer._check_data(cfg)
+    manifest = _manifest(shards_copy)
+    manifest["counts"]["dev"] = 0
+    (shards_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunSetupError, match="the dev split of .* is empty"):
+        Trainer._check_data(cfg)
+    del manifest["counts"]["train"]
+    (shards_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunSetupError, match=r"the train split of .* is missing"):
+        Trainer._check_data(cfg)

@@ -46,6 +46,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     train_fraction: float = 1.0  # low-resource training: a seeded subset of the training mentions
     seed: int = 0
+    verify_checksums: bool = False  # check every shard's size and sha256 against the manifest before training
 
 
 @dataclass
@@ -59,6 +60,7 @@ class EvalConfig:
     max_pair_elements: int = 1 << 26  # bound on the attention tensor of one scoring block
     bf16: bool = True  # on GPUs that support it; CPUs always compute in fp32
     num_workers: int = 2
+    verify_checksums: bool = True  # check the split's and the KB's shards against the manifest before evaluating
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "two-stage"):
