@@ -201,13 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: the checkpoint folder)")
     p.add_argument("--name", default="this run", help="row name in the leaderboard")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--allow-other-kb", action="store_true",
+                   help="evaluate on a KB other than the one the export was trained on (the tokenizer must still match)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     D.init_process_group()
     device = D.device_for_rank()
     try:
         settings = ([f"eval.mode={a.mode}"] if a.mode else []) + a.overrides
-        model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"))
+        model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"),
+                                             allow_other_kb=a.allow_other_kb)
         verify_eval_data(cfg, a.split)
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ShardError) as err:
         sys.exit(f"error: {err}")

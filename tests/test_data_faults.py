@@ -348,3 +348,57 @@ def test_trainer_refuses_empty_splits_and_bad_shards_before_training(shards_copy
     (shards_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunSetupError, match=r"the train split of .* is missing"):
         Trainer._check_data(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 7: an export is used only with the tokenizer and (unless allowed) the KB it was trained on
+
+
+@pytest.fixture(scope="module")
+def other_kb_shards(tiny_shards, tmp_path_factory) -> Path:
+    """The same raw dataset converted with another shard size: the same tokenizer, a KB with other shard digests."""
+    out = tmp_path_factory.mktemp("other") / "shards"
+    convert("synthetic", tiny_shards.parent / "raw", out, ConvertSettings(image_size=32, shard_size=50, workers=1))
+    return out
+
+
+def test_export_records_its_tokenizer_and_kb(tiny_export, tiny_shards):
+    from data_shards.identity import IDENTITY_FILE, kb_identity
+
+    ident = json.loads((tiny_export / IDENTITY_FILE).read_text())
+    assert ident["tokenizer"]["vocab_size"] > 0 and len(ident["tokenizer"]["vocab_sha256"]) == 64
+    assert ident["kb"] == kb_identity(tiny_shards) and ident["kb"]["entities"] == 200
+
+
+def test_another_tokenizer_is_an_error_that_no_flag_overrides(shards_copy, tiny_export, tmp_path):
+    from data_shards.identity import DataMismatch
+    from eval.evaluate import main as evaluate_main
+    from eval.link import Linker
+
+    tok_file = shards_copy / "tokenizer" / "tokenizer.json"
+    tok = json.loads(tok_file.read_text())
+    tok["model"]["vocab"]["zzzextra"] = max(tok["model"]["vocab"].values()) + 1
+    tok_file.write_text(json.dumps(tok))
+    base = ["--checkpoint", str(tiny_export), "--split", "dev", "--out", str(tmp_path), "--set", f"data.shards={shards_copy}"]
+    for extra in ([], ["--allow-other-kb"]):
+        with pytest.raises(SystemExit, match=r"tokenizer .* is not the one .* \(vocab_sha256 .*; vocab_size (\d+) vs (?!\1)\d+"):
+            evaluate_main(base + extra)
+    with pytest.raises(DataMismatch, match="vocab_size"):
+        Linker(tiny_export, shards_copy, "cpu", allow_other_kb=True)
+    assert not (tmp_path / "results-dev.json").exists()
+
+
+def test_another_kb_is_an_error_unless_explicitly_allowed(other_kb_shards, tiny_export, tmp_path):
+    from data_shards.identity import DataMismatch
+    from eval.evaluate import main as evaluate_main
+    from eval.link import Linker
+
+    base = ["--checkpoint", str(tiny_export), "--split", "dev", "--out", str(tmp_path), "--set",
+            f"data.shards={other_kb_shards}"]
+    with pytest.raises(SystemExit, match=r"holds another KB .* 'synthetic' with 200 entities .*--allow-other-kb"):
+        evaluate_main(base)
+    assert not (tmp_path / "results-dev.json").exists()
+    with pytest.raises(DataMismatch, match="another KB"):
+        Linker(tiny_export, other_kb_shards, "cpu")
+    evaluate_main(base + ["--allow-other-kb"])
+    assert json.loads((tmp_path / "results-dev.json").read_text())["metrics"]["kb_size"] == 200
