@@ -10,6 +10,8 @@ import os
 import shutil
 import tarfile
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -402,3 +404,151 @@ def test_another_kb_is_an_error_unless_explicitly_allowed(other_kb_shards, tiny_
         Linker(tiny_export, other_kb_shards, "cpu")
     evaluate_main(base + ["--allow-other-kb"])
     assert json.loads((tmp_path / "results-dev.json").read_text())["metrics"]["kb_size"] == 200
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 5: the DME LLM client is bounded in time and memory, stops on the first Ctrl-C, and fails
+# loudly when nothing was decided
+
+
+class _HostileLLM(ThreadingHTTPServer):
+    """A chat-completions server whose replies follow ``behaviour(request_number)``: "ok" (reply "1"),
+    "vague" (an unparsable reply), "trickle" (one byte every ``trickle_s``, ``trickle_bytes`` of them),
+    "huge" (2 MB with Content-Length), "huge-unannounced" (2 MB, no length: read until close)."""
+
+    daemon_threads = True
+
+    def __init__(self, behaviour, trickle_s: float = 0.2, trickle_bytes: int = 40) -> None:
+        super().__init__(("127.0.0.1", 0), _HostileHandler)
+        self.behaviour, self.trickle_s, self.trickle_bytes = behaviour, trickle_s, trickle_bytes
+        self.count, self.lock = 0, threading.Lock()
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _HostileHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:
+            self.server.count += 1
+            kind = self.server.behaviour(self.server.count)
+        content = "I cannot tell" if kind == "vague" else "1"
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        try:
+            self.send_response(200)
+            if kind == "huge":
+                body = b" " * (2 << 20) + body
+                self.send_header("Content-Length", str(len(body)))
+            elif kind == "huge-unannounced":
+                body = b" " * (2 << 20) + body
+            elif kind != "trickle":
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if kind == "trickle":
+                for _ in range(self.server.trickle_bytes):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(self.server.trickle_s)
+            self.wfile.write(body)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile_llm():
+    servers: list[_HostileLLM] = []
+
+    def start(behaviour, **kw) -> _HostileLLM:
+        servers.append(_HostileLLM(behaviour, **kw))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def _jordan_query():
+    from data_shards.dme.backends import Query
+    from data_shards.dme.candidates import CandidateTable
+
+    table = CandidateTable.from_rows([{"qid": "Q810", "label": "Jordan", "description": "country in Western Asia"},
+                                      {"qid": "Q41421", "label": "Jordan", "description": "American basketball player"}])
+    return Query("Jordan", "Jordan dunks.", tuple(table.lookup("Jordan")))
+
+
+def test_llm_deadline_bounds_a_server_trickling_its_reply(hostile_llm):
+    from data_shards.dme.backends import LLMSelector
+    from data_shards.dme.config import LLMSettings
+
+    server = hostile_llm(lambda n: "trickle", trickle_s=0.2, trickle_bytes=40)  # 8 s, a byte well within any socket timeout
+    sel = LLMSelector(LLMSettings(base_url=server.base_url, model="fake", timeout_s=1.0, retries=0))
+    start = time.perf_counter()
+    choice = sel._ask(_jordan_query())
+    elapsed = time.perf_counter() - start
+    sel.close()
+    assert choice.index is None and choice.reason == "timeout" and not choice.cacheable
+    assert elapsed < 2.5
+
+
+@pytest.mark.parametrize("kind", ["huge", "huge-unannounced"])
+def test_llm_reply_size_is_capped(hostile_llm, kind):
+    from data_shards.dme.backends import LLMSelector
+    from data_shards.dme.config import LLMSettings, load_dme_config
+
+    assert load_dme_config().llm.max_reply_bytes == 1 << 20
+    server = hostile_llm(lambda n: kind)
+    sel = LLMSelector(LLMSettings(base_url=server.base_url, model="fake", retries=2, max_reply_bytes=64 << 10))
+    choice = sel._ask(_jordan_query())
+    sel.close()
+    assert choice.index is None and choice.reason == "reply_too_large" and "65536" in choice.raw
+    assert server.count == 1  # not retried: the same question gets the same reply
+
+
+def test_first_ctrl_c_stops_the_dme_command_with_workers_stuck_in_slow_replies(hostile_llm, tiny_shards, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    # The first request (the reachability probe) is answered; every later one trickles for a minute.
+    server = hostile_llm(lambda n: "ok" if n == 1 else "trickle", trickle_s=0.5, trickle_bytes=120)
+    raw = tiny_shards.parent / "raw"
+    cmd = [sys.executable, "-m", "data_shards.dme", "--dataset", "synthetic", "--root", str(raw), "--backend", "llm",
+           "--out", str(tmp_path / "dme"), "--no-cache", "--quiet", "--set", f"llm.base_url={server.base_url}",
+           "llm.model=fake", "llm.timeout_s=120", "llm.concurrency=2", "batch=8"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while server.count < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert server.count >= 3, proc.communicate(timeout=5)
+        time.sleep(0.3)  # both workers are inside their slow replies
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert elapsed < 5
+
+
+def test_dme_exits_non_zero_when_every_query_fell_back(hostile_llm, tiny_shards, tmp_path, capsys):
+    from data_shards.dme.run import main as dme_main
+
+    server = hostile_llm(lambda n: "vague")
+    raw = tiny_shards.parent / "raw"
+    rc = dme_main(["--dataset", "synthetic", "--root", str(raw), "--backend", "llm", "--out", str(tmp_path / "dme"),
+                   "--splits", "dev", "--no-cache", "--quiet", "--set", f"llm.base_url={server.base_url}", "llm.model=fake"])
+    err = capsys.readouterr().err
+    assert rc == 3 and server.count > 0
+    assert f"every one of the {server.count} queries fell back (unparsable {server.count})" in err
