@@ -359,7 +359,7 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
     Everything is built in a hidden sibling folder (``.NAME.building-PID``) and swapped in only when
     complete: a failed or killed conversion leaves ``out`` as it was."""
     s = settings or ConvertSettings()
-    root, out = Path(root), Path(out).absolute()
+    root, out = Path(root), Path(out).resolve()  # resolved: a symlinked --out is rebuilt where it points
     _check_out(root, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(out)

@@ -552,3 +552,15 @@ def test_dme_exits_non_zero_when_every_query_fell_back(hostile_llm, tiny_shards,
     err = capsys.readouterr().err
     assert rc == 3 and server.count > 0
     assert f"every one of the {server.count} queries fell back (unparsable {server.count})" in err
+
+
+def test_a_symlinked_output_folder_is_rebuilt_where_it_points(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    (tmp_path / "big_disk").mkdir()
+    os.symlink(tmp_path / "big_disk" / "shards", tmp_path / "shards", target_is_directory=True)
+    convert("wikimel", raw, tmp_path / "shards", SMALL)
+    convert("wikimel", raw, tmp_path / "shards", SMALL)
+    assert (tmp_path / "shards").is_symlink() and (tmp_path / "big_disk" / "shards" / "manifest.json").is_file()
+    _assert_consistent(tmp_path / "shards")
+    _no_leftovers(tmp_path)
