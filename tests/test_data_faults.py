@@ -564,3 +564,16 @@ def test_a_symlinked_output_folder_is_rebuilt_where_it_points(tmp_path):
     assert (tmp_path / "shards").is_symlink() and (tmp_path / "big_disk" / "shards" / "manifest.json").is_file()
     _assert_consistent(tmp_path / "shards")
     _no_leftovers(tmp_path)
+
+
+def test_training_on_a_train_shard_cut_at_a_sample_boundary_stops_with_the_shard_named(shards_copy, tmp_path):
+    from tests.test_trainer import train
+
+    entry = _manifest(shards_copy)["shards"]["train"][0]
+    _cut_at_sample_boundary(shards_copy / entry["name"], keep=entry["samples"] - 5)
+    args = ["--set", "train.max_steps=1000", "--set", "train.eval_every_epochs=0", "--set", "train.test_at_end=false",
+            "--set", "data.num_workers=1", "--set", "wandb.mode=disabled", "--set", "train.run_name=cut"]
+    proc = train(args, tmp_path / "runs", shards_copy, timeout=300)
+    assert proc.returncode != 0
+    assert f"{entry['name']} holds {entry['samples'] - 5} samples but the manifest lists {entry['samples']}" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("data error:")[-1]
