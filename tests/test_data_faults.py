@@ -164,6 +164,8 @@ def test_image_paths_escaping_the_image_folder_are_refused(tmp_path):
     kb[3]["image_list"] = ["pipe.jpg"]
     kb[5]["image_list"] = ["inner_link.jpg"]
     (raw / "kb_entity.json").write_text(json.dumps(kb))
+    (raw / "mention_image" / "m1.jpg").unlink()
+    os.symlink(outside, raw / "mention_image" / "m1.jpg")  # a mention image leading out of its folder
     done: list[dict] = []
     worker = threading.Thread(target=lambda: done.append(convert(
         "wikimel", raw, tmp_path / "out", ConvertSettings(image_size=16, shard_size=2, workers=1, max_missing=0.9))),
@@ -173,6 +175,8 @@ def test_image_paths_escaping_the_image_folder_are_refused(tmp_path):
     assert done, "the conversion hung (a FIFO was opened?)"
     kb_stats = done[0]["images"]["kb"]
     assert kb_stats["refused"] == 4 and kb_stats["present"] == 1 and kb_stats["none"] == 1
+    assert done[0]["images"]["train"]["refused"] == 1 and "m1.jpg (refused: outside mention_image/)" in \
+        done[0]["images"]["train"]["examples"][0]
     store = EntityStore(tmp_path / "out")
     for i in range(4):
         meta = store.get(i)
