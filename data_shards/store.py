@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 
 
+class ShardError(RuntimeError):
+    """A shard does not hold what the manifest says (truncated, damaged or replaced): re-convert or restore it."""
+
+
 class EntityStore:
     def __init__(self, shard_root: Path | str) -> None:
         self.root = Path(shard_root)
@@ -32,8 +36,24 @@ class EntityStore:
         if len(self.index) != manifest["counts"]["entities"]:
             expected = manifest["counts"]["entities"]
             raise ValueError(f"{self.root}: entity index has {len(self.index)} rows, manifest says {expected}")
+        self._check_sizes()
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
+
+    def _check_sizes(self) -> None:
+        """Every KB shard must be long enough for the members the index points into (one stat per
+        shard): a truncated shard is an error here, not a garbled entity later."""
+        if len(self.index) == 0:
+            return
+        ends = np.maximum(self.index["json_offset"] + self.index["json_size"], self.index["jpg_offset"] + self.index["jpg_size"])
+        need = np.zeros(len(self.shard_paths), dtype=np.int64)
+        np.maximum.at(need, np.asarray(self.index["shard"], dtype=np.int64), ends)
+        for path, n in zip(self.shard_paths, need.tolist(), strict=True):
+            size = path.stat().st_size if path.is_file() else -1
+            if size < n:
+                state = "missing" if size < 0 else f"truncated ({size} bytes, its entities need {n})"
+                raise ShardError(f"{path} is {state}: convert the dataset again or restore the shard "
+                                 "(python -m data_shards.verify checks every shard)")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -52,9 +72,24 @@ class EntityStore:
             raise IndexError(f"entity id {entity_id} outside the KB (0..{len(self.index) - 1})")
         row = self.index[entity_id]
         fd = self._fd(int(row["shard"]))
-        meta = json.loads(os.pread(fd, int(row["json_size"]), int(row["json_offset"])))
-        jpg = os.pread(fd, int(row["jpg_size"]), int(row["jpg_offset"])) if row["jpg_size"] else None
+        raw = self._read(fd, int(row["shard"]), int(row["json_size"]), int(row["json_offset"]))
+        try:
+            meta = json.loads(raw)
+        except ValueError as err:
+            raise ShardError(f"{self.shard_paths[int(row['shard'])]}: entity {entity_id} is not readable JSON ({err}): "
+                             "the shard does not match kb/index.npy; convert the dataset again") from None
+        if meta.get("id") != entity_id:
+            raise ShardError(f"{self.shard_paths[int(row['shard'])]}: the index points entity {entity_id} at entity "
+                             f"{meta.get('id')!r}: the shard does not match kb/index.npy; convert the dataset again")
+        jpg = self._read(fd, int(row["shard"]), int(row["jpg_size"]), int(row["jpg_offset"])) if row["jpg_size"] else None
         return {"json": meta, "jpg": jpg}
+
+    def _read(self, fd: int, shard: int, size: int, offset: int) -> bytes:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ShardError(f"{self.shard_paths[shard]}: {len(data)} of {size} bytes at offset {offset}: the shard was "
+                             "truncated (python -m data_shards.verify checks every shard)")
+        return data
 
     def get_many(self, entity_ids) -> list[dict]:
         return [self.get(int(i)) for i in entity_ids]

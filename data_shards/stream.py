@@ -36,7 +36,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_shards.collate import Collator
-from data_shards.store import EntityStore
+from data_shards.store import EntityStore, ShardError
 
 
 def load_manifest(shard_root: Path | str) -> dict:
@@ -108,14 +108,33 @@ def read_positions(shards: ShardSet, order: list[int], start: int, stop: int) ->
         if pos >= stop:
             return
         i = 0  # position among the used samples of this shard
-        for j, sample in enumerate(wds.tarfile_samples([{"url": str(shards.paths[s])}])):
-            if shards.keep is not None and not shards.keep[shards.first[s] + j]:
-                continue
-            if pos + i >= stop:
-                break
-            if pos + i >= start:
-                yield sample
-            i += 1
+        read = 0  # samples of the file read so far
+        path, expected = shards.paths[s], shards.file_counts[s]
+        try:
+            for sample in wds.tarfile_samples([{"url": str(path)}]):
+                if "json" not in sample:
+                    raise ShardError(f"{path}: sample {sample.get('__key__')!r} has no .json member: the shard is "
+                                     "truncated or damaged (python -m data_shards.verify checks every shard)")
+                j, read = read, read + 1
+                if read > expected:
+                    raise ShardError(f"{path} holds more than the {expected} samples the manifest lists: it was replaced; "
+                                     "convert the dataset again")
+                if shards.keep is not None and not shards.keep[shards.first[s] + j]:
+                    continue
+                if pos + i >= stop:
+                    break
+                if pos + i >= start:
+                    yield sample
+                i += 1
+            else:  # the whole file was read: a shortfall means it lost samples
+                if read < expected:
+                    raise ShardError(f"{path} holds {read} samples but the manifest lists {expected}: the shard is "
+                                     "truncated (python -m data_shards.verify checks every shard)")
+        except ShardError:
+            raise
+        except Exception as err:  # tarfile.ReadError, OSError, ... from a damaged file
+            raise ShardError(f"{path}: cannot read the shard ({type(err).__name__}: {err}); it is truncated or "
+                             "damaged (python -m data_shards.verify checks every shard)") from err
         pos += n
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from data_shards.collate import Collator, load_tokenizer
+from data_shards.store import ShardError
 from data_shards.stream import OrderedStream, load_manifest, make_loader
+from data_shards.verify import problems_message, verify
 from eval.encode import encode_side
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import summarize
@@ -126,6 +128,21 @@ def evaluate_split(
     return EvalResult(split, metrics, per_mention, timings)
 
 
+def verify_shards(shards: str | Path, groups: list[str] | None, what: str) -> None:
+    """Size and sha256 of the shards of ``groups`` (None: all) against the manifest, the files shared
+    over the ranks; every rank raises the same ShardError listing every bad file."""
+    problems = verify(shards, groups, progress=D.is_main(), part=(D.rank(), D.world()))
+    everything = [p for part in D.gather_objects(problems) for p in part]
+    if everything:
+        raise ShardError(problems_message(shards, sorted(everything)) + f" ({what})")
+
+
+def verify_eval_data(cfg: Config, split: str) -> None:
+    """Before an evaluation whose results cite the manifest: its split and KB shards must match it."""
+    if cfg.eval.verify_checksums:
+        verify_shards(cfg.data.shards, ["kb", split], "set eval.verify_checksums=false to evaluate anyway")
+
+
 def manifest_hash(shards: str | Path) -> str:
     return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
 
@@ -195,14 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: the checkpoint folder)")
     p.add_argument("--name", default="this run", help="row name in the leaderboard")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--allow-other-kb", action="store_true",
+                   help="evaluate on a KB other than the one the export was trained on (the tokenizer must still match)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     D.init_process_group()
     device = D.device_for_rank()
     try:
         settings = ([f"eval.mode={a.mode}"] if a.mode else []) + a.overrides
-        model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"),
+                                             allow_other_kb=a.allow_other_kb)
+        verify_eval_data(cfg, a.split)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, ShardError) as err:
         sys.exit(f"error: {err}")
     model.to(device)
     result = evaluate_split(model, cfg, a.split, device)

@@ -35,7 +35,7 @@ from eval.encode import encode_side
 from eval.evaluate import make_collator, manifest_hash
 from eval.ranking import autocast_for, build_index, search
 from moe.features import SideCache
-from train.model import BATCH_KEYS, EXPORT_WEIGHTS, load_export
+from train.model import BATCH_KEYS, EXPORT_WEIGHTS, check_data_identity, load_export
 
 CACHE_VERSION = 1
 SIDE_PREFIX = "side."
@@ -102,7 +102,7 @@ class Linker:
     """A loaded export, its collator and the KB's entity cache, ready for queries."""
 
     def __init__(self, checkpoint: str | Path, shards: str | Path | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, allow_other_kb: bool = False) -> None:
         self.checkpoint = Path(checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.cfg = load_export(self.checkpoint)
@@ -112,6 +112,7 @@ class Linker:
         self.manifest = load_manifest(self.shards)
         self.model.to(self.device).eval()
         self.collator = make_collator(self.cfg, self.model)
+        check_data_identity(self.checkpoint, self.cfg, allow_other_kb)  # DataMismatch (ValueError) names what differs
         self.store = EntityStore(self.shards)
         self.manifest_sha256 = manifest_hash(self.shards)
         self.cache_file = cache_path(self.checkpoint, self.manifest_sha256)
@@ -199,11 +200,11 @@ class Linker:
 
 def link(checkpoint: str | Path, sentence: str, mention: str, image: str | Path | None = None, desc: str = "",
          top_k: int = 5, shards: str | Path | None = None, mode: str = "exact",
-         device: str | torch.device | None = None) -> list[LinkResult]:
+         device: str | torch.device | None = None, allow_other_kb: bool = False) -> list[LinkResult]:
     """Top-k KB entities for one mention (see the module docstring); builds or reuses the KB cache."""
     if image is not None:
         check_image(image)  # before loading the model and encoding the KB
-    return Linker(checkpoint, shards, device).query(sentence, mention, image, desc, top_k, mode)
+    return Linker(checkpoint, shards, device, allow_other_kb).query(sentence, mention, image, desc, top_k, mode)
 
 
 def format_results(results: list[LinkResult]) -> str:
@@ -224,11 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shards", help="converted KB (default: the export config's data.shards)")
     p.add_argument("--mode", choices=["exact", "two-stage"], default="exact")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--allow-other-kb", action="store_true",
+                   help="link against a KB other than the one the export was trained on (the tokenizer must still match)")
     a = p.parse_args(argv)
     try:
         if a.image is not None:
             check_image(a.image)
-        linker = Linker(a.checkpoint, a.shards, a.device)
+        linker = Linker(a.checkpoint, a.shards, a.device, a.allow_other_kb)
         results = linker.query(a.sentence, a.mention, a.image, a.desc, a.top_k, a.mode)
     except (FileNotFoundError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")

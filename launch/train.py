@@ -16,6 +16,7 @@ from pathlib import Path
 _here = Path(__file__).resolve().parent
 sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
 
+from data_shards.store import ShardError  # noqa: E402
 from train.config import ConfigError, load_config  # noqa: E402
 from train.trainer import RunSetupError, Trainer  # noqa: E402
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         Trainer(cfg, resume=a.resume).run()
     except RunSetupError as err:
         sys.exit(f"error: {err}")
+    except ShardError as err:  # a shard differs from the manifest (truncated, replaced): named in the message
+        msg = str(err)  # raised in a DataLoader worker: the message holds the worker's traceback, then ours
+        sys.exit(f"data error: {msg.rstrip().rsplit('ShardError: ', 1)[-1] if 'Original Traceback' in msg else msg}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_round_trip_manifest_store_and_images(tmp_path):
     manifest = convert("wikimel", tmp_path / "raw", tmp_path / "out", SMALL)
     assert manifest["counts"] == {"entities": 6, "train": 4, "dev": 1, "test": 2}
     assert manifest["skipped"]["train"]["nil"] == 1
-    assert manifest["images"]["kb"] == {"present": 5, "none": 1, "missing": 0, "unreadable": 0, "examples": []}
+    assert manifest["images"]["kb"] == {"present": 5, "none": 1, "missing": 0, "unreadable": 0, "refused": 0, "examples": []}
     assert manifest["images"]["train"]["present"] == 3 and manifest["images"]["train"]["none"] == 1
     assert [s["samples"] for s in manifest["shards"]["kb"]] == [2, 2, 2]
     # Every KB shard holds entities in id order; images were resized to 16x16.

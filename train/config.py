@@ -50,6 +50,7 @@ class DataConfig:
     train_fraction: float = 1.0  # low-resource training: a subset of the training mentions
     train_fraction_mode: str = "random"  # random: a seeded subset | first: the first ones in file order (MIMIC)
     seed: int = 0
+    verify_checksums: bool = False  # check every shard's size and sha256 against the manifest before training
 
     def __post_init__(self) -> None:
         if self.train_fraction_mode not in ("random", "first"):
@@ -72,6 +73,7 @@ class EvalConfig:
     # and the mention side on batches of 20 mentions (its eval_batch_size).
     compat_entity_block: int = 6000
     compat_mention_batch: int = 20
+    verify_checksums: bool = True  # check the split's and the KB's shards against the manifest before evaluating
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "two-stage"):

@@ -8,6 +8,7 @@ A batch (mentions or entities) is a mapping with
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,11 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from data_shards.identity import check_identity, write_identity
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
 from train import distributed as D
-from train.config import Config, ModelConfig, apply_override, build, load_config, save_config, to_dict
+from train.config import Config, ConfigError, ModelConfig, apply_override, build, load_config, save_config, to_dict
 from train.encoder import ClipEncoder, load_clip
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
@@ -140,10 +142,39 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp / EXPORT_WEIGHTS))
     save_config(export_config(cfg), tmp / EXPORT_CONFIG)
+    write_data_identity(tmp, cfg)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_at(path: str) -> PreTrainedTokenizerBase:
+    from data_shards.collate import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def data_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The tokenizer ``cfg`` resolves to (data.tokenizer, <shards>/tokenizer, model.clip_path)."""
+    from eval.evaluate import resolve_tokenizer  # here: eval.evaluate imports this module
+
+    return _tokenizer_at(resolve_tokenizer(cfg))
+
+
+def write_data_identity(folder: Path, cfg: Config) -> None:
+    """The export's data_identity.json (data_shards/identity.py): the tokenizer and the KB it was trained on."""
+    try:
+        tokenizer = data_tokenizer(cfg)
+    except (ConfigError, OSError):
+        tokenizer = None  # recorded as unknown; commands using the export then warn
+    write_identity(folder, tokenizer, cfg.data.shards)
+
+
+def check_data_identity(export: str | Path, cfg: Config, allow_other_kb: bool = False) -> None:
+    """DataMismatch (a ValueError) when ``cfg``'s tokenizer or KB is not what ``export`` was trained on."""
+    check_identity(export, data_tokenizer(cfg), cfg.data.shards, allow_other_kb)
 
 
 def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMoEModel, Config]:
@@ -160,10 +191,12 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> t
 
 
 def load_export_for_command(checkpoint: str | Path, settings: list[str], config: str | Path | None = None,
-                            sections: tuple[str, ...] = ("data", "eval", "negatives")) -> tuple[MMoEModel, Config]:
+                            sections: tuple[str, ...] = ("data", "eval", "negatives"),
+                            allow_other_kb: bool = False) -> tuple[MMoEModel, Config]:
     """An export for a command-line tool: ``config``'s ``sections`` replace the export's (the model
     section always comes from the export, since it must fit the weights), then ``settings``
-    (``section.key=value``) apply. Errors are ConfigError/FileNotFoundError/ValueError."""
+    (``section.key=value``) apply. The data's tokenizer and KB are then checked against the ones the
+    export was trained on. Errors are ConfigError/FileNotFoundError/ValueError (DataMismatch)."""
     model, cfg = load_export(checkpoint)
     data = to_dict(cfg)
     if config:
@@ -172,5 +205,7 @@ def load_export_for_command(checkpoint: str | Path, settings: list[str], config:
             data[section] = other[section]
     for assignment in settings:
         apply_override(data, assignment)
-    return model, build(Config, data)
+    cfg = build(Config, data)
+    check_data_identity(checkpoint, cfg, allow_other_kb)
+    return model, cfg
 

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--index", choices=["flat", "ivf", "ivfpq"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--allow-other-kb", action="store_true", help="mine on a KB other than the one the export was trained on")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     D.init_process_group()
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = [f"negatives.top_k={a.top_k}"] if a.top_k else []
         settings += [f"negatives.index={a.index}"] if a.index else []
-        model, cfg = load_export_for_command(a.checkpoint, settings + a.overrides)
+        model, cfg = load_export_for_command(a.checkpoint, settings + a.overrides, allow_other_kb=a.allow_other_kb)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     from eval.evaluate import make_collator

@@ -16,7 +16,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_shards.collate import load_tokenizer
-from data_shards.stream import TrainStream, make_loader
+from data_shards.store import ShardError
+from data_shards.stream import TrainStream, load_manifest, make_loader
+from eval import evaluate as ev
 from eval.evaluate import EvalResult, evaluate_split, make_collator, one_line, resolve_tokenizer, write_outputs
 from train import checkpointing as ckpt
 from train import distributed as D
@@ -119,6 +121,7 @@ class Trainer:
             raise RunSetupError(f"model.matcher.moe.ep_size={ep_size} must divide the number of processes ({D.world()})")
         model, self.cfg = build_model(cfg, tokenizer)
         cfg = self.cfg
+        self._check_data(cfg)
         self.collator = make_collator(cfg, model)
         self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
                                   rank=D.rank(), num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -143,6 +146,22 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state["wandb_id"])
         self.state["wandb_id"] = self.log.wandb_id
+
+    # -- data checks ----------------------------------------------------------------------------
+    @staticmethod
+    def _check_data(cfg: Config) -> None:
+        """Refuse a missing or empty train/dev split by name, and (data.verify_checksums) shards that
+        differ from the manifest, before anything is trained."""
+        counts = load_manifest(cfg.data.shards)["counts"]
+        for split in ("train", "dev"):
+            if not counts.get(split):
+                state = "empty" if split in counts else "missing (not converted)"
+                raise RunSetupError(f"the {split} split of {cfg.data.shards} is {state}: training needs {split} mentions")
+        if cfg.data.verify_checksums:
+            try:
+                ev.verify_shards(cfg.data.shards, None, "data.verify_checksums")
+            except ShardError as err:
+                raise RunSetupError(str(err)) from None
 
     # -- resume ---------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
@@ -284,6 +303,10 @@ class Trainer:
         best = self.run_dir / "best"
         if not (best / "model.safetensors").is_file():
             return None
+        try:
+            ev.verify_eval_data(self.cfg, "test")  # the results cite the manifest: its shards must match it
+        except ShardError as err:
+            raise RunSetupError(str(err)) from None
         model, _ = load_export(best)
         self.engine.module.load_state_dict(model.state_dict())  # every rank evaluates the best weights
         with local_experts(self.engine.module) as module:

@@ -8,7 +8,13 @@
 
 A selector returns a :class:`Choice` per query: the chosen index, or ``None`` with the reason it
 could not decide (``unparsable``, ``out_of_range``, ``timeout``, ``connection_error``,
-``http_<code>``, ``bad_response``); the runner then applies the configured fallback and counts it.
+``http_<code>``, ``bad_response``, ``reply_too_large``, ``interrupted``); the runner then applies
+the configured fallback and counts it.
+
+The LLM client bounds every request: ``llm.timeout_s`` is a wall-clock deadline from connection to
+the reply's last byte (a watchdog shuts the socket down, so a server trickling a byte a second
+cannot outlive it), replies longer than ``llm.max_reply_bytes`` are refused while being read, and
+``close()`` (also on the first Ctrl-C) cuts every request in flight so the process exits at once.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -130,6 +137,64 @@ class _Failure(Exception):
 _FATAL = re.compile(r"connection_error|http_4(?!08|29)\d\d")  # failures that say the endpoint is wrong, not busy
 
 
+class _Attempt:
+    """One HTTP request in flight; ``cut`` (from a watchdog timer or ``close``) shuts its socket down,
+    which ends any blocking connect/read in the worker thread at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.reason = ""  # "timeout" or "interrupted" once cut
+
+    def attach(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.sock = sock
+            if self.reason:
+                _shutdown(sock)
+
+    def cut(self, reason: str) -> None:
+        with self.lock:
+            if not self.reason:
+                self.reason = reason
+            if self.sock is not None:
+                _shutdown(self.sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+_current = threading.local()  # the worker thread's _Attempt, for the connection classes below
+_tracked_classes: dict[type, type] = {}
+
+
+def _tracked(conn_class: type) -> type:
+    """``conn_class`` (HTTP or HTTPS connection) that hands its socket to the thread's current _Attempt."""
+    if conn_class not in _tracked_classes:
+        class Tracked(conn_class):
+            def connect(self) -> None:
+                super().connect()
+                attempt = getattr(_current, "attempt", None)
+                if attempt is not None:
+                    attempt.attach(self.sock)
+
+        _tracked_classes[conn_class] = Tracked
+    return _tracked_classes[conn_class]
+
+
+class _TrackedHTTP(urllib.request.HTTPHandler):
+    def do_open(self, http_class, req, **kw):  # noqa: ANN001 (urllib's signature)
+        return super().do_open(_tracked(http_class), req, **kw)
+
+
+class _TrackedHTTPS(urllib.request.HTTPSHandler):
+    def do_open(self, http_class, req, **kw):  # noqa: ANN001
+        return super().do_open(_tracked(http_class), req, **kw)
+
+
 class LLMSelector(Selector):
     """Chat-completions client: temperature 0, a few tokens, one number per query."""
 
@@ -151,28 +216,47 @@ class LLMSelector(Selector):
         self.requests = 0  # HTTP attempts
         self.succeeded = 0  # replies received
         self.last_error = ""
+        self.active: set[_Attempt] = set()  # requests in flight (cut by close())
+        self.opener = urllib.request.build_opener(_TrackedHTTP, _TrackedHTTPS)  # proxies as urllib's default
 
     def identity(self) -> str:
         return f"llm:{self.model}:prompt{PROMPT_VERSION}:max_tokens{self.s.max_tokens}"
 
     def _post(self, body: bytes) -> str:
         req = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+        attempt = _Attempt()
         with self.lock:
             self.requests += 1
+            self.active.add(attempt)
+        if self.stop.is_set():
+            attempt.cut("interrupted")
+        watchdog = threading.Timer(self.s.timeout_s, attempt.cut, args=("timeout",))
+        watchdog.daemon = True
+        watchdog.start()
+        _current.attempt = attempt
         try:
-            with urllib.request.urlopen(req, timeout=self.s.timeout_s) as resp:
-                payload = resp.read()
+            with self.opener.open(req, timeout=self.s.timeout_s) as resp:
+                payload = self._read_capped(resp)
+            if attempt.reason:  # cut while reading: what arrived may be a prefix
+                raise OSError("request cut")
+        except _Failure:
+            raise
         except urllib.error.HTTPError as err:
             code = err.code
+            err.close()
             raise _Failure(f"http_{code}", f"HTTP {code} from {self.url}", code in (408, 409, 429) or code >= 500) from None
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, TimeoutError):
-                raise _Failure("timeout", f"no reply from {self.url} within {self.s.timeout_s}s", True) from None
-            raise _Failure("connection_error", f"cannot reach {self.url}: {err.reason}", True) from None
-        except TimeoutError:
-            raise _Failure("timeout", f"no reply from {self.url} within {self.s.timeout_s}s", True) from None
-        except (ConnectionError, http.client.HTTPException, OSError) as err:
-            raise _Failure("connection_error", f"connection to {self.url} failed: {err!r}", True) from None
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as err:
+            if attempt.reason == "interrupted":
+                raise _Failure("interrupted", "interrupted", False) from None
+            reason = err.reason if isinstance(err, urllib.error.URLError) else err
+            if attempt.reason == "timeout" or isinstance(reason, TimeoutError):
+                raise _Failure("timeout", f"no complete reply from {self.url} within {self.s.timeout_s}s", True) from None
+            raise _Failure("connection_error", f"cannot reach {self.url}: {reason!r}", True) from None
+        finally:
+            watchdog.cancel()
+            _current.attempt = None
+            with self.lock:
+                self.active.discard(attempt)
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -181,6 +265,21 @@ class LLMSelector(Selector):
         if isinstance(content, list):  # content parts
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
         return content if isinstance(content, str) else ""
+
+    def _read_capped(self, resp: http.client.HTTPResponse) -> bytes:
+        """The reply body, refused as soon as it is known to exceed llm.max_reply_bytes."""
+        cap = self.s.max_reply_bytes
+        length = resp.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > cap:
+            raise _Failure("reply_too_large", f"{self.url} announced a {int(length)}-byte reply, above llm.max_reply_bytes "
+                           f"({cap})", False)
+        parts, n = [], 0
+        while block := resp.read(min(1 << 16, cap + 1 - n)):
+            parts.append(block)
+            n += len(block)
+            if n > cap:
+                raise _Failure("reply_too_large", f"{self.url} sent more than llm.max_reply_bytes ({cap}) bytes", False)
+        return b"".join(parts)
 
     def _ask(self, q: Query) -> Choice:
         body = json.dumps({"model": self.model, "messages": build_messages(q), "temperature": 0,
@@ -216,8 +315,8 @@ class LLMSelector(Selector):
         futures = [self.pool.submit(self._ask, q) for q in queries]
         try:
             choices = first + [f.result() for f in futures]
-        except BaseException:
-            self.stop.set()
+        except BaseException:  # Ctrl-C: stop at once, cutting the requests in flight
+            self._cut_all()
             for f in futures:
                 f.cancel()
             raise
@@ -229,8 +328,15 @@ class LLMSelector(Selector):
             raise LLMUnreachable(f"no request to {self.url} succeeded ({self.s.retries} retries each); "
                                  f"last error: {self.last_error}. Check llm.base_url, llm.model and llm.api_key_env.")
 
-    def close(self) -> None:
+    def _cut_all(self) -> None:
         self.stop.set()
+        with self.lock:
+            active = list(self.active)
+        for attempt in active:
+            attempt.cut("interrupted")
+
+    def close(self) -> None:
+        self._cut_all()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

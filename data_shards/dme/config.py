@@ -28,11 +28,12 @@ class LLMSettings:
     model: str = ""
     api_key_env: str = ""  # name of the environment variable holding the API key ("" = no key)
     max_tokens: int = 16
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # wall-clock limit of one request, connection to last byte of the reply
     retries: int = 3  # further attempts after a failed request (timeouts, connection errors, 429, 5xx)
     backoff_s: float = 1.0  # first retry delay; doubles each retry
     max_backoff_s: float = 30.0
     concurrency: int = 8  # requests in flight
+    max_reply_bytes: int = 1 << 20  # a longer reply is refused (reason reply_too_large), never buffered whole
 
 
 @dataclass
@@ -64,6 +65,8 @@ class DMEConfig:
             raise DMEConfigError("llm.model is empty: name the model the endpoint serves (--set llm.model=NAME)")
         if self.llm.concurrency < 1 or self.llm.retries < 0 or self.llm.timeout_s <= 0 or self.llm.max_tokens < 1:
             raise DMEConfigError("llm: concurrency and max_tokens must be >= 1, retries >= 0, timeout_s > 0")
+        if self.llm.max_reply_bytes < 256:
+            raise DMEConfigError(f"llm.max_reply_bytes must be >= 256, got {self.llm.max_reply_bytes}")
         if self.embedding.batch_size < 1 or self.embedding.max_length < 2:
             raise DMEConfigError("embedding: batch_size must be >= 1 and max_length >= 2")
         try:

@@ -227,4 +227,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {sp}: {s['records']} records, {s['with_candidates']} with candidates ({s['fuzzy_match']} fuzzy), "
               f"{s['no_candidates']} without, {s['single_candidate']} single, {s['selected']} selected "
               f"({s['cached']} cached), undecided: {und}; {s['seconds']:.1f}s")
+    failed = all_fell_back(report)
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 3
     return 0
+
+
+def all_fell_back(report: dict[str, Any]) -> str:
+    """A message when the selector decided nothing and every query it was given fell back, else ""."""
+    splits = report["splits"].values()
+    fell_back = sum(s["fallback_used"] for s in splits)
+    if fell_back == 0 or any(s["selected"] for s in splits):
+        return ""
+    reasons: Counter = Counter()
+    for s in splits:
+        reasons.update(s["undecided"])
+    return (f"every one of the {fell_back} queries fell back ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}): "
+            f"the files hold fallback descriptions only. Check the selector (llm.base_url, llm.model, llm.timeout_s).")
