@@ -58,7 +58,7 @@ def worker(a: argparse.Namespace) -> None:
     import deepspeed
 
     cfg = Config()
-    cfg.model.matcher = MatcherSettings(moe=MoESettings(num_experts=a.num_experts, top_k=a.top_k, expert_hidden=96,
+    cfg.model.matcher = MatcherSettings(moe=MoESettings(num_experts=a.num_experts, top_k=a.top_k,
                                                         backend=a.backend, ep_size=a.ep_size))
     cfg.data.batch_size, cfg.train.lr = a.batch, 1e-4
 
