@@ -43,12 +43,12 @@ def worker(a: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
+    from model import distributed as D
+    from model.config import Config
     from moe.deepspeed_backend import setup_expert_parallel
     from moe.features import Features
     from moe.matcher import MatcherSettings, MMoEMatcher
     from moe.units import MoESettings
-    from train import distributed as D
-    from train.config import Config
     from train.loss import contrastive_loss
     from train.trainer import deepspeed_config, param_groups
 

@@ -23,10 +23,10 @@ from data_shards.convert import ConvertSettings, convert
 from data_shards.stream import OrderedStream, make_loader
 from data_shards.synthetic import generate, preset
 from eval.encode import encode_side
-from eval.evaluate import make_collator
 from eval.ranking import build_index
-from train.config import load_config
-from train.model import build_model
+from model.config import load_config
+from model.factory import make_collator
+from model.mmoe import build_model
 from train.negatives import nearest_negatives
 
 

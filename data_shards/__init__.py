@@ -1,1 +1,1 @@
-"""Dataset readers, webdataset shard conversion and streaming (issue 3)."""
+"""Dataset readers, webdataset shard conversion, shard checks and streaming."""

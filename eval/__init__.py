@@ -1,1 +1,1 @@
-"""Whole-KB evaluation and leaderboard numbers (issue 4)."""
+"""Whole-KB evaluation, leaderboard numbers and single-query linking."""

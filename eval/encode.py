@@ -9,9 +9,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from eval.ranking import autocast_for
+from model import distributed as D
+from model.mmoe import BATCH_KEYS, MMoEModel
 from moe.features import Features, SideCache
-from train import distributed as D
-from train.model import BATCH_KEYS, MMoEModel
 
 
 def _to(batch: dict, device: torch.device) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from data_shards.collate import Collator, load_tokenizer
+from data_shards.collate import Collator
 from data_shards.store import ShardError
 from data_shards.stream import OrderedStream, load_manifest, make_loader
 from data_shards.verify import problems_message, verify
@@ -33,9 +33,10 @@ from eval.encode import encode_side
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import summarize
 from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
-from train import distributed as D
-from train.config import Config, ConfigError, to_dict
-from train.model import MMoEModel, load_export_for_command
+from model import distributed as D
+from model.config import Config, ConfigError, to_dict
+from model.factory import make_collator
+from model.mmoe import MMoEModel, load_export_for_command
 
 
 @dataclass
@@ -44,24 +45,6 @@ class EvalResult:
     metrics: dict[str, float]
     per_mention: list[dict] = field(default_factory=list)  # filled on rank 0
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_tokenizer(cfg: Config) -> str:
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    local = Path(cfg.data.shards) / "tokenizer"
-    if local.is_dir():
-        return str(local)
-    if cfg.model.clip_path:
-        return cfg.model.clip_path
-    raise ConfigError("data.tokenizer is empty, the shards have no tokenizer/ folder and model.clip_path is empty: "
-                      "say which tokenizer to use")
-
-
-def make_collator(cfg: Config, model: MMoEModel) -> Collator:
-    image_size = model.encoder.clip.config.vision_config.image_size
-    return Collator(load_tokenizer(resolve_tokenizer(cfg)), image_size, cfg.model.text_max_length,
-                    mention_desc=cfg.data.mention_desc, entity_desc=cfg.data.entity_desc)
 
 
 def evaluate_split(

@@ -32,10 +32,11 @@ from data_shards.images import prepare_image
 from data_shards.store import EntityStore
 from data_shards.stream import OrderedStream, load_manifest, make_loader
 from eval.encode import encode_side
-from eval.evaluate import make_collator, manifest_hash
+from eval.evaluate import manifest_hash
 from eval.ranking import autocast_for, build_index, search
+from model.factory import make_collator
+from model.mmoe import BATCH_KEYS, EXPORT_WEIGHTS, check_data_identity, load_export
 from moe.features import SideCache
-from train.model import BATCH_KEYS, EXPORT_WEIGHTS, check_data_identity, load_export
 
 CACHE_VERSION = 1
 SIDE_PREFIX = "side."

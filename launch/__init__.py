@@ -1,1 +1,1 @@
-"""Launch entry points and configs for `deepspeed launch/train.py` (issue 5)."""
+"""Launch entry points and configs for `deepspeed launch/train.py`."""

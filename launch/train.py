@@ -17,7 +17,7 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
 
 from data_shards.store import ShardError  # noqa: E402
-from train.config import ConfigError, load_config  # noqa: E402
+from model.config import ConfigError, load_config  # noqa: E402
 from train.trainer import RunSetupError, Trainer  # noqa: E402
 
 

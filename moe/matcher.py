@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from core.typed_config import ConfigError
 from moe.features import Features, SideCache
 from moe.units import CROSS_GATES, CrossUnit, IntraUnit, MoELog, MoESettings
-from train.typed_config import ConfigError
 
 UNITS = ("text", "vision", "cross")
 COMPAT = ("none", "published")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.typed_config import ConfigError  # a ValueError; light module, no cycle
 from moe.switch import MoEOutput, SwitchMoE
-from train.typed_config import ConfigError  # a ValueError; light module, no cycle
 
 BACKENDS = ("local", "deepspeed")
 

@@ -9,9 +9,9 @@ import torch
 from data_shards.collate import load_tokenizer
 from data_shards.convert import ConvertSettings, convert
 from data_shards.synthetic import generate, preset
+from model.config import Config, DataConfig, EvalConfig
+from model.mmoe import build_model, save_export
 from tests.helpers import tiny_model_config
-from train.config import Config, DataConfig, EvalConfig
-from train.model import build_model, save_export
 
 
 @pytest.fixture(scope="session")

@@ -21,13 +21,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import distributed as D  # noqa: E402
+from model.config import Config  # noqa: E402
+from model.mmoe import MMoEModel, local_experts, local_state_dict  # noqa: E402
 from moe.deepspeed_backend import DeepSpeedSwitchMoE, setup_expert_parallel  # noqa: E402
 from moe.switch import SwitchMoE  # noqa: E402
 from tests.helpers import random_batch, tiny_model_config  # noqa: E402
-from train import distributed as D  # noqa: E402
-from train.config import Config  # noqa: E402
 from train.loss import contrastive_loss  # noqa: E402
-from train.model import MMoEModel, local_experts, local_state_dict  # noqa: E402
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:

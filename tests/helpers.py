@@ -6,10 +6,10 @@ import socket
 
 import torch
 
+from model.config import ModelConfig
+from model.encoder import TinyClipSettings
 from moe.matcher import MatcherSettings
 from moe.units import MoESettings
-from train.config import ModelConfig
-from train.encoder import TinyClipSettings
 
 TEXT_LEN = 17  # equals the tiny CLIP's image token count (4x4 patches + CLS)
 

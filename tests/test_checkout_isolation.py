@@ -18,7 +18,8 @@ MARKER = "import sys\nprint('checkout-marker: {name}', file=sys.stderr)\n"
 
 
 def copy_checkout(dest: Path, name: str) -> Path:
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]  # the checkout, not its data
+    tracked = subprocess.run(listing, cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
     for rel in filter(None, (t.decode() for t in tracked)):
         src = ROOT / rel
         if src.is_file():
@@ -39,7 +40,7 @@ def checkouts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("entry", [["launch/train.py", "--help"], ["-m", "eval.evaluate", "--help"],
-                                   ["-m", "train.published_checkpoint", "--help"]])
+                                   ["-m", "model.published_checkpoint", "--help"]])
 def test_each_checkout_runs_its_own_code(checkouts, entry):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for name, root in checkouts.items():

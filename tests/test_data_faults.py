@@ -333,7 +333,7 @@ def test_evaluation_verifies_its_split_and_the_kb_before_ranking(shards_copy, ti
 
 
 def test_trainer_refuses_empty_splits_and_bad_shards_before_training(shards_copy):
-    from train.config import Config
+    from model.config import Config
     from train.trainer import RunSetupError, Trainer
 
     cfg = Config()

@@ -6,9 +6,9 @@ import torch
 
 from eval.metrics import gold_ranks, summarize
 from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
+from model.mmoe import MMoEModel
 from moe.features import SideCache
 from tests.helpers import random_batch, take, tiny_model_config
-from train.model import MMoEModel
 
 
 def test_ranks_count_strictly_higher_scores_and_report_ties():

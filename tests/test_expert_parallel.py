@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.config import ConfigError, load_config
 from moe.deepspeed_backend import DeepSpeedSwitchMoE
 from moe.switch import SwitchMoE
 from moe.units import MoESettings
 from tests.helpers import free_port
 from train.checkpointing import export_checkpoint
-from train.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"

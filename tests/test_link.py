@@ -11,9 +11,10 @@ import eval.link as link_mod
 from data_shards.images import prepare_image
 from data_shards.store import EntityStore
 from data_shards.stream import load_manifest
-from eval.evaluate import make_collator, manifest_hash
+from eval.evaluate import manifest_hash
 from eval.link import link, load_cache, main
-from train.model import BATCH_KEYS, EXPORT_WEIGHTS, load_export
+from model.factory import make_collator
+from model.mmoe import BATCH_KEYS, EXPORT_WEIGHTS, load_export
 
 SENTENCE, MENTION, DESC = "Photo: kalo mirezu at the market.", "kalo mirezu", "a famous painter from somewhere"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.config import ConfigError, LossConfig, load_config
+from model.config import ConfigError, LossConfig, load_config
 from train.loss import contrastive_loss, duplicate_gold_mask
 
 HEADS = ("overall", "text", "vision", "cross")

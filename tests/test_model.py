@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from model.config import LossConfig
+from model.mmoe import MMoEModel
 from moe.features import SideCache
 from tests.helpers import random_batch, take, tiny_model_config
-from train.config import LossConfig
 from train.loss import contrastive_loss
-from train.model import MMoEModel
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,8 @@ def test_clip_loads_from_a_local_folder(tmp_path):
 
 
 def test_export_round_trip_gives_the_same_scores(tmp_path):
-    from train.config import Config
-    from train.model import load_export, save_export
+    from model.config import Config
+    from model.mmoe import load_export, save_export
 
     cfg = Config(model=tiny_model_config())
     model = MMoEModel(cfg.model).eval()

@@ -12,11 +12,11 @@ import torch
 from data_shards.collate import load_tokenizer
 from data_shards.store import EntityStore
 from data_shards.stream import ShardSet, TrainStream, make_loader
-from eval.evaluate import make_collator
 from eval.ranking import build_index
+from model.factory import make_collator
+from model.mmoe import load_export
 from tests.helpers import free_port
 from tests.test_trainer import ROOT, losses, train
-from train.model import load_export
 from train.negatives import load_table, mine, nearest_negatives
 
 

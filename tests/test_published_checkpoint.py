@@ -12,11 +12,11 @@ import torch
 from data_shards.collate import load_tokenizer
 from data_shards.stream import OrderedStream, make_loader
 from eval.encode import encode_side
-from eval.evaluate import make_collator
+from model.config import Config, DataConfig, EvalConfig, save_config
+from model.factory import make_collator
+from model.mmoe import build_model, load_export, save_export
 from moe.published import ours_to_published
 from tests.helpers import free_port, random_batch, tiny_model_config
-from train.config import Config, DataConfig, EvalConfig, save_config
-from train.model import build_model, load_export, save_export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_a_published_checkpoint_becomes_an_export_with_exactly_its_weights(tiny_
     marker = tmp_path / "pwned"
     torch.save(published_checkpoint(trained, marker), tmp_path / "WikiMEL.ckpt")
     save_config(resolved, tmp_path / "config.yaml")
-    proc = subprocess.run([sys.executable, "-m", "train.published_checkpoint", "--checkpoint", str(tmp_path / "WikiMEL.ckpt"),
+    proc = subprocess.run([sys.executable, "-m", "model.published_checkpoint", "--checkpoint", str(tmp_path / "WikiMEL.ckpt"),
                            "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "best")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_a_published_checkpoint_becomes_an_export_with_exactly_its_weights(tiny_
 
 def test_a_file_without_a_state_dict_is_refused(tmp_path):
     torch.save({"weights": [1, 2, 3]}, tmp_path / "x.ckpt")
-    proc = subprocess.run([sys.executable, "-m", "train.published_checkpoint", "--checkpoint", str(tmp_path / "x.ckpt"),
+    proc = subprocess.run([sys.executable, "-m", "model.published_checkpoint", "--checkpoint", str(tmp_path / "x.ckpt"),
                            "--config", str(ROOT / "launch/configs/tiny.yaml"), "--out", str(tmp_path / "out")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no state dict of tensors" in proc.stderr

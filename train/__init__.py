@@ -1,1 +1,1 @@
-"""Model assembly (CLIP encoder + matcher), config, loss and, later, the DeepSpeed training loop."""
+"""Training: the DeepSpeed loop, the contrastive loss, hard-negative mining, checkpoints and logging."""

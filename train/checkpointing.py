@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import distributed as D
+from model import distributed as D
 
 COMPLETE = "complete.json"
 MOE_LAYOUT = "moe-layout.json"
@@ -176,13 +176,13 @@ def _test_hook(name: str, step: int) -> None:
 
 
 def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
-    """Write a one-process export (local layout, ``train.model.save_export``) from a checkpoint of
+    """Write a one-process export (local layout, ``model.mmoe.save_export``) from a checkpoint of
     either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert
     weights (``mp_rank_00_model_states.pt``) plus every per-expert file (global expert ids) make a
     DeepSpeed-layout state dict holding all experts, which the local switch layers load
     (moe/expert_layout.py). The config defaults to the run's ``config.yaml`` two folders up."""
-    from train.config import load_config
-    from train.model import MMoEModel, export_config, save_export
+    from model.config import load_config
+    from model.mmoe import MMoEModel, export_config, save_export
 
     folder = Path(folder)
     config = Path(config) if config else folder.parent.parent / "config.yaml"

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.config import LossConfig
 from moe.units import MoELog
-from train.config import LossConfig
 
 
 def duplicate_gold_mask(gold_ids: Tensor, candidate_ids: Tensor) -> Tensor:

@@ -29,9 +29,10 @@ from data_shards.store import EntityStore
 from data_shards.stream import OrderedStream, make_loader
 from eval.encode import encode_side
 from eval.ranking import build_index, search
-from train import distributed as D
-from train.config import Config, ConfigError
-from train.model import MMoEModel, load_export_for_command
+from model import distributed as D
+from model.config import Config, ConfigError
+from model.factory import make_collator
+from model.mmoe import MMoEModel, load_export_for_command
 
 
 def entity_qids(store: EntityStore, ids: np.ndarray) -> dict[int, str]:
@@ -128,8 +129,6 @@ def main(argv: list[str] | None = None) -> None:
         model, cfg = load_export_for_command(a.checkpoint, settings + a.overrides, allow_other_kb=a.allow_other_kb)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    from eval.evaluate import make_collator
-
     model.to(device)
     table, stats = mine(model, cfg, device, make_collator(cfg, model), a.split)
     if D.is_main():

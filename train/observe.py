@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from train.config import Config, to_dict
+from model.config import Config, to_dict
 
 
 def wandb_mode(requested: str) -> str:

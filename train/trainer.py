@@ -19,12 +19,13 @@ from data_shards.collate import load_tokenizer
 from data_shards.store import ShardError
 from data_shards.stream import TrainStream, load_manifest, make_loader
 from eval import evaluate as ev
-from eval.evaluate import EvalResult, evaluate_split, make_collator, one_line, resolve_tokenizer, write_outputs
+from eval.evaluate import EvalResult, evaluate_split, one_line, write_outputs
+from model import distributed as D
+from model.config import Config, save_config
+from model.factory import make_collator, resolve_tokenizer
+from model.mmoe import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, save_export
 from train import checkpointing as ckpt
-from train import distributed as D
-from train.config import Config, save_config
 from train.loss import contrastive_loss
-from train.model import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, save_export
 from train.negatives import load_table, mine, save_table
 from train.observe import RunLog
 

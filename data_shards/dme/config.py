@@ -1,7 +1,7 @@
 """Settings of the DME step, from an optional YAML file plus ``--set section.key=value`` overrides.
 
 Unknown keys and wrong types are errors that name the key (the project's strict loader,
-``train/typed_config.py``, which imports nothing heavy: the DME command loads torch only for the
+``core/typed_config.py``, which imports nothing heavy: the DME command loads torch only for the
 embedding backend).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.typed_config import ConfigError, build, load_yaml, to_dict
 from data_shards.dme.candidates import CandidateSettings
-from train.typed_config import ConfigError, build, load_yaml, to_dict
 
 BACKENDS = ("embedding", "llm", "first", "none")
 

@@ -19,13 +19,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from data_shards.collate import load_tokenizer
 from data_shards.identity import check_identity, write_identity
+from model import distributed as D
+from model.config import Config, ConfigError, ModelConfig, apply_override, build, load_config, save_config, to_dict
+from model.encoder import ClipEncoder, load_clip
+from model.factory import resolve_tokenizer
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
-from train import distributed as D
-from train.config import Config, ConfigError, ModelConfig, apply_override, build, load_config, save_config, to_dict
-from train.encoder import ClipEncoder, load_clip
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
 
@@ -151,15 +153,11 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_at(path: str) -> PreTrainedTokenizerBase:
-    from data_shards.collate import load_tokenizer
-
     return load_tokenizer(path)
 
 
 def data_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """The tokenizer ``cfg`` resolves to (data.tokenizer, <shards>/tokenizer, model.clip_path)."""
-    from eval.evaluate import resolve_tokenizer  # here: eval.evaluate imports this module
-
     return _tokenizer_at(resolve_tokenizer(cfg))
 
 

@@ -1,6 +1,6 @@
 """Turn a checkpoint of the published MMoE code into our export, so our evaluator can rank with it.
 
-    python -m train.published_checkpoint --checkpoint WikiMEL.ckpt --config launch/configs/wikimel.yaml \\
+    python -m model.published_checkpoint --checkpoint WikiMEL.ckpt --config launch/configs/wikimel.yaml \\
         --out runs/published-wikimel/best [--compat published|none] [--set section.key=value ...]
 
 The published code saves PyTorch Lightning checkpoints: ``state_dict`` holds ``encoder.*`` (CLIP and
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from data_shards.collate import load_tokenizer
-from eval.evaluate import resolve_tokenizer
+from model.config import ConfigError, load_config
+from model.factory import resolve_tokenizer
+from model.mmoe import build_model, save_export
 from moe.published import PublishedWeightsError, load_published_model
-from train.config import ConfigError, load_config
-from train.model import build_model, save_export
 
 
 class _Inert:
@@ -92,7 +92,7 @@ def import_checkpoint(checkpoint: str | Path, config: str | Path, out: str | Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.published_checkpoint", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.published_checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint saved by the published MMoE code (.ckpt)")
     p.add_argument("--config", required=True, help="our config for that dataset (launch/configs/*.yaml)")
     p.add_argument("--out", required=True, help="export folder to write (loadable by eval.evaluate and eval.link)")

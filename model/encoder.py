@@ -15,7 +15,7 @@ from moe.features import Features
 class TinyClipSettings:
     """A small random-init CLIP for tests and the synthetic demo (no weights can be downloaded here)."""
 
-    # 0 / -1: taken from the tokenizer when the model is built (train.model.build_model)
+    # 0 / -1: taken from the tokenizer when the model is built (model.mmoe.build_model)
     vocab_size: int = 0
     bos_token_id: int = -1
     eos_token_id: int = -1  # CLIP pools the text at the first eos token

@@ -1,4 +1,4 @@
-"""One typed config for every knob, loaded from YAML with strict checking (train/typed_config.py):
+"""One typed config for every knob, loaded from YAML with strict checking (core/typed_config.py):
 unknown keys and wrong types are errors that name the key; ``--set section.key=value`` overrides
 are parsed as YAML scalars.
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from core.typed_config import ConfigError, apply_override, build, load_yaml, to_dict  # noqa: F401 (re-exported)
+from model.encoder import TinyClipSettings
 from moe.matcher import MatcherSettings
-from train.encoder import TinyClipSettings
-from train.typed_config import ConfigError, apply_override, build, load_yaml, to_dict  # noqa: F401 (re-exported)
 
 
 @dataclass

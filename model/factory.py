@@ -1,0 +1,30 @@
+"""The tokenizer and the collator a model needs, chosen from the config (one place for the trainer,
+evaluation, mining and single-query linking)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.typed_config import ConfigError
+from data_shards.collate import Collator, load_tokenizer
+from model.config import Config
+
+
+def resolve_tokenizer(cfg: Config) -> str:
+    """``data.tokenizer``, else the shards' ``tokenizer/`` folder, else the CLIP folder's tokenizer."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    local = Path(cfg.data.shards) / "tokenizer"
+    if local.is_dir():
+        return str(local)
+    if cfg.model.clip_path:
+        return cfg.model.clip_path
+    raise ConfigError("data.tokenizer is empty, the shards have no tokenizer/ folder and model.clip_path is empty: "
+                      "say which tokenizer to use")
+
+
+def make_collator(cfg: Config, model) -> Collator:
+    """The collator for ``model`` (an ``MMoEModel``: its CLIP's image size) under ``cfg``."""
+    image_size = model.encoder.clip.config.vision_config.image_size
+    return Collator(load_tokenizer(resolve_tokenizer(cfg)), image_size, cfg.model.text_max_length,
+                    mention_desc=cfg.data.mention_desc, entity_desc=cfg.data.entity_desc)
