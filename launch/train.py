@@ -16,8 +16,9 @@ from pathlib import Path
 _here = Path(__file__).resolve().parent
 sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
 
+from eval.metrics import NonFiniteScoreError  # noqa: E402
 from train.config import ConfigError, load_config  # noqa: E402
-from train.trainer import RunSetupError, Trainer  # noqa: E402
+from train.trainer import RunSetupError, Trainer, TrainingDiverged  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {err}")
     try:
         Trainer(cfg, resume=a.resume).run()
-    except RunSetupError as err:
+    except (RunSetupError, TrainingDiverged, NonFiniteScoreError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -175,6 +175,12 @@ def _test_hook(name: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+def fault_flag(name: str) -> int | None:
+    """Fault injection for the tests: the integer in environment variable ``name``, if set."""
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
     """Write a one-process export (local layout, ``train.model.save_export``) from a checkpoint of
     either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert

@@ -90,6 +90,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     test_at_end: bool = True  # evaluate the best checkpoint on test and print the leaderboard
+    max_bad_steps: int = 0  # optimizer steps with a non-finite loss or gradient norm skipped (and counted) before stopping
 
     def __post_init__(self) -> None:
         choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32")}

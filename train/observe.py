@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -47,22 +48,24 @@ class RunLog:
             self.wandb_id = self.wandb.id
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.jsonl.closed:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        # JSON has no NaN/Infinity: a non-finite value is written as null (strict JSON for every reader).
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def finish(self) -> str | None:
-        """Close the run; returns where an offline W&B run was written (to sync it later)."""
-        if not self.enabled:
+    def finish(self, exit_code: int = 0) -> str | None:
+        """Close the run (once); returns where an offline W&B run was written (to sync it later)."""
+        if not self.enabled or self.jsonl.closed:
             return None
         self.jsonl.close()
         if self.wandb is None:
             return None
         folder = getattr(self.wandb, "dir", None)
         offline = self.wandb.settings.mode == "offline" if hasattr(self.wandb, "settings") else False
-        self.wandb.finish()
+        self.wandb.finish(exit_code=exit_code)
         if offline and folder:
             return str(Path(folder).parent)
         return None

@@ -31,6 +31,40 @@ class RunSetupError(RuntimeError):
     """The run cannot start as asked (reported without a traceback by launch/train.py)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm beyond train.max_bad_steps (reported without a traceback)."""
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that leaves the weights and its own state untouched on a bad step.
+
+    The step is skipped when the trainer asks for it (``skip_next``: a non-finite loss) or when any
+    gradient it holds is non-finite on any rank. DeepSpeed calls this step once per optimizer step
+    on every rank, whatever the path (plain fp32, ZeRO 1/2 partitions, bf16 master weights), after
+    its own clipping (a NaN norm makes every clipped gradient NaN), so the decision, all-reduced
+    over the world, is the same everywhere and no NaN ever reaches a weight."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_next = False
+        self.skipped_last = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = D.device_for_rank()
+        bad = torch.tensor([1.0 if self.skip_next else 0.0], device=device)
+        if grads:
+            bad += (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(device)
+        if D.world() > 1:
+            dist.all_reduce(bad)
+        self.skip_next = False
+        self.skipped_last = bool(bad.item() > 0)
+        if self.skipped_last:
+            return None
+        return super().step(closure)
+
+
 def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -121,17 +155,19 @@ class Trainer:
         steps_by_epochs = cfg.train.epochs * self.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
         self.precision = resolve_precision(cfg.train.precision)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+        optimizer = GuardedAdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                       eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(cfg.train.schedule, cfg.train.warmup_steps, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.precision))
         self.grad_norm: float | None = None
+        self.guard = optimizer  # the client optimizer inside DeepSpeed's wrappers: skips bad steps
+        self._loss_finite = True  # every micro-batch of the current optimizer step had a finite loss
         self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0,
                       "stopped_early": False, "wandb_id": None, "evals": [], "negatives_file": None,
-                      "negatives_epoch": -1}
+                      "negatives_epoch": -1, "bad_steps": 0}
         self._resume(resume)
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
@@ -179,11 +215,52 @@ class Trainer:
         scores, moe_log = self.engine(_to(batch["mentions"], self.device), _to(batch["entities"], self.device))
         loss, parts = contrastive_loss(scores, batch["gold_ids"].to(self.device), batch["candidate_ids"].to(self.device),
                                        self.cfg.loss, moe_log, row_weight=batch["weight"].to(self.device))
+        if ckpt.fault_flag("MMOE_TEST_NAN_LOSS_AT_STEP") == self.engine.global_steps + 1:  # fault injection (tests)
+            loss = loss * float("nan")
+            parts = {**parts, "loss": loss.detach()}
+        self._loss_finite &= bool(torch.isfinite(loss))
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():
             self.grad_norm = self._grad_norm_before_step()
+            self._loss_finite = self._all_ranks(self._loss_finite)
+            self.guard.skip_next, self.guard.skipped_last = not self._loss_finite, False
         self.engine.step()
         return parts, moe_log
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank."""
+        if D.world() == 1:
+            return ok
+        t = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(t)
+        return t.item() == 0
+
+    def _check_step(self, step_parts: dict[str, float]) -> bool:
+        """After an optimizer step: True if it was applied. A bad step (non-finite loss or gradient
+        norm on any rank; GuardedAdamW left the weights alone) is counted; beyond
+        train.max_bad_steps, training stops with TrainingDiverged."""
+        loss_finite, self._loss_finite = self._loss_finite, True
+        norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        # fp16: an overflow is DeepSpeed's loss-scale business (it skips the step and lowers the scale)
+        norm_ok = norm is None or math.isfinite(norm) or self.precision == "fp16"
+        if loss_finite and norm_ok and not self.guard.skipped_last:
+            return True
+        st, allowed = self.state, self.cfg.train.max_bad_steps
+        st["bad_steps"] += 1
+        loss = step_parts.get("loss", float("nan"))
+        what = f"loss {loss:.4g}, gradient norm {norm if norm is not None else 'unknown'}"
+        self.log.log(st["step"], {"train/bad_steps": st["bad_steps"]})
+        if st["bad_steps"] > allowed:
+            raise TrainingDiverged(
+                f"training diverged at step {st['step']}: non-finite loss or gradient norm ({what}; bad steps "
+                f"{st['bad_steps']}, train.max_bad_steps={allowed}); the update was not applied, no checkpoint or "
+                f"export was written for this step. Lower train.lr ({self.cfg.train.lr:g}) or check the data, "
+                "then resume from the last checkpoint (--resume auto) or start afresh")
+        if D.is_main():
+            tqdm.write(f"[train] step {st['step']}: non-finite loss or gradient norm ({what}): update skipped "
+                       f"(bad step {st['bad_steps']} of train.max_bad_steps={allowed})", file=sys.stderr)
+        return False
 
     def _grad_norm_before_step(self) -> float | None:
         """DeepSpeed reports the global gradient norm for its own optimizer wrappers (ZeRO, bf16,
@@ -291,24 +368,33 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except BaseException:
+            self.log.finish(exit_code=1)  # close metrics.jsonl and the W&B run as failed
+            raise
+
+    def _run(self) -> dict:
         cfg, st = self.cfg, self.state
         log_every = cfg.train.log_every
         bar = tqdm(total=self.total_steps, initial=st["step"], desc="train", unit="step", disable=not D.is_main() or None,
                    dynamic_ncols=True)
-        acc: dict[str, float] = {}
+        acc: dict[str, float] = {}  # losses of the applied steps in the current log window
         loads: dict[str, list] = {}
-        n_acc, samples, t_window = 0, 0, time.perf_counter()
+        step_acc: dict[str, float] = {}  # ... and of the optimizer step being accumulated
+        step_loads: dict[str, list] = {}
+        n_acc, step_n, samples, t_window = 0, 0, 0, time.perf_counter()
         while st["epoch"] < cfg.train.epochs and st["step"] < self.total_steps and not st["stopped_early"]:
             self._negatives_for_epoch()
             self.stream.set_position(st["epoch"], st["batch"])
             for batch in make_loader(self.stream, cfg.data.num_workers):
                 parts, moe_log = self._micro_step(batch)
                 for k, v in parts.items():
-                    acc[k] = acc.get(k, 0.0) + float(v)
+                    step_acc[k] = step_acc.get(k, 0.0) + float(v)
                 for name, (c, d) in moe_log.load.items():
-                    c0, d0 = loads.get(name, (0, 0))
-                    loads[name] = [c0 + c, d0 + d]
-                n_acc += 1
+                    c0, d0 = step_loads.get(name, (0, 0))
+                    step_loads[name] = [c0 + c, d0 + d]
+                step_n += 1
                 samples += int((batch["weight"] > 0).sum())
                 st["batch"] += 1
                 epoch_done = st["batch"] == self.batches_per_epoch
@@ -320,13 +406,23 @@ class Trainer:
                 if epoch_done:
                     st["epoch"], st["batch"] = st["epoch"] + 1, 0
                 bar.update(1)
-                if st["step"] % log_every == 0 or st["step"] == self.total_steps:
+                if self._check_step({k: v / step_n for k, v in step_acc.items()}):  # applied: count it in the window
+                    for k, v in step_acc.items():
+                        acc[k] = acc.get(k, 0.0) + v
+                    for name, (c, d) in step_loads.items():
+                        c0, d0 = loads.get(name, (0, 0))
+                        loads[name] = [c0 + c, d0 + d]
+                    n_acc += step_n
+                step_acc, step_loads, step_n = {}, {}, 0
+                if n_acc and (st["step"] % log_every == 0 or st["step"] == self.total_steps):
                     elapsed = time.perf_counter() - t_window
                     metrics = {f"train/{k}": v / n_acc for k, v in acc.items()}
                     metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                     metrics["train/lr_clip"] = self.scheduler.get_last_lr()[1]
                     norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
-                    metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
+                    if norm is not None:
+                        metrics["train/grad_norm"] = float(norm)
+                    metrics["train/bad_steps"] = st["bad_steps"]
                     metrics["train/samples_per_s"] = samples * D.world() / max(elapsed, 1e-9)
                     metrics["train/epoch"] = st["epoch"] + st["batch"] / self.batches_per_epoch
                     metrics.update(self._expert_load(loads))
