@@ -99,3 +99,59 @@ def test_evaluating_nan_weights_is_an_error_naming_split_and_mention(tiny_export
     assert "evaluation of split 'dev': the model gives a NaN or infinite score for 59 mention(s)" in proc.stderr
     assert "index 0 (id synth-dev-" in proc.stderr and "Traceback" not in proc.stderr
     assert not (ckpt / "results-dev.json").exists() and not (ckpt / "per_mention-dev.jsonl").exists()
+
+
+# -- 6. config and resume -------------------------------------------------------------------------------------
+
+CKPT = ["--set", "train.save_every_steps=2", "--set", "train.log_every=1", "--set", "train.lr=1e-3"] + QUICK
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_metrics_keep_one_row_per_step(tiny_shards, tmp_path):
+    first = train(CKPT + ["--set", "train.run_name=r", "--set", "train.max_steps=4"], tmp_path, tiny_shards)
+    assert first.returncode == 0, first.stderr[-3000:]  # train.lr=1e-3 (a YAML 1.1 string) is accepted as a float
+    ckpts = tmp_path / "r" / "checkpoints"
+    model_file = ckpts / "step-0000004" / "mp_rank_00_model_states.pt"
+    with open(model_file, "r+b") as fh:  # truncated, complete.json intact
+        fh.truncate(model_file.stat().st_size // 2)
+    resumed = train(CKPT + ["--set", "train.run_name=r", "--set", "train.max_steps=6", "--resume", "auto"], tmp_path, tiny_shards)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"checkpoint {ckpts / 'step-0000004'} is damaged: mp_rank_00_model_states.pt has" in resumed.stderr
+            and "falling back to the previous complete checkpoint" in resumed.stderr)
+    assert f"resumed from {ckpts / 'step-0000002'} at step 2" in resumed.stderr
+    steps = [r["step"] for r in rows(tmp_path / "r") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the first run were dropped, not duplicated
+
+    # Every checkpoint damaged (one garbled in place, same size): a clear error, no traceback.
+    for tag in ("step-0000004", "step-0000006"):
+        path = ckpts / tag / "mp_rank_00_model_states.pt"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    again = train(CKPT + ["--set", "train.run_name=r", "--set", "train.max_steps=8", "--resume", "auto"], tmp_path, tiny_shards)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert f"no loadable checkpoint in {ckpts}: step-0000006: mp_rank_00_model_states.pt does not have the sha256" in again.stderr
+
+
+def test_resume_from_a_missing_folder_is_a_clear_error(tiny_shards, tmp_path):
+    proc = train(QUICK + ["--set", "train.run_name=m", "--resume", str(tmp_path / "nowhere")], tmp_path, tiny_shards)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "AssertionError" not in proc.stderr
+    assert f"--resume {tmp_path / 'nowhere'}: no such folder" in proc.stderr
+
+
+def test_resuming_on_other_shards_is_refused_unless_allowed(tiny_shards, tmp_path):
+    first = train(CKPT + ["--set", "train.run_name=d", "--set", "train.max_steps=2"], tmp_path, tiny_shards)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((tmp_path / "d" / "checkpoints" / "step-0000002" / "complete.json").read_text())
+    assert len(state["manifest_sha256"]) == 64 and state["files"]["mp_rank_00_model_states.pt"]["bytes"] > 0
+    other = tmp_path / "reconverted"
+    shutil.copytree(tiny_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["note"] = "converted again"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    args = CKPT + ["--set", "train.run_name=d", "--set", "train.max_steps=3", "--resume", "auto"]
+    refused = train(args, tmp_path, other)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "was trained on shards whose manifest.json has sha256" in refused.stderr and "--allow-data-change" in refused.stderr
+    allowed = train(args + ["--allow-data-change"], tmp_path, other)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "warning: resuming on other shards" in allowed.stderr and "resumed from" in allowed.stderr

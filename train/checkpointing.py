@@ -5,9 +5,11 @@ written by ``engine.save_checkpoint``; with the DeepSpeed MoE backend also one f
 ``layer_{l}_expert_{e}_mp_rank_00_model_states.pt`` with global expert ids, and the optimizer
 state per expert-parallel rank), ``rng-rank<r>.pt`` per rank, ``moe-layout.json`` (backend,
 ep_size, experts), and last of all ``complete.json`` (trainer state: data position, step,
-best-so-far, W&B id), written atomically by rank 0 after every rank has finished writing. A
-folder without ``complete.json`` is a checkpoint that was being written when the process died:
-never resumed from, and removed.
+best-so-far, W&B id, the shards manifest's sha256, the size and sha256 of every other file of the
+folder), written atomically by rank 0 after every rank has finished writing. A folder without
+``complete.json`` is a checkpoint that was being written when the process died: never resumed
+from, and removed. A complete folder whose files no longer match their record (truncated, garbled,
+missing) is damaged: ``--resume auto`` falls back to the previous complete checkpoint.
 
 A checkpoint resumes with the MoE layout it was written with. Any checkpoint converts to a
 one-process export in the local layout (for eval.evaluate, or to start a run with another
@@ -19,6 +21,7 @@ backend or ep_size from its weights)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -137,6 +140,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
     D.barrier()
     _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
     if D.is_main():
+        state = {**state, "files": file_record(folder)}  # what load() verifies before trusting the folder
         tmp = folder / (COMPLETE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, folder / COMPLETE)
@@ -144,6 +148,51 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return folder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a checkpoint folder (all ranks' files: the folder is shared)."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(COMPLETE)}
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint (unreadable complete.json, a file missing, truncated or
+    changed since it was written), or None. Checkpoints written before files were recorded pass.
+    Rank 0 reads the files; every rank gets its answer (collective)."""
+    answer = [None]
+    if D.is_main():
+        answer[0] = _damage(folder)
+    if D.world() > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
+def _damage(folder: Path) -> str | None:
+    try:
+        recorded = json.loads((folder / COMPLETE).read_text()).get("files", {})
+    except (OSError, ValueError) as err:
+        return f"{COMPLETE} is unreadable ({err})"
+    for name, want in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, {want['bytes']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not have the sha256 it was written with"
+    return None
 
 
 def load(engine, folder: Path) -> dict[str, Any]:

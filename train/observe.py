@@ -25,17 +25,35 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def _kept_rows(path: Path, keep_rows: int | None, keep_step: int | None) -> list[str]:
+    if keep_rows == 0 or not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]  # drop a torn last line
+    if keep_rows is not None:
+        return lines[:keep_rows]
+    return [line for line in lines if json.loads(line).get("step", 0) <= (keep_step or 0)]
+
+
 class RunLog:
     """metrics.jsonl in the run folder plus, if enabled, a W&B run with the resolved config."""
 
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, resume_id: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, resume_id: str | None = None,
+                 keep_rows: int | None = 0, keep_step: int | None = None) -> None:
+        """``keep_rows``: rows of an existing metrics.jsonl to keep (0: a fresh run; a resumed run keeps
+        the rows written up to its checkpoint, so the steps it redoes are not there twice); None: keep the
+        rows up to ``keep_step`` (checkpoints written before the row count was recorded)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.wandb = None
         self.wandb_id: str | None = None
+        self.rows = 0  # rows in metrics.jsonl (recorded in checkpoints)
         if not enabled:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        kept = _kept_rows(path, keep_rows, keep_step)
+        path.write_text("".join(kept))
+        self.rows = len(kept)
+        self.jsonl = open(path, "a", buffering=1)
         mode = wandb_mode(cfg.wandb.mode)
         if mode != "disabled":
             import wandb
@@ -53,6 +71,7 @@ class RunLog:
         # JSON has no NaN/Infinity: a non-finite value is written as null (strict JSON for every reader).
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
+        self.rows += 1
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

@@ -3,6 +3,7 @@ stopping on MRR, resumable checkpoints, best-model export, test evaluation and l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from data_shards.collate import load_tokenizer
 from data_shards.stream import TrainStream, make_loader
-from eval.evaluate import EvalResult, evaluate_split, make_collator, one_line, resolve_tokenizer, write_outputs
+from eval.evaluate import EvalResult, evaluate_split, make_collator, manifest_hash, one_line, resolve_tokenizer, write_outputs
 from train import checkpointing as ckpt
 from train import distributed as D
 from train.config import Config, save_config
@@ -128,7 +129,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "none") -> None:
+    def __init__(self, cfg: Config, resume: str = "none", allow_data_change: bool = False) -> None:
         import deepspeed
 
         D.share_cpu_threads()
@@ -168,10 +169,15 @@ class Trainer:
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0,
                       "stopped_early": False, "wandb_id": None, "evals": [], "negatives_file": None,
                       "negatives_epoch": -1, "bad_steps": 0}
+        self.allow_data_change = allow_data_change
+        self.manifest_sha256 = manifest_hash(cfg.data.shards)
+        self.resumed: dict | None = None  # complete.json of the checkpoint resumed from
         self._resume(resume)
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
-        self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state["wandb_id"])
+        r = self.resumed
+        self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state["wandb_id"],
+                          keep_rows=r.get("metrics_rows") if r else 0, keep_step=self.state["step"] if r else None)
         self.state["wandb_id"] = self.log.wandb_id
 
     # -- resume ---------------------------------------------------------------------------------
@@ -184,31 +190,76 @@ class Trainer:
                 raise RunSetupError(f"{self.run_dir} already holds checkpoints of an earlier run: pass --resume auto to "
                                    "continue it, or choose another train.run_name (or delete the folder) to start afresh")
             return
-        folder = ckpt.latest_complete(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if folder is None:
+        if resume == "auto":
+            candidates = ckpt.complete_checkpoints(self.ckpt_dir)[::-1]  # newest first
+            if not candidates:
+                if D.is_main():
+                    print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", file=sys.stderr)
+                return
+        else:
+            folder = Path(resume)
+            if not folder.is_dir():
+                raise RunSetupError(f"--resume {resume}: no such folder; pass a checkpoint folder "
+                                   f"({self.ckpt_dir}/step-N) or --resume auto")
+            if not (folder / ckpt.COMPLETE).is_file():
+                raise RunSetupError(f"--resume {resume}: not a complete checkpoint (no {ckpt.COMPLETE}; a checkpoint "
+                                   f"folder is {self.ckpt_dir}/step-N, written completely)")
+            candidates = [folder]
+        failures = []
+        for i, folder in enumerate(candidates):
+            problem = ckpt.damage(folder)
+            if problem is None:
+                saved = json.loads((folder / ckpt.COMPLETE).read_text())
+                self._check_compatible(folder, saved)
+                try:
+                    saved = ckpt.load(self.engine, folder)
+                except ckpt.MoELayoutMismatch as err:
+                    raise RunSetupError(str(err)) from None
+                except Exception as err:  # e.g. a damaged checkpoint written before files were recorded
+                    problem = f"it cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            if problem is None:
+                break
+            failures.append(f"{folder.name}: {problem}")
             if D.is_main():
-                print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", file=sys.stderr)
-            return
-        try:
-            saved = ckpt.load(self.engine, folder)
-        except ckpt.MoELayoutMismatch as err:
-            raise RunSetupError(str(err)) from None
-        for key in ("world", "batch_size", "num_workers", "train_fraction"):
-            now = {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
-                   "train_fraction": self.cfg.data.train_fraction}[key]
-            if saved["layout"][key] != now:
-                raise RunSetupError(f"checkpoint {folder} was written with {key}={saved['layout'][key]}, this run has {now}: "
-                                   "the data position cannot be continued exactly; use the same setting")
+                more = i + 1 < len(candidates)
+                print(f"checkpoint {folder} is damaged: {problem}"
+                      + ("; falling back to the previous complete checkpoint" if more else ""), file=sys.stderr)
+        else:
+            raise RunSetupError(f"no loadable checkpoint in {self.ckpt_dir if resume == 'auto' else resume}: "
+                               + "; ".join(failures))
         self.state.update(saved["trainer"])
+        self.resumed = saved
         if D.is_main():
             print(f"resumed from {folder} at step {self.state['step']} (epoch {self.state['epoch']}, "
                   f"batch {self.state['batch']})", file=sys.stderr)
 
+    def _layout(self) -> dict:
+        return {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
+                "train_fraction": self.cfg.data.train_fraction}
+
+    def _check_compatible(self, folder: Path, saved: dict) -> None:
+        """The data position continues exactly only with the same layout and the same shards."""
+        now = self._layout()
+        for key, value in now.items():
+            if saved["layout"][key] != value:
+                raise RunSetupError(f"checkpoint {folder} was written with {key}={saved['layout'][key]}, this run has "
+                                   f"{value}: the data position cannot be continued exactly; use the same setting")
+        was = saved.get("manifest_sha256")
+        if was and was != self.manifest_sha256:
+            if not self.allow_data_change:
+                raise RunSetupError(
+                    f"checkpoint {folder} was trained on shards whose manifest.json has sha256 {was[:12]}..., but "
+                    f"{self.cfg.data.shards}/manifest.json has {self.manifest_sha256[:12]}... (re-converted or other "
+                    "data): its data position and mined negatives refer to the old shards. Resume on those shards, or "
+                    "pass --allow-data-change to continue on these anyway")
+            if D.is_main():
+                print(f"warning: resuming on other shards than {folder} was trained on (--allow-data-change)",
+                      file=sys.stderr)
+
     def _save(self) -> None:
-        layout = {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
-                  "train_fraction": self.cfg.data.train_fraction}
-        ckpt.save(self.engine, self.ckpt_dir, self.state["step"], {"trainer": self.state, "layout": layout},
-                  self.cfg.train.keep_checkpoints)
+        ckpt.save(self.engine, self.ckpt_dir, self.state["step"],
+                  {"trainer": self.state, "layout": self._layout(), "manifest_sha256": self.manifest_sha256,
+                   "metrics_rows": self.log.rows}, self.cfg.train.keep_checkpoints)
 
     # -- one optimizer step's worth of micro-batches ---------------------------------------------
     def _micro_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], object]:
