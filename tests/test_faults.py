@@ -155,3 +155,37 @@ def test_resuming_on_other_shards_is_refused_unless_allowed(tiny_shards, tmp_pat
     allowed = train(args + ["--allow-data-change"], tmp_path, other)
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "warning: resuming on other shards" in allowed.stderr and "resumed from" in allowed.stderr
+
+
+# -- 8. unsafe loading ----------------------------------------------------------------------------------------
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a crafted checkpoint would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_export_refuses_a_crafted_checkpoint_without_running_it(tiny_export, tmp_path, capsys):
+    from train.checkpointing import UnsafeCheckpointError, export_checkpoint
+    from train.checkpointing import main as checkpoint_main
+
+    folder = tmp_path / "run" / "checkpoints" / "step-0000001"
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_export / "config.yaml", tmp_path / "run" / "config.yaml")
+    marker = tmp_path / "marker"
+    weights = load_file(str(tiny_export / "model.safetensors"))
+    torch.save({"module": weights, "ds_config": _RunsCode(marker)}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .*mp_rank_00_model_states\.pt: it needs posix\.system"):
+        export_checkpoint(folder, tmp_path / "out")
+    with pytest.raises(SystemExit) as exc:
+        checkpoint_main(["export", str(folder), str(tmp_path / "out")])
+    assert "refusing to load" in str(exc.value.code)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # The same file without the payload exports (tensors and containers are all an export needs).
+    torch.save({"module": weights, "ds_config": {"train_micro_batch_size_per_gpu": 8}}, folder / "mp_rank_00_model_states.pt")
+    export_checkpoint(folder, tmp_path / "out")
+    assert load_file(str(tmp_path / "out" / "model.safetensors")).keys() == weights.keys()

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -230,6 +232,44 @@ def fault_flag(name: str) -> int | None:
     return int(value) if value else None
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that would need more than tensors, containers and DeepSpeed's plain types to load."""
+
+
+# Types DeepSpeed's checkpoint files may hold besides tensors, containers and numbers (its optimizer-state
+# files do; its model-state files need none today). Plain data holders: unpickling them runs no code of theirs.
+DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+                   "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a DeepSpeed checkpoint file, with DEEPSPEED_TYPES allowed.
+
+    The file's globals are listed before anything is unpickled: one outside the allow-list (a crafted
+    file reaching for ``os.system``, say) is refused with its name, as is an unreadable file."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint file ({str(err).splitlines()[0][:160]})") from None
+    unsafe = sorted(set(needed) - set(DEEPSPEED_TYPES))
+    if unsafe:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it needs {', '.join(unsafe)}, outside the types a checkpoint holds (tensors, "
+            f"containers, {', '.join(t.rsplit('.', 1)[1] for t in DEEPSPEED_TYPES)}); a crafted file can run code "
+            "when unpickled")
+    allowed = []
+    for name in needed:  # imported only when the file needs them (DeepSpeed is a heavy import)
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler's own refusal: a second line of defence
+        raise UnsafeCheckpointError(f"refusing to load {path}: {str(err).splitlines()[0][:300]}") from None
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint file ({str(err).splitlines()[0][:160]})") from None
+
+
 def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
     """Write a one-process export (local layout, ``train.model.save_export``) from a checkpoint of
     either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert
@@ -247,10 +287,9 @@ def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Pat
     if not config.is_file():
         raise FileNotFoundError(f"no config at {config}: pass --config (the run's config.yaml)")
     cfg = load_config(config)
-    # DeepSpeed's own files (our checkpoints); they hold plain Python objects besides tensors.
-    state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    state = load_weights_only(model_file)["module"]
     for expert_file in sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
+        state.update(load_weights_only(expert_file))
     model = MMoEModel(export_config(cfg).model)
     model.load_state_dict(state)
     return save_export(model, cfg, out_dir)
