@@ -189,3 +189,41 @@ def test_export_refuses_a_crafted_checkpoint_without_running_it(tiny_export, tmp
     torch.save({"module": weights, "ds_config": {"train_micro_batch_size_per_gpu": 8}}, folder / "mp_rank_00_model_states.pt")
     export_checkpoint(folder, tmp_path / "out")
     assert load_file(str(tmp_path / "out" / "model.safetensors")).keys() == weights.keys()
+
+
+# -- 9. the best-model swap -----------------------------------------------------------------------------------
+
+SAVE_TWICE = """
+import sys, torch
+from tests.helpers import tiny_model_config
+from train.config import Config
+from train.model import MMoEModel, save_export
+torch.manual_seed(0)
+model = MMoEModel(tiny_model_config())
+save_export(model, Config(model=tiny_model_config()), sys.argv[1])
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(1.0)
+save_export(model, Config(model=tiny_model_config()), sys.argv[1])  # killed between its renames
+"""
+
+
+def test_a_kill_in_the_middle_of_the_best_model_swap_loses_nothing(tmp_path):
+    from tests.helpers import tiny_model_config
+    from train.model import MMoEModel, load_export, recover_export, save_export
+
+    best = tmp_path / "best"
+    proc = subprocess.run([sys.executable, "-c", SAVE_TWICE, str(best)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MMOE_TEST_KILL_IN_EXPORT_SWAP="1", OMP_NUM_THREADS="1"))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not best.exists() and (tmp_path / "best.old" / "model.safetensors").is_file()
+    torch.manual_seed(0)
+    first = MMoEModel(tiny_model_config()).state_dict()
+    model, _ = load_export(best)  # a reader at that instant gets the previous export
+    assert all(torch.equal(model.state_dict()[k], first[k]) for k in first)
+    recover_export(best)  # the trainer's start: the export its last checkpoint knows is best/ again
+    assert (best / "model.safetensors").is_file() and not (tmp_path / "best.old").exists()
+    assert all(torch.equal(load_export(best)[0].state_dict()[k], first[k]) for k in first)
+    # A later save replaces it completely and leaves no sibling behind.
+    save_export(model, load_export(best)[1], best)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

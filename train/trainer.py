@@ -23,7 +23,7 @@ from train import checkpointing as ckpt
 from train import distributed as D
 from train.config import Config, save_config
 from train.loss import contrastive_loss
-from train.model import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, save_export
+from train.model import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, recover_export, save_export
 from train.negatives import load_table, mine, save_table
 from train.observe import RunLog
 
@@ -142,6 +142,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if D.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            recover_export(self.run_dir / "best")  # a kill in the middle of the last best-model swap
         tokenizer = load_tokenizer(resolve_tokenizer(cfg))
         ep_size = cfg.model.matcher.moe.ep_size
         if D.world() % ep_size:
