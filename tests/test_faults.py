@@ -227,3 +227,28 @@ def test_a_kill_in_the_middle_of_the_best_model_swap_loses_nothing(tmp_path):
     # A later save replaces it completely and leaves no sibling behind.
     save_export(model, load_export(best)[1], best)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+# -- 10. W&B keeps every value --------------------------------------------------------------------------------
+
+def test_an_offline_wandb_run_holds_dev_test_and_leaderboard_values(tiny_shards, tmp_path):
+    from tests.wandb_records import history
+
+    proc = train(["--set", "train.run_name=wb", "--set", "train.max_steps=4", "--set", "train.eval_every_steps=2",
+                  "--set", "train.eval_every_epochs=0", "--set", "wandb.mode=offline"], tmp_path, tiny_shards)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (log,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = history(log)
+    assert rows, "no history in the W&B run"
+    steps = [r["_step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    jsonl = [r for r in map(json.loads, open(tmp_path / "wb" / "metrics.jsonl"))]
+    for prefix in ("train/loss", "dev/MRR", "dev/H@1", "test/MRR", "test/H@1"):
+        ours = [(r["step"], r[prefix]) for r in jsonl if prefix in r]
+        kept = [(r.get("trainer/step", r["_step"]), r[prefix]) for r in rows if prefix in r]
+        assert ours and kept == ours, prefix
+    assert [r["trainer/step"] for r in rows if "test/MRR" in r] == [4]
+    board = [r for r in rows if "leaderboard/test/_type" in r]
+    assert len(board) == 1 and board[0]["leaderboard/test/_type"] == "table-file" and board[0]["leaderboard/test/nrows"] >= 1
+    internal = (tmp_path / "wb" / "wandb").glob("offline-run-*/logs/debug-internal.log")
+    assert not any("less than the current step" in p.read_text() for p in internal)

@@ -10,6 +10,8 @@ from typing import Any
 
 from train.config import Config, to_dict
 
+STEP_METRIC = "trainer/step"  # the x axis of every W&B chart (W&B's own _step counts log calls)
+
 
 def wandb_mode(requested: str) -> str:
     """auto -> online when an API key is configured, offline otherwise (W&B fails fast without a key)."""
@@ -64,6 +66,11 @@ class RunLog:
                 resume="allow" if resume_id else None,
             )
             self.wandb_id = self.wandb.id
+            # Our step is a metric, not W&B's own step: W&B's step only ever increases (a log with a
+            # lower step is dropped, as the test metrics once were after the leaderboard's log), and a
+            # resumed run redoes steps. Every chart is drawn against trainer/step.
+            self.wandb.define_metric(STEP_METRIC)
+            self.wandb.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled or self.jsonl.closed:
@@ -73,7 +80,7 @@ class RunLog:
         self.jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
         self.rows += 1
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({**metrics, STEP_METRIC: step})
 
     def finish(self, exit_code: int = 0) -> str | None:
         """Close the run (once); returns where an offline W&B run was written (to sync it later)."""
