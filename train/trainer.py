@@ -210,12 +210,13 @@ class Trainer:
         for i, folder in enumerate(candidates):
             problem = ckpt.damage(folder)
             if problem is None:
-                saved = json.loads((folder / ckpt.COMPLETE).read_text())
-                self._check_compatible(folder, saved)
-                try:
-                    saved = ckpt.load(self.engine, folder)
+                try:  # first: its message says how to convert the checkpoint
+                    ckpt.check_moe_layout(folder, self.engine.module)
                 except ckpt.MoELayoutMismatch as err:
                     raise RunSetupError(str(err)) from None
+                self._check_compatible(folder, json.loads((folder / ckpt.COMPLETE).read_text()))
+                try:
+                    saved = ckpt.load(self.engine, folder)
                 except Exception as err:  # e.g. a damaged checkpoint written before files were recorded
                     problem = f"it cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             if problem is None:
