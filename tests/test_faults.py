@@ -52,23 +52,37 @@ def test_max_bad_steps_skips_and_counts_then_stops(tiny_shards, tmp_path):
 
 
 def test_a_skipped_bad_step_leaves_the_weights_alone_and_training_goes_on(tiny_shards, tmp_path):
-    """One injected NaN loss at step 3 with max_bad_steps=1: the update is skipped, counted, the run
-    finishes; every other step's loss equals a clean run's until step 3 (after it, the weights
-    differ by the one skipped update)."""
-    args = ["--set", "train.max_steps=5", "--set", "train.log_every=1"] + QUICK
+    """One injected NaN loss at step 3 with max_bad_steps=1: the update is skipped (weights and
+    optimizer state after step 3 equal those after step 2), counted, and the run finishes."""
+    from train.checkpointing import load_weights_only
+
+    args = ["--set", "train.max_steps=5", "--set", "train.log_every=1", "--set", "train.save_every_steps=1",
+            "--set", "train.keep_checkpoints=0"] + QUICK
     clean = train(args + ["--set", "train.run_name=clean"], tmp_path, tiny_shards)
     assert clean.returncode == 0, clean.stderr[-3000:]
     hit = train(args + ["--set", "train.run_name=hit", "--set", "train.max_bad_steps=1"], tmp_path, tiny_shards,
-                env_extra={"MMOE_TEST_NAN_LOSS_AT_STEP": "3"})
+                env_extra={"MMOE_TEST_NAN_LOSS_AT_STEP": "3", "MMOE_TEST_DUMP_STATE": "1"})
     assert hit.returncode == 0, hit.stderr[-3000:]
     assert "step 3: non-finite loss or gradient norm (loss nan" in hit.stderr and "update skipped" in hit.stderr
     got, ref = losses(tmp_path / "hit"), losses(tmp_path / "clean")
     assert sorted(got) == [1, 2, 4, 5] and got[1] == ref[1] and got[2] == ref[2]
-    # Step 4 starts from the weights after step 2, as the clean step 3 did (its batch is the next one).
     assert all(math.isfinite(v) for v in got.values())
     assert [r["train/bad_steps"] for r in rows(tmp_path / "hit") if "train/loss" in r] == [0, 0, 1, 1]
-    weights = load_file(str(tmp_path / "hit" / "best" / "model.safetensors"))
-    assert all(torch.isfinite(t).all() for t in weights.values())
+
+    ckpts = tmp_path / "hit" / "checkpoints"
+
+    def weights(step):
+        return torch.load(ckpts / f"step-{step:07d}" / "state-rank0.pt", weights_only=True)
+
+    def adam(step):
+        return load_weights_only(ckpts / f"step-{step:07d}" / "mp_rank_00_model_states.pt")["optimizer"]["state"]
+
+    w2, w3, w4 = weights(2), weights(3), weights(4)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2) and not all(torch.equal(w3[k], w4[k]) for k in w3)
+    a2, a3 = adam(2), adam(3)
+    assert a2.keys() == a3.keys() and all(torch.equal(a2[i][n], a3[i][n]) for i in a2 for n in a2[i])
+    best = load_file(str(tmp_path / "hit" / "best" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in best.values())
 
 
 def test_gold_ranks_refuses_nan_anywhere_in_a_row():
