@@ -7,6 +7,7 @@ str 'three'``). Kept free of heavy imports so light commands (DME) can use it to
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -61,6 +62,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: accept a finite number written so
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected float, got str {value!r}") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite float, got str {value!r}")
+            return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
         return float(value)

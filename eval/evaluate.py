@@ -31,7 +31,7 @@ from data_shards.stream import OrderedStream, load_manifest, make_loader
 from data_shards.verify import problems_message, verify
 from eval.encode import encode_side
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
-from eval.metrics import summarize
+from eval.metrics import NonFiniteScoreError, summarize
 from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
 from model import distributed as D
 from model.config import Config, ConfigError, to_dict
@@ -81,12 +81,25 @@ def evaluate_split(
     t2 = time.perf_counter()
     gold = m_ids["gold_id"]
     extra: dict[str, float] = {}
-    if e.mode == "exact":
-        res = exact_ranks(model.matcher, mentions, gold, kb, mention_chunk=e.mention_chunk,
-                          max_pair_elements=e.max_pair_elements, bf16=e.bf16)
-    else:
-        index = build_index(model.matcher.separable_vectors(kb), e.index)
-        res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16)
+    bad: list[int] = []  # dataset indices of mentions with a non-finite score (this rank's)
+    try:
+        if e.mode == "exact":
+            res = exact_ranks(model.matcher, mentions, gold, kb, mention_chunk=e.mention_chunk,
+                              max_pair_elements=e.max_pair_elements, bf16=e.bf16)
+        else:
+            index = build_index(model.matcher.separable_vectors(kb), e.index)
+            res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16)
+    except NonFiniteScoreError as err:
+        bad = [int(m_ids["index"][r]) for r in err.rows]
+    bad = sorted(i for part in D.gather_objects(bad) for i in part)  # every rank raises, or none
+    if bad:
+        model.train(was_training)
+        ids = _mention_ids(cfg.data.shards, split)
+        named = ", ".join(f"index {i} (id {ids.get(i)})" for i in bad[:3])
+        raise NonFiniteScoreError(
+            f"evaluation of split {split!r}: the model gives a NaN or infinite score for {len(bad)} mention(s), e.g. "
+            f"{named}; no rank can be read from such scores (are the weights finite? a diverged run?)", bad)
+    if e.mode != "exact":
         recall_parts = D.gather_objects((len(gold), recall_at(index, model.matcher, mentions, gold, tuple(e.recall_at))))
         total = sum(n for n, _ in recall_parts)
         extra = {k: sum(n * r[k] for n, r in recall_parts) / total for k in recall_parts[0][1]}
@@ -137,13 +150,13 @@ def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: st
     ids = _mention_ids(cfg.data.shards, result.split)
     with open(out_dir / f"per_mention-{result.split}.jsonl", "w") as fh:
         for rec in result.per_mention:
-            fh.write(json.dumps({"mention_id": ids.get(rec["index"]), **rec}) + "\n")
+            fh.write(json.dumps({"mention_id": ids.get(rec["index"]), **rec}, allow_nan=False) + "\n")
     summary = {
         "dataset": dataset, "split": result.split, "checkpoint": str(checkpoint), "metrics": result.metrics,
         "settings": {"eval": to_dict(cfg.eval), "data": to_dict(cfg.data)}, "world_size": D.world(),
         "manifest_sha256": manifest_hash(cfg.data.shards), "timings": result.timings,
     }
-    (out_dir / f"results-{result.split}.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / f"results-{result.split}.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     board = out_dir / f"leaderboard-{result.split}.md"
     board.write_text(leaderboard_markdown(dataset, result.split, result.metrics, run_name))
     log_leaderboard_to_wandb(dataset, result.split, result.metrics, run_name)
@@ -209,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ShardError) as err:
         sys.exit(f"error: {err}")
     model.to(device)
-    result = evaluate_split(model, cfg, a.split, device)
+    try:
+        result = evaluate_split(model, cfg, a.split, device)
+    except NonFiniteScoreError as err:
+        sys.exit(f"error: {err}")
     if D.is_main():
         board = write_outputs(result, cfg, a.out or Path(a.checkpoint), a.checkpoint, a.name)
         print(one_line(result))

@@ -8,13 +8,32 @@ many entities the same score cannot hide behind them.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 HITS_AT = (1, 3, 5, 10, 20)
 
 
+class NonFiniteScoreError(ValueError):
+    """Some score rows hold NaN or an infinity: no rank can be read from them.
+
+    ``rows`` are positions in the score matrix given to :func:`gold_ranks` (callers translate them
+    to mentions and add the split to the message)."""
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 def gold_ranks(scores: Tensor, gold_index: Tensor) -> tuple[Tensor, Tensor]:
-    """scores [M, N] (every entity), gold_index [M] -> (rank [M] long, ties [M] long)."""
+    """scores [M, N] (every entity), gold_index [M] -> (rank [M] long, ties [M] long).
+
+    A NaN or infinite score anywhere in a row is an error (NonFiniteScoreError): NaN compares false
+    with everything, so counting ``score > gold`` would give a NaN gold rank 1 and -1 ties."""
+    finite = torch.isfinite(scores).all(dim=1)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite).view(-1).tolist()
+        raise NonFiniteScoreError(f"{len(rows)} score row(s) hold NaN or inf (rows {rows[:5]})", rows)
     gold = scores.gather(1, gold_index.view(-1, 1))
     higher = (scores > gold).sum(dim=1)
     ties = (scores == gold).sum(dim=1) - 1

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eval.metrics import gold_ranks
+from eval.metrics import NonFiniteScoreError, gold_ranks
 from moe.features import SideCache
 from moe.matcher import MMoEMatcher
 
@@ -71,7 +71,7 @@ def exact_ranks(
     """Ranks of ``gold`` (entity ids = KB rows) for every mention, against every KB entity."""
     n = len(kb)
     device = kb[next(iter(kb.tensors))].device
-    parts = []
+    parts, bad = [], []
     for m0 in range(0, len(mentions), mention_chunk):
         ms = mentions.slice(m0, m0 + mention_chunk)
         entity_chunk = max(1, max_pair_elements // (len(ms) * _pair_cost(matcher, ms, kb)))
@@ -79,9 +79,15 @@ def exact_ranks(
         with torch.no_grad(), autocast_for(device, bf16):
             for e0 in range(0, n, entity_chunk):
                 row[:, e0 : e0 + entity_chunk] = matcher.score(ms, kb.slice(e0, e0 + entity_chunk))["overall"].float()
-        rank, ties = gold_ranks(row, gold[m0 : m0 + mention_chunk].to(device))
+        try:
+            rank, ties = gold_ranks(row, gold[m0 : m0 + mention_chunk].to(device))
+        except NonFiniteScoreError as err:  # positions in this chunk -> positions in ``mentions``; go on to count all
+            bad.extend(m0 + r for r in err.rows)
+            continue
         top = row.topk(min(TOP_SAVED, n), dim=1)
         parts.append(RankResult(rank.cpu(), ties.cpu(), top.indices.cpu(), top.values.cpu()))
+    if bad:
+        raise NonFiniteScoreError(f"{len(bad)} mention(s) got a NaN or inf score (positions {bad[:5]})", bad)
     return RankResult.cat(parts)
 
 

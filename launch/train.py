@@ -17,8 +17,9 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
 
 from data_shards.store import ShardError  # noqa: E402
+from eval.metrics import NonFiniteScoreError  # noqa: E402
 from model.config import ConfigError, load_config  # noqa: E402
-from train.trainer import RunSetupError, Trainer  # noqa: E402
+from train.trainer import RunSetupError, Trainer, TrainingDiverged  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="YAML config (launch/configs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.lr=5e-6")
-    p.add_argument("--resume", default="none", help="auto | none | a checkpoint folder")
+    p.add_argument("--resume", default="none", help="auto | none | a checkpoint folder (trusted: DeepSpeed unpickles it)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although data.shards holds other shards (another manifest) than the checkpoint was trained on")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     a = p.parse_args(argv)
     try:
@@ -34,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
     try:
-        Trainer(cfg, resume=a.resume).run()
-    except RunSetupError as err:
+        Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change).run()
+    except (RunSetupError, TrainingDiverged, NonFiniteScoreError) as err:
         sys.exit(f"error: {err}")
     except ShardError as err:  # a shard differs from the manifest (truncated, replaced): named in the message
         msg = str(err)  # raised in a DataLoader worker: the message holds the worker's traceback, then ours

@@ -5,6 +5,7 @@ are parsed as YAML scalars.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     test_at_end: bool = True  # evaluate the best checkpoint on test and print the leaderboard
+    max_bad_steps: int = 0  # optimizer steps with a non-finite loss or gradient norm skipped (and counted) before stopping
 
     def __post_init__(self) -> None:
         choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32")}
@@ -150,6 +152,79 @@ class WandbConfig:
             raise ConfigError(f"wandb.mode: expected auto, online, offline or disabled, got {self.mode!r}")
 
 
+# The allowed range of every numeric config field (a list field: of each element), as (low, high, kind):
+# kind "[]" closed, "(]" low excluded, "[)" high excluded; None = unbounded on that side. NaN passes no
+# range. tests/test_loss_and_config.py checks that every int/float field of Config is listed here.
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "model.text_max_length": (1, None, "[]"),
+    **{f"model.tiny_clip.{k}": (0, None, "[]") for k in ("vocab_size", "seed")},  # vocab 0: from the tokenizer
+    **{f"model.tiny_clip.{k}_token_id": (-1, None, "[]") for k in ("bos", "eos", "pad")},  # -1: from the tokenizer
+    **{f"model.tiny_clip.{k}": (1, None, "[]") for k in ("text_hidden", "vision_hidden", "layers", "heads", "image_size",
+                                                          "patch_size", "projection_dim", "max_text_positions")},
+    **{f"model.matcher.{k}": (1, None, "[]") for k in ("text_dim", "image_dim", "hidden", "cross_dim")},
+    **{f"model.matcher.moe.{k}": (1, None, "[]") for k in ("num_experts", "top_k", "expert_mult", "ep_size")},
+    "model.matcher.moe.min_capacity": (0, None, "[]"),
+    **{f"model.matcher.moe.{k}": (0, None, "(]") for k in ("capacity_factor", "eval_capacity_factor")},
+    **{f"loss.{k}": (0, None, "[]") for k in ("overall_weight", "text_weight", "vision_weight", "cross_weight", "aux_coef",
+                                              "z_coef")},
+    "data.batch_size": (1, None, "[]"),
+    "data.num_workers": (0, None, "[]"),
+    "data.shuffle_buffer": (1, None, "[]"),
+    "data.train_fraction": (0, 1, "(]"),
+    "data.seed": (0, None, "[]"),
+    **{f"eval.{k}": (1, None, "[]") for k in ("top_k", "recall_at", "batch_size", "mention_chunk", "max_pair_elements",
+                                              "compat_entity_block", "compat_mention_batch")},
+    "eval.num_workers": (0, None, "[]"),
+    **{f"train.{k}": (1, None, "[]") for k in ("epochs", "grad_accum", "log_every")},
+    **{f"train.{k}": (0, None, "[]") for k in ("max_steps", "weight_decay", "warmup_steps", "grad_clip", "zero_stage",
+                                               "eval_every_epochs", "eval_every_steps", "patience", "save_every_steps",
+                                               "keep_checkpoints", "seed", "max_bad_steps")},
+    **{f"train.{k}": (0, None, "(]") for k in ("lr", "adam_eps")},
+    "train.clip_lr": (None, None, "[]"),  # < 0: the same as train.lr; 0 freezes the CLIP encoder
+    "train.adam_betas": (0, 1, "[)"),
+    **{f"negatives.{k}": (0, None, "[]") for k in ("warmup_epochs", "refresh_epochs")},
+    **{f"negatives.{k}": (1, None, "[]") for k in ("top_k", "n_hard")},
+}
+
+
+def _in_range(value: float, low: float | None, high: float | None, kind: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    if low is not None and (value < low or (kind == "(]" and value == low)):
+        return False
+    return high is None or value < high or (value == high and kind != "[)")
+
+
+def _describe(low: float | None, high: float | None, kind: str) -> str:
+    if high is None:
+        return "a finite number" if low is None else f"{'>' if kind == '(]' else '>='} {low:g}"
+    return f"in {'(' if kind == '(]' else '['}{low:g}, {high:g}{')' if kind == '[)' else ']'}"
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric field within its range (RANGES) and the cross-field constraints; ConfigError names the key."""
+    for key, (low, high, kind) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if not _in_range(v, low, high, kind):
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                raise ConfigError(f"{where}: must be {_describe(low, high, kind)}, got {v!r}")
+    moe, tiny, t = cfg.model.matcher.moe, cfg.model.tiny_clip, cfg.train
+    if moe.top_k > moe.num_experts:
+        raise ConfigError(f"model.matcher.moe.top_k ({moe.top_k}) cannot exceed model.matcher.moe.num_experts "
+                          f"({moe.num_experts})")
+    if tiny.patch_size > tiny.image_size:
+        raise ConfigError(f"model.tiny_clip.patch_size ({tiny.patch_size}) cannot exceed model.tiny_clip.image_size "
+                          f"({tiny.image_size})")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"train.adam_betas: expected two numbers [beta1, beta2], got {t.adam_betas}")
+    heads = ("overall_weight", "text_weight", "vision_weight", "cross_weight")
+    if not any(getattr(cfg.loss, h) > 0 for h in heads):
+        raise ConfigError(f"loss: at least one of {', '.join(heads)} must be > 0 (nothing would be learned)")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,6 +234,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -131,7 +132,11 @@ def export_config(cfg: Config) -> Config:
 
 def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     """A self-contained copy of the model (weights + resolved config) that evaluation loads
-    without DeepSpeed; written to a temporary folder and renamed, so it is never half-written.
+    without DeepSpeed; written to a temporary folder and swapped in, so it is never half-written and
+    a complete export exists at every instant: ``best/`` is renamed ``best.old/``, ``best.tmp/``
+    renamed ``best/``, then ``best.old/`` removed. A kill between the two renames leaves ``best.old/``,
+    which :func:`load_export` reads and :func:`recover_export` (the next save, the trainer's start)
+    renames back.
 
     Always in the local layout (``model.matcher.moe.backend: local``), whatever the training backend.
     With expert-parallel DeepSpeed MoE layers (ep_size > 1) call it on every rank: the experts are
@@ -140,14 +145,21 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if not D.is_main():
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    recover_export(out_dir)
+    tmp, old = _sibling(out_dir, ".tmp"), _sibling(out_dir, ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a process killed while writing it
+    tmp.mkdir(parents=True)
     save_file(state, str(tmp / EXPORT_WEIGHTS))
     save_config(export_config(cfg), tmp / EXPORT_CONFIG)
     write_data_identity(tmp, cfg)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        out_dir.rename(old)
+        if os.environ.get("MMOE_TEST_KILL_IN_EXPORT_SWAP"):  # fault injection (tests): die between the renames
+            os.kill(os.getpid(), 9)
     tmp.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
     return out_dir
 
 
@@ -173,10 +185,29 @@ def write_data_identity(folder: Path, cfg: Config) -> None:
 def check_data_identity(export: str | Path, cfg: Config, allow_other_kb: bool = False) -> None:
     """DataMismatch (a ValueError) when ``cfg``'s tokenizer or KB is not what ``export`` was trained on."""
     check_identity(export, data_tokenizer(cfg), cfg.data.shards, allow_other_kb)
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def recover_export(out_dir: str | Path) -> None:
+    """Finish an export swap that a kill interrupted (rank 0): ``best.old/`` without ``best/`` becomes
+    ``best/`` again (the export the last checkpoint knows); beside a complete ``best/`` it is removed."""
+    out_dir = Path(out_dir)
+    old = _sibling(out_dir, ".old")
+    if not old.is_dir():
+        return
+    if (out_dir / EXPORT_WEIGHTS).is_file():
+        shutil.rmtree(old)
+    else:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        old.rename(out_dir)
 
 
 def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMoEModel, Config]:
     path = Path(path)
+    if not (path / EXPORT_WEIGHTS).is_file() and (_sibling(path, ".old") / EXPORT_WEIGHTS).is_file():
+        path = _sibling(path, ".old")  # read during (or after a kill in) save_export's swap: the previous export
     if not (path / EXPORT_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} holds no {EXPORT_WEIGHTS}: pass a model export (runs/NAME/best) or a checkpoint folder")
     cfg = export_config(load_config(path / EXPORT_CONFIG))  # exports hold the local layout

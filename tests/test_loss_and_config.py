@@ -96,3 +96,51 @@ def test_config_overrides_parse_yaml_scalars(tmp_path):
     assert cfg.loss.z_coef == 0.5
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["model.matcher.moe.top_k"])
+
+
+def test_floats_written_without_a_dot_are_accepted_and_non_numbers_are_not():
+    cfg = load_config(None, ["train.lr=1e-3", "train.clip_lr=5E-6", "loss.aux_coef=2"])
+    assert cfg.train.lr == 1e-3 and cfg.train.clip_lr == 5e-6 and cfg.loss.aux_coef == 2.0
+    for bad in ("abc", "1e-3x", "nan", "inf", "''"):
+        with pytest.raises(ConfigError, match=r"train\.lr: expected"):
+            load_config(None, [f"train.lr={bad}"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size: expected int"):
+        load_config(None, ["data.batch_size=1e2"])  # an int field stays an int
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.batch_size=0", r"data\.batch_size: must be >= 1, got 0"),
+    ("train.grad_accum=0", r"train\.grad_accum: must be >= 1, got 0"),
+    ("train.epochs=-1", r"train\.epochs: must be >= 1, got -1"),
+    ("train.lr=0", r"train\.lr: must be > 0"),
+    ("train.lr=.nan", r"train\.lr: must be > 0, got nan"),
+    ("train.log_every=0", r"train\.log_every: must be >= 1"),
+    ("data.train_fraction=1.5", r"data\.train_fraction: must be in \(0, 1\]"),
+    ("train.adam_betas=[0.9,1.0]", r"train\.adam_betas\[1\]: must be in \[0, 1\)"),
+    ("eval.recall_at=[10,0]", r"eval\.recall_at\[1\]: must be >= 1"),
+    ("model.matcher.moe.capacity_factor=0", r"model\.matcher\.moe\.capacity_factor: must be > 0"),
+    ("model.matcher.moe.top_k=5", r"model\.matcher\.moe\.top_k \(5\) cannot exceed"),
+    ("train.max_bad_steps=-1", r"train\.max_bad_steps: must be >= 0"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [setting])
+
+
+def test_every_numeric_config_field_has_a_range():
+    import dataclasses
+    import typing
+
+    from model.config import RANGES, Config
+
+    def numeric_keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                yield from numeric_keys(tp, key + ".")
+            elif tp in (int, float) or typing.get_args(tp) in ((int,), (float,)):
+                yield key
+
+    assert sorted(numeric_keys(Config)) == sorted(RANGES)
+    Config()  # the defaults are in range

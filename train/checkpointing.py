@@ -5,9 +5,11 @@ written by ``engine.save_checkpoint``; with the DeepSpeed MoE backend also one f
 ``layer_{l}_expert_{e}_mp_rank_00_model_states.pt`` with global expert ids, and the optimizer
 state per expert-parallel rank), ``rng-rank<r>.pt`` per rank, ``moe-layout.json`` (backend,
 ep_size, experts), and last of all ``complete.json`` (trainer state: data position, step,
-best-so-far, W&B id), written atomically by rank 0 after every rank has finished writing. A
-folder without ``complete.json`` is a checkpoint that was being written when the process died:
-never resumed from, and removed.
+best-so-far, W&B id, the shards manifest's sha256, the size and sha256 of every other file of the
+folder), written atomically by rank 0 after every rank has finished writing. A folder without
+``complete.json`` is a checkpoint that was being written when the process died: never resumed
+from, and removed. A complete folder whose files no longer match their record (truncated, garbled,
+missing) is damaged: ``--resume auto`` falls back to the previous complete checkpoint.
 
 A checkpoint resumes with the MoE layout it was written with. Any checkpoint converts to a
 one-process export in the local layout (for eval.evaluate, or to start a run with another
@@ -19,8 +21,11 @@ backend or ep_size from its weights)::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -137,6 +142,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
     D.barrier()
     _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
     if D.is_main():
+        state = {**state, "files": file_record(folder)}  # what load() verifies before trusting the folder
         tmp = folder / (COMPLETE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, folder / COMPLETE)
@@ -144,6 +150,51 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return folder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a checkpoint folder (all ranks' files: the folder is shared)."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(COMPLETE)}
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint (unreadable complete.json, a file missing, truncated or
+    changed since it was written), or None. Checkpoints written before files were recorded pass.
+    Rank 0 reads the files; every rank gets its answer (collective)."""
+    answer = [None]
+    if D.is_main():
+        answer[0] = _damage(folder)
+    if D.world() > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
+def _damage(folder: Path) -> str | None:
+    try:
+        recorded = json.loads((folder / COMPLETE).read_text()).get("files", {})
+    except (OSError, ValueError) as err:
+        return f"{COMPLETE} is unreadable ({err})"
+    for name, want in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, {want['bytes']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not have the sha256 it was written with"
+    return None
 
 
 def load(engine, folder: Path) -> dict[str, Any]:
@@ -175,6 +226,50 @@ def _test_hook(name: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+def fault_flag(name: str) -> int | None:
+    """Fault injection for the tests: the integer in environment variable ``name``, if set."""
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that would need more than tensors, containers and DeepSpeed's plain types to load."""
+
+
+# Types DeepSpeed's checkpoint files may hold besides tensors, containers and numbers (its optimizer-state
+# files do; its model-state files need none today). Plain data holders: unpickling them runs no code of theirs.
+DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+                   "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a DeepSpeed checkpoint file, with DEEPSPEED_TYPES allowed.
+
+    The file's globals are listed before anything is unpickled: one outside the allow-list (a crafted
+    file reaching for ``os.system``, say) is refused with its name, as is an unreadable file."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint file ({str(err).splitlines()[0][:160]})") from None
+    unsafe = sorted(set(needed) - set(DEEPSPEED_TYPES))
+    if unsafe:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it needs {', '.join(unsafe)}, outside the types a checkpoint holds (tensors, "
+            f"containers, {', '.join(t.rsplit('.', 1)[1] for t in DEEPSPEED_TYPES)}); a crafted file can run code "
+            "when unpickled")
+    allowed = []
+    for name in needed:  # imported only when the file needs them (DeepSpeed is a heavy import)
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler's own refusal: a second line of defence
+        raise UnsafeCheckpointError(f"refusing to load {path}: {str(err).splitlines()[0][:300]}") from None
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint file ({str(err).splitlines()[0][:160]})") from None
+
+
 def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
     """Write a one-process export (local layout, ``model.mmoe.save_export``) from a checkpoint of
     either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert
@@ -192,10 +287,9 @@ def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Pat
     if not config.is_file():
         raise FileNotFoundError(f"no config at {config}: pass --config (the run's config.yaml)")
     cfg = load_config(config)
-    # DeepSpeed's own files (our checkpoints); they hold plain Python objects besides tensors.
-    state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    state = load_weights_only(model_file)["module"]
     for expert_file in sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
+        state.update(load_weights_only(expert_file))
     model = MMoEModel(export_config(cfg).model)
     model.load_state_dict(state)
     return save_export(model, cfg, out_dir)

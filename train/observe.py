@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from model.config import Config, to_dict
+
+STEP_METRIC = "trainer/step"  # the x axis of every W&B chart (W&B's own _step counts log calls)
 
 
 def wandb_mode(requested: str) -> str:
@@ -24,17 +27,35 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def _kept_rows(path: Path, keep_rows: int | None, keep_step: int | None) -> list[str]:
+    if keep_rows == 0 or not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]  # drop a torn last line
+    if keep_rows is not None:
+        return lines[:keep_rows]
+    return [line for line in lines if json.loads(line).get("step", 0) <= (keep_step or 0)]
+
+
 class RunLog:
     """metrics.jsonl in the run folder plus, if enabled, a W&B run with the resolved config."""
 
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, resume_id: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, resume_id: str | None = None,
+                 keep_rows: int | None = 0, keep_step: int | None = None) -> None:
+        """``keep_rows``: rows of an existing metrics.jsonl to keep (0: a fresh run; a resumed run keeps
+        the rows written up to its checkpoint, so the steps it redoes are not there twice); None: keep the
+        rows up to ``keep_step`` (checkpoints written before the row count was recorded)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.wandb = None
         self.wandb_id: str | None = None
+        self.rows = 0  # rows in metrics.jsonl (recorded in checkpoints)
         if not enabled:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        kept = _kept_rows(path, keep_rows, keep_step)
+        path.write_text("".join(kept))
+        self.rows = len(kept)
+        self.jsonl = open(path, "a", buffering=1)
         mode = wandb_mode(cfg.wandb.mode)
         if mode != "disabled":
             import wandb
@@ -45,24 +66,32 @@ class RunLog:
                 resume="allow" if resume_id else None,
             )
             self.wandb_id = self.wandb.id
+            # Our step is a metric, not W&B's own step: W&B's step only ever increases (a log with a
+            # lower step is dropped, as the test metrics once were after the leaderboard's log), and a
+            # resumed run redoes steps. Every chart is drawn against trainer/step.
+            self.wandb.define_metric(STEP_METRIC)
+            self.wandb.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.jsonl.closed:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        # JSON has no NaN/Infinity: a non-finite value is written as null (strict JSON for every reader).
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
+        self.rows += 1
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({**metrics, STEP_METRIC: step})
 
-    def finish(self) -> str | None:
-        """Close the run; returns where an offline W&B run was written (to sync it later)."""
-        if not self.enabled:
+    def finish(self, exit_code: int = 0) -> str | None:
+        """Close the run (once); returns where an offline W&B run was written (to sync it later)."""
+        if not self.enabled or self.jsonl.closed:
             return None
         self.jsonl.close()
         if self.wandb is None:
             return None
         folder = getattr(self.wandb, "dir", None)
         offline = self.wandb.settings.mode == "offline" if hasattr(self.wandb, "settings") else False
-        self.wandb.finish()
+        self.wandb.finish(exit_code=exit_code)
         if offline and folder:
             return str(Path(folder).parent)
         return None

@@ -3,6 +3,7 @@ stopping on MRR, resumable checkpoints, best-model export, test evaluation and l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -19,11 +20,11 @@ from data_shards.collate import load_tokenizer
 from data_shards.store import ShardError
 from data_shards.stream import TrainStream, load_manifest, make_loader
 from eval import evaluate as ev
-from eval.evaluate import EvalResult, evaluate_split, one_line, write_outputs
+from eval.evaluate import EvalResult, evaluate_split, manifest_hash, one_line, write_outputs
 from model import distributed as D
 from model.config import Config, save_config
 from model.factory import make_collator, resolve_tokenizer
-from model.mmoe import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, save_export
+from model.mmoe import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, recover_export, save_export
 from train import checkpointing as ckpt
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
@@ -32,6 +33,40 @@ from train.observe import RunLog
 
 class RunSetupError(RuntimeError):
     """The run cannot start as asked (reported without a traceback by launch/train.py)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm beyond train.max_bad_steps (reported without a traceback)."""
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that leaves the weights and its own state untouched on a bad step.
+
+    The step is skipped when the trainer asks for it (``skip_next``: a non-finite loss) or when any
+    gradient it holds is non-finite on any rank. DeepSpeed calls this step once per optimizer step
+    on every rank, whatever the path (plain fp32, ZeRO 1/2 partitions, bf16 master weights), after
+    its own clipping (a NaN norm makes every clipped gradient NaN), so the decision, all-reduced
+    over the world, is the same everywhere and no NaN ever reaches a weight."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_next = False
+        self.skipped_last = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = D.device_for_rank()
+        bad = torch.tensor([1.0 if self.skip_next else 0.0], device=device)
+        if grads:
+            bad += (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(device)
+        if D.world() > 1:
+            dist.all_reduce(bad)
+        self.skip_next = False
+        self.skipped_last = bool(bad.item() > 0)
+        if self.skipped_last:
+            return None
+        return super().step(closure)
 
 
 def resolve_precision(requested: str) -> str:
@@ -103,7 +138,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "none") -> None:
+    def __init__(self, cfg: Config, resume: str = "none", allow_data_change: bool = False) -> None:
         import deepspeed
 
         D.share_cpu_threads()
@@ -116,6 +151,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if D.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            recover_export(self.run_dir / "best")  # a kill in the middle of the last best-model swap
         tokenizer = load_tokenizer(resolve_tokenizer(cfg))
         ep_size = cfg.model.matcher.moe.ep_size
         if D.world() % ep_size:
@@ -131,21 +167,28 @@ class Trainer:
         steps_by_epochs = cfg.train.epochs * self.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
         self.precision = resolve_precision(cfg.train.precision)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+        optimizer = GuardedAdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                       eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(cfg.train.schedule, cfg.train.warmup_steps, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.precision))
         self.grad_norm: float | None = None
+        self.guard = optimizer  # the client optimizer inside DeepSpeed's wrappers: skips bad steps
+        self._loss_finite = True  # every micro-batch of the current optimizer step had a finite loss
         self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0,
                       "stopped_early": False, "wandb_id": None, "evals": [], "negatives_file": None,
-                      "negatives_epoch": -1}
+                      "negatives_epoch": -1, "bad_steps": 0}
+        self.allow_data_change = allow_data_change
+        self.manifest_sha256 = manifest_hash(cfg.data.shards)
+        self.resumed: dict | None = None  # complete.json of the checkpoint resumed from
         self._resume(resume)
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
-        self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state["wandb_id"])
+        r = self.resumed
+        self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state["wandb_id"],
+                          keep_rows=r.get("metrics_rows") if r else 0, keep_step=self.state["step"] if r else None)
         self.state["wandb_id"] = self.log.wandb_id
 
     # -- data checks ----------------------------------------------------------------------------
@@ -174,42 +217,129 @@ class Trainer:
                 raise RunSetupError(f"{self.run_dir} already holds checkpoints of an earlier run: pass --resume auto to "
                                    "continue it, or choose another train.run_name (or delete the folder) to start afresh")
             return
-        folder = ckpt.latest_complete(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if folder is None:
+        if resume == "auto":
+            candidates = ckpt.complete_checkpoints(self.ckpt_dir)[::-1]  # newest first
+            if not candidates:
+                if D.is_main():
+                    print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", file=sys.stderr)
+                return
+        else:
+            folder = Path(resume)
+            if not folder.is_dir():
+                raise RunSetupError(f"--resume {resume}: no such folder; pass a checkpoint folder "
+                                   f"({self.ckpt_dir}/step-N) or --resume auto")
+            if not (folder / ckpt.COMPLETE).is_file():
+                raise RunSetupError(f"--resume {resume}: not a complete checkpoint (no {ckpt.COMPLETE}; a checkpoint "
+                                   f"folder is {self.ckpt_dir}/step-N, written completely)")
+            candidates = [folder]
+        failures = []
+        for i, folder in enumerate(candidates):
+            problem = ckpt.damage(folder)
+            if problem is None:
+                try:  # first: its message says how to convert the checkpoint
+                    ckpt.check_moe_layout(folder, self.engine.module)
+                except ckpt.MoELayoutMismatch as err:
+                    raise RunSetupError(str(err)) from None
+                self._check_compatible(folder, json.loads((folder / ckpt.COMPLETE).read_text()))
+                try:
+                    saved = ckpt.load(self.engine, folder)
+                except Exception as err:  # e.g. a damaged checkpoint written before files were recorded
+                    problem = f"it cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            if problem is None:
+                break
+            failures.append(f"{folder.name}: {problem}")
             if D.is_main():
-                print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", file=sys.stderr)
-            return
-        try:
-            saved = ckpt.load(self.engine, folder)
-        except ckpt.MoELayoutMismatch as err:
-            raise RunSetupError(str(err)) from None
-        for key in ("world", "batch_size", "num_workers", "train_fraction"):
-            now = {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
-                   "train_fraction": self.cfg.data.train_fraction}[key]
-            if saved["layout"][key] != now:
-                raise RunSetupError(f"checkpoint {folder} was written with {key}={saved['layout'][key]}, this run has {now}: "
-                                   "the data position cannot be continued exactly; use the same setting")
+                more = i + 1 < len(candidates)
+                print(f"checkpoint {folder} is damaged: {problem}"
+                      + ("; falling back to the previous complete checkpoint" if more else ""), file=sys.stderr)
+        else:
+            raise RunSetupError(f"no loadable checkpoint in {self.ckpt_dir if resume == 'auto' else resume}: "
+                               + "; ".join(failures))
         self.state.update(saved["trainer"])
+        self.resumed = saved
         if D.is_main():
             print(f"resumed from {folder} at step {self.state['step']} (epoch {self.state['epoch']}, "
                   f"batch {self.state['batch']})", file=sys.stderr)
 
+    def _layout(self) -> dict:
+        return {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
+                "train_fraction": self.cfg.data.train_fraction}
+
+    def _check_compatible(self, folder: Path, saved: dict) -> None:
+        """The data position continues exactly only with the same layout and the same shards."""
+        now = self._layout()
+        for key, value in now.items():
+            if saved["layout"][key] != value:
+                raise RunSetupError(f"checkpoint {folder} was written with {key}={saved['layout'][key]}, this run has "
+                                   f"{value}: the data position cannot be continued exactly; use the same setting")
+        was = saved.get("manifest_sha256")
+        if was and was != self.manifest_sha256:
+            if not self.allow_data_change:
+                raise RunSetupError(
+                    f"checkpoint {folder} was trained on shards whose manifest.json has sha256 {was[:12]}..., but "
+                    f"{self.cfg.data.shards}/manifest.json has {self.manifest_sha256[:12]}... (re-converted or other "
+                    "data): its data position and mined negatives refer to the old shards. Resume on those shards, or "
+                    "pass --allow-data-change to continue on these anyway")
+            if D.is_main():
+                print(f"warning: resuming on other shards than {folder} was trained on (--allow-data-change)",
+                      file=sys.stderr)
+
     def _save(self) -> None:
-        layout = {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
-                  "train_fraction": self.cfg.data.train_fraction}
-        ckpt.save(self.engine, self.ckpt_dir, self.state["step"], {"trainer": self.state, "layout": layout},
-                  self.cfg.train.keep_checkpoints)
+        ckpt.save(self.engine, self.ckpt_dir, self.state["step"],
+                  {"trainer": self.state, "layout": self._layout(), "manifest_sha256": self.manifest_sha256,
+                   "metrics_rows": self.log.rows}, self.cfg.train.keep_checkpoints)
 
     # -- one optimizer step's worth of micro-batches ---------------------------------------------
     def _micro_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], object]:
         scores, moe_log = self.engine(_to(batch["mentions"], self.device), _to(batch["entities"], self.device))
         loss, parts = contrastive_loss(scores, batch["gold_ids"].to(self.device), batch["candidate_ids"].to(self.device),
                                        self.cfg.loss, moe_log, row_weight=batch["weight"].to(self.device))
+        if ckpt.fault_flag("MMOE_TEST_NAN_LOSS_AT_STEP") == self.engine.global_steps + 1:  # fault injection (tests)
+            loss = loss * float("nan")
+            parts = {**parts, "loss": loss.detach()}
+        self._loss_finite &= bool(torch.isfinite(loss))
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():
             self.grad_norm = self._grad_norm_before_step()
+            self._loss_finite = self._all_ranks(self._loss_finite)
+            self.guard.skip_next, self.guard.skipped_last = not self._loss_finite, False
         self.engine.step()
         return parts, moe_log
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank."""
+        if D.world() == 1:
+            return ok
+        t = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(t)
+        return t.item() == 0
+
+    def _check_step(self, step_parts: dict[str, float]) -> bool:
+        """After an optimizer step: True if it was applied. A bad step (non-finite loss or gradient
+        norm on any rank; GuardedAdamW left the weights alone) is counted; beyond
+        train.max_bad_steps, training stops with TrainingDiverged."""
+        loss_finite, self._loss_finite = self._loss_finite, True
+        norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        # fp16: an overflow is DeepSpeed's loss-scale business (it skips the step and lowers the scale)
+        norm_ok = norm is None or math.isfinite(norm) or self.precision == "fp16"
+        if loss_finite and norm_ok and not self.guard.skipped_last:
+            return True
+        st, allowed = self.state, self.cfg.train.max_bad_steps
+        st["bad_steps"] += 1
+        loss = step_parts.get("loss", float("nan"))
+        what = f"loss {loss:.4g}, gradient norm {norm if norm is not None else 'unknown'}"
+        self.log.log(st["step"], {"train/bad_steps": st["bad_steps"]})
+        if st["bad_steps"] > allowed:
+            raise TrainingDiverged(
+                f"training diverged at step {st['step']}: non-finite loss or gradient norm ({what}; bad steps "
+                f"{st['bad_steps']}, train.max_bad_steps={allowed}); the update was not applied, no checkpoint or "
+                f"export was written for this step. Lower train.lr ({self.cfg.train.lr:g}) or check the data, "
+                "then resume from the last checkpoint (--resume auto) or start afresh")
+        if D.is_main():
+            tqdm.write(f"[train] step {st['step']}: non-finite loss or gradient norm ({what}): update skipped "
+                       f"(bad step {st['bad_steps']} of train.max_bad_steps={allowed})", file=sys.stderr)
+        return False
 
     def _grad_norm_before_step(self) -> float | None:
         """DeepSpeed reports the global gradient norm for its own optimizer wrappers (ZeRO, bf16,
@@ -321,24 +451,33 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except BaseException:
+            self.log.finish(exit_code=1)  # close metrics.jsonl and the W&B run as failed
+            raise
+
+    def _run(self) -> dict:
         cfg, st = self.cfg, self.state
         log_every = cfg.train.log_every
         bar = tqdm(total=self.total_steps, initial=st["step"], desc="train", unit="step", disable=not D.is_main() or None,
                    dynamic_ncols=True)
-        acc: dict[str, float] = {}
+        acc: dict[str, float] = {}  # losses of the applied steps in the current log window
         loads: dict[str, list] = {}
-        n_acc, samples, t_window = 0, 0, time.perf_counter()
+        step_acc: dict[str, float] = {}  # ... and of the optimizer step being accumulated
+        step_loads: dict[str, list] = {}
+        n_acc, step_n, samples, t_window = 0, 0, 0, time.perf_counter()
         while st["epoch"] < cfg.train.epochs and st["step"] < self.total_steps and not st["stopped_early"]:
             self._negatives_for_epoch()
             self.stream.set_position(st["epoch"], st["batch"])
             for batch in make_loader(self.stream, cfg.data.num_workers):
                 parts, moe_log = self._micro_step(batch)
                 for k, v in parts.items():
-                    acc[k] = acc.get(k, 0.0) + float(v)
+                    step_acc[k] = step_acc.get(k, 0.0) + float(v)
                 for name, (c, d) in moe_log.load.items():
-                    c0, d0 = loads.get(name, (0, 0))
-                    loads[name] = [c0 + c, d0 + d]
-                n_acc += 1
+                    c0, d0 = step_loads.get(name, (0, 0))
+                    step_loads[name] = [c0 + c, d0 + d]
+                step_n += 1
                 samples += int((batch["weight"] > 0).sum())
                 st["batch"] += 1
                 epoch_done = st["batch"] == self.batches_per_epoch
@@ -350,13 +489,23 @@ class Trainer:
                 if epoch_done:
                     st["epoch"], st["batch"] = st["epoch"] + 1, 0
                 bar.update(1)
-                if st["step"] % log_every == 0 or st["step"] == self.total_steps:
+                if self._check_step({k: v / step_n for k, v in step_acc.items()}):  # applied: count it in the window
+                    for k, v in step_acc.items():
+                        acc[k] = acc.get(k, 0.0) + v
+                    for name, (c, d) in step_loads.items():
+                        c0, d0 = loads.get(name, (0, 0))
+                        loads[name] = [c0 + c, d0 + d]
+                    n_acc += step_n
+                step_acc, step_loads, step_n = {}, {}, 0
+                if n_acc and (st["step"] % log_every == 0 or st["step"] == self.total_steps):
                     elapsed = time.perf_counter() - t_window
                     metrics = {f"train/{k}": v / n_acc for k, v in acc.items()}
                     metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                     metrics["train/lr_clip"] = self.scheduler.get_last_lr()[1]
                     norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
-                    metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
+                    if norm is not None:
+                        metrics["train/grad_norm"] = float(norm)
+                    metrics["train/bad_steps"] = st["bad_steps"]
                     metrics["train/samples_per_s"] = samples * D.world() / max(elapsed, 1e-9)
                     metrics["train/epoch"] = st["epoch"] + st["batch"] / self.batches_per_epoch
                     metrics.update(self._expert_load(loads))
