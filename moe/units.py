@@ -51,10 +51,6 @@ class MoESettings:
         if self.ep_size > 1 and self.backend != "deepspeed":
             raise ConfigError(f"{key}ep_size: {self.ep_size} needs backend: deepspeed (the local backend keeps every expert "
                               "on every rank)")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ConfigError(f"{key}top_k: {self.top_k} must be in [1, num_experts={self.num_experts}]")
-        if self.expert_mult < 1:
-            raise ConfigError(f"{key}expert_mult: expected >= 1, got {self.expert_mult}")
 
     def build(self, d_model: int, d_out: int, gate_dim: int | None = None, gate: str = "switch") -> nn.Module:
         """A switch layer ``d_model -> expert_mult * d_model -> d_out`` of the configured backend (same
