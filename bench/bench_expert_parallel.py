@@ -45,7 +45,7 @@ def worker(a: argparse.Namespace) -> None:
 
     from model import distributed as D
     from model.config import Config
-    from moe.deepspeed_backend import setup_expert_parallel
+    from moe.expert_parallel import setup_expert_parallel
     from moe.features import Features
     from moe.matcher import MatcherSettings, MMoEMatcher
     from moe.units import MoESettings

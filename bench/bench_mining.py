@@ -20,9 +20,8 @@ import torch
 
 from data_shards.collate import load_tokenizer
 from data_shards.convert import ConvertSettings, convert
-from data_shards.stream import OrderedStream, make_loader
 from data_shards.synthetic import generate, preset
-from eval.encode import encode_side
+from eval.encode import encode_kb, encode_split
 from eval.ranking import build_index
 from model.config import load_config
 from model.factory import make_collator
@@ -53,13 +52,12 @@ def main() -> None:
     collator = make_collator(cfg, model)
     device = torch.device("cpu")
     t0 = time.perf_counter()
-    kb_stream = OrderedStream(shards, "kb", collator, a.batch)
-    kb, _ = encode_side(model, make_loader(kb_stream, 1), device, entity=True, total=len(kb_stream), desc="encode KB")
+    kb = encode_kb(model, str(shards), collator, device, batch_size=a.batch, num_workers=1, distributed=False)
     t_kb = time.perf_counter() - t0
     kb_vecs = model.matcher.separable_vectors(kb)
     del kb
-    m_stream = OrderedStream(shards, "train", collator, a.batch)
-    ms, ids = encode_side(model, make_loader(m_stream, 1), device, entity=False, total=len(m_stream), desc="encode train")
+    ms, ids = encode_split(model, str(shards), "train", collator, device, batch_size=a.batch, num_workers=1,
+                           distributed=False)
     m_vecs, gold = model.matcher.separable_vectors(ms), ids["gold_id"].numpy()
     rows = {}
     for kind in ("flat", "ivf"):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from data_shards.stream import OrderedStream, make_loader
 from eval.ranking import autocast_for
 from model import distributed as D
 from model.mmoe import BATCH_KEYS, MMoEModel
@@ -84,3 +85,33 @@ def encode_side(
         return local, local_ids
     cache = SideCache({k: D.gather_rows(v) for k, v in local.tensors.items()})
     return cache, {k: D.gather_rows(v) for k, v in local_ids.items()}
+
+
+def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, batch_size: int, num_workers: int,
+              bf16: bool = True, distributed: bool = True, block: int | None = None, desc: str = "encode KB") -> SideCache:
+    """The entity cache of the whole KB, rows in entity-id order, on every rank.
+
+    ``distributed``: ranks encode contiguous shares and gather them; otherwise this process encodes
+    everything. ``block`` (compat: published) computes the entity side on blocks of that many KB rows;
+    every rank then encodes the whole KB, so the blocks are the published ones on any number of ranks."""
+    split_work = distributed and block is None
+    world, rank = (D.world(), D.rank()) if split_work else (1, 0)
+    stream = OrderedStream(shards, "kb", collator, batch_size, world, rank)
+    cache, ids = encode_side(model, make_loader(stream, num_workers), device, entity=True, bf16=bf16,
+                             gather=split_work, total=len(stream), desc=desc, block=block)
+    if not torch.equal(ids["entity_id"].cpu(), torch.arange(len(cache))):
+        raise RuntimeError(f"{shards}: KB cache rows are not in entity id order: the KB shards are inconsistent with the "
+                           "manifest; convert the dataset again")
+    return cache
+
+
+def encode_split(model: MMoEModel, shards: str, split: str, collator, device: torch.device, *, batch_size: int,
+                 num_workers: int, bf16: bool = True, distributed: bool = True, block: int | None = None,
+                 desc: str | None = None) -> tuple[SideCache, dict[str, Tensor]]:
+    """The mention cache of this rank's share of ``split`` (all of it unless ``distributed``), with each
+    row's ``index`` and ``gold_id``. ``block`` (compat: published): the mention side on batches of that
+    many mentions, each rank's share made of whole batches."""
+    world, rank = (D.world(), D.rank()) if distributed else (1, 0)
+    stream = OrderedStream(shards, split, collator, batch_size, world, rank, align=block or 1)
+    return encode_side(model, make_loader(stream, num_workers), device, entity=False, bf16=bf16, total=len(stream),
+                       desc=desc or f"encode {split}", block=block)

@@ -27,9 +27,9 @@ import torch
 
 from data_shards.collate import Collator
 from data_shards.store import ShardError
-from data_shards.stream import OrderedStream, load_manifest, make_loader
+from data_shards.stream import load_manifest
 from data_shards.verify import problems_message, verify
-from eval.encode import encode_side
+from eval.encode import encode_kb, encode_split
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import NonFiniteScoreError, summarize
 from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
@@ -57,26 +57,15 @@ def evaluate_split(
     model.eval()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    # compat: published reproduces the published blocks (entity side on blocks of compat_entity_block KB
+    # rows, mention side on batches of compat_mention_batch), on any number of processes.
     compat = model.matcher.settings.published
-    if compat:
-        # The published blocks (compat: published): every rank encodes the whole KB in blocks of
-        # compat_entity_block rows, and the mentions are split between ranks in whole batches of
-        # compat_mention_batch, so any number of processes computes the published evaluation's numbers.
-        kb_stream = OrderedStream(cfg.data.shards, "kb", collator, e.batch_size)
-    else:
-        kb_stream = OrderedStream(cfg.data.shards, "kb", collator, e.batch_size, D.world(), D.rank())
-    kb, kb_ids = encode_side(model, make_loader(kb_stream, e.num_workers), device, entity=True, bf16=e.bf16,
-                             gather=not compat, total=len(kb_stream), desc="encode KB",
-                             block=e.compat_entity_block if compat else None)
-    if not torch.equal(kb_ids["entity_id"].cpu(), torch.arange(len(kb))):
-        raise RuntimeError("KB cache rows are not in entity id order: the KB shards are inconsistent with the manifest")
+    io = dict(batch_size=e.batch_size, num_workers=e.num_workers, bf16=e.bf16)
+    kb = encode_kb(model, cfg.data.shards, collator, device, block=e.compat_entity_block if compat else None, **io)
     timings["encode_kb_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    m_stream = OrderedStream(cfg.data.shards, split, collator, e.batch_size, D.world(), D.rank(),
-                             align=e.compat_mention_batch if compat else 1)
-    mentions, m_ids = encode_side(model, make_loader(m_stream, e.num_workers), device, entity=False, bf16=e.bf16,
-                                  total=len(m_stream), desc=f"encode {split}",
-                                  block=e.compat_mention_batch if compat else None)
+    mentions, m_ids = encode_split(model, cfg.data.shards, split, collator, device,
+                                   block=e.compat_mention_batch if compat else None, **io)
     timings["encode_mentions_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     gold = m_ids["gold_id"]

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from data_shards.images import prepare_image
 from data_shards.store import EntityStore
-from data_shards.stream import OrderedStream, load_manifest, make_loader
-from eval.encode import encode_side
+from data_shards.stream import load_manifest
+from eval.encode import encode_kb
 from eval.evaluate import manifest_hash
 from eval.ranking import autocast_for, build_index, search
 from model.factory import make_collator
@@ -130,11 +130,8 @@ class Linker:
             self.cache_reused = True
             return cache
         e = self.cfg.eval
-        stream = OrderedStream(self.shards, "kb", self.collator, e.batch_size)
-        cache, ids = encode_side(self.model, make_loader(stream, e.num_workers), self.device, entity=True, bf16=e.bf16,
-                                 total=len(stream), desc="encode KB")
-        if not torch.equal(ids["entity_id"].cpu(), torch.arange(n)):
-            raise RuntimeError(f"{self.shards}: KB rows are not in entity id order; convert the dataset again")
+        cache = encode_kb(self.model, self.shards, self.collator, self.device, batch_size=e.batch_size,
+                          num_workers=e.num_workers, bf16=e.bf16, distributed=False)
         save_cache(self.cache_file, cache, sha, mtime)
         return cache
 

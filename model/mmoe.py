@@ -11,8 +11,7 @@ import copy
 import functools
 import os
 import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from model import distributed as D
 from model.config import Config, ConfigError, ModelConfig, apply_override, build, load_config, save_config, to_dict
 from model.encoder import ClipEncoder, load_clip
 from model.factory import resolve_tokenizer
+from moe.expert_parallel import local_experts, local_state_dict  # noqa: F401 (re-exported)
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
@@ -83,44 +83,6 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
-
-
-def _deepspeed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The DeepSpeed-backend switch layers (moe.deepspeed_backend), in module order (the same on every rank)."""
-    return [(n, m) for n, m in model.named_modules() if getattr(m, "backend", None) == "deepspeed"]
-
-
-def local_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's weights on CPU in the local layout: every switch layer as stacked ``wg.weight, w1,
-    b1, w2, b2`` with all of its experts (mapping: moe/expert_layout.py). For DeepSpeed MoE layers with
-    ep_size > 1 this gathers the experts over each expert-parallel group: call it on every rank."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, layer in _deepspeed_layers(model):
-        prefix = name + "."
-        for key in [k for k in state if k.startswith(prefix)]:
-            del state[key]
-        state.update({prefix + k: v for k, v in layer.gathered_local_state().items()})
-    return {k: v.cpu().contiguous() for k, v in state.items()}
-
-
-@contextmanager
-def local_experts(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block every DeepSpeed MoE layer of ``model`` is swapped for a ``SwitchMoE`` holding
-    all of its experts, so ranks may run different numbers of batches (evaluation, KB encoding, mining)
-    with no all-to-all. Entering gathers the experts (a collective when ep_size > 1: every rank enters);
-    the copies are for inference (training them does not reach the DeepSpeed layers), and the original
-    layers come back on exit. A model without DeepSpeed layers is yielded unchanged."""
-    swaps = []
-    for name, layer in _deepspeed_layers(model):
-        parent_name, _, attr = name.rpartition(".")
-        swaps.append((model.get_submodule(parent_name) if parent_name else model, attr, layer, layer.to_local()))
-    try:
-        for parent, attr, _, local in swaps:
-            setattr(parent, attr, local)
-        yield model
-    finally:
-        for parent, attr, layer, _ in swaps:
-            setattr(parent, attr, layer)
 
 
 def export_config(cfg: Config) -> Config:

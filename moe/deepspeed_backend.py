@@ -256,14 +256,3 @@ def _accept_local_layout(module: DeepSpeedSwitchMoE, state_dict: dict, prefix: s
         local = take_prefixed(state_dict, prefix, LOCAL_KEYS)
         for k, v in local_to_deepspeed(local, module.local_expert_ids()).items():
             state_dict[prefix + k] = v
-
-
-def deepspeed_layers(model: nn.Module) -> list[tuple[str, DeepSpeedSwitchMoE]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, DeepSpeedSwitchMoE)]
-
-
-def setup_expert_parallel(model: nn.Module) -> None:
-    """Create/join the expert-parallel groups of every DeepSpeed MoE layer without ``deepspeed.initialize``
-    (unit tests, evaluation scripts); needs ``deepspeed.init_distributed()``."""
-    for _, layer in deepspeed_layers(model):
-        layer.set_deepspeed_parallelism()

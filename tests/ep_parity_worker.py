@@ -23,8 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import distributed as D  # noqa: E402
 from model.config import Config  # noqa: E402
-from model.mmoe import MMoEModel, local_experts, local_state_dict  # noqa: E402
-from moe.deepspeed_backend import DeepSpeedSwitchMoE, setup_expert_parallel  # noqa: E402
+from model.mmoe import MMoEModel  # noqa: E402
+from moe.deepspeed_backend import DeepSpeedSwitchMoE
+from moe.expert_parallel import (  # noqa: E402
+    local_experts,
+    local_state_dict,
+    setup_expert_parallel,  # noqa: E402
+)
 from moe.switch import SwitchMoE  # noqa: E402
 from tests.helpers import random_batch, tiny_model_config  # noqa: E402
 from train.loss import contrastive_loss  # noqa: E402

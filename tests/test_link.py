@@ -81,13 +81,13 @@ def test_two_stage_scores_are_the_full_matcher_scores(tiny_export, tiny_shards, 
 
 def test_cache_is_written_then_reused_until_the_weights_change(own_export, tiny_shards, query_image, monkeypatch):
     calls = []
-    real = link_mod.encode_side
+    real = link_mod.encode_kb
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(link_mod, "encode_side", counting)
+    monkeypatch.setattr(link_mod, "encode_kb", counting)
     first = link(own_export, SENTENCE, MENTION, image=query_image, device="cpu")
     cache = own_export / f"kb_cache-{manifest_hash(tiny_shards)[:12]}.pt"
     assert len(calls) == 1 and cache.is_file()

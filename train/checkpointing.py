@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from model import distributed as D
+from moe.expert_parallel import moe_layout
 
 COMPLETE = "complete.json"
 MOE_LAYOUT = "moe-layout.json"
@@ -44,18 +45,6 @@ MOE_LAYOUT = "moe-layout.json"
 
 class MoELayoutMismatch(RuntimeError):
     """The checkpoint's experts are laid out for another MoE backend or ep_size."""
-
-
-def moe_layout(module: nn.Module) -> dict[str, Any]:
-    """How the model's switch layers hold their experts: backend, ep_size and experts per layer."""
-    from moe.switch import SwitchMoE
-
-    for m in module.modules():
-        if getattr(m, "backend", None) == "deepspeed":
-            return {"backend": "deepspeed", "ep_size": m.ep_size, "num_experts": m.num_experts}
-        if isinstance(m, SwitchMoE):
-            return {"backend": "local", "ep_size": 1, "num_experts": m.num_experts}
-    return {"backend": "none", "ep_size": 1, "num_experts": 0}
 
 
 def check_moe_layout(folder: Path, module: nn.Module) -> None:

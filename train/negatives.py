@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from data_shards.store import EntityStore
-from data_shards.stream import OrderedStream, make_loader
-from eval.encode import encode_side
+from eval.encode import encode_kb, encode_split
 from eval.ranking import build_index, search
 from model import distributed as D
 from model.config import Config, ConfigError
@@ -70,15 +69,12 @@ def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: s
     model.eval()
     t0 = time.perf_counter()
     batch = cfg.eval.batch_size
-    kb_stream = OrderedStream(cfg.data.shards, "kb", collator, batch, D.world(), D.rank())
-    kb, _ = encode_side(model, make_loader(kb_stream, cfg.eval.num_workers), device, entity=True, bf16=cfg.eval.bf16,
-                        gather=True, total=len(kb_stream), desc="mining: encode KB")
+    io = dict(batch_size=batch, num_workers=cfg.eval.num_workers, bf16=cfg.eval.bf16)
+    kb = encode_kb(model, cfg.data.shards, collator, device, desc="mining: encode KB", **io)
     t_kb = time.perf_counter()
     index = build_index(model.matcher.separable_vectors(kb), n.index)
     t_index = time.perf_counter()
-    m_stream = OrderedStream(cfg.data.shards, split, collator, batch, D.world(), D.rank())
-    ms, ids = encode_side(model, make_loader(m_stream, cfg.eval.num_workers), device, entity=False, bf16=cfg.eval.bf16,
-                          total=len(m_stream), desc=f"mining: encode {split}")
+    ms, ids = encode_split(model, cfg.data.shards, split, collator, device, desc=f"mining: encode {split}", **io)
     store = EntityStore(cfg.data.shards)
     local = nearest_negatives(model.matcher.separable_vectors(ms), index, ids["gold_id"].cpu().numpy(), n.top_k,
                               qid_of=lambda a: entity_qids(store, a))

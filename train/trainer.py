@@ -24,7 +24,8 @@ from eval.evaluate import EvalResult, evaluate_split, manifest_hash, one_line, w
 from model import distributed as D
 from model.config import Config, save_config
 from model.factory import make_collator, resolve_tokenizer
-from model.mmoe import BATCH_KEYS, MMoEModel, build_model, load_export, local_experts, recover_export, save_export
+from model.mmoe import BATCH_KEYS, MMoEModel, build_model, load_export, recover_export, save_export
+from moe.expert_parallel import global_grad_norm, local_experts
 from train import checkpointing as ckpt
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
@@ -346,25 +347,7 @@ class Trainer:
         fp16) but not for a plain fp32 client optimizer; measure it there (pre-clipping)."""
         if self.engine.zero_optimization() or self.precision != "fp32":
             return None
-        from deepspeed.moe.utils import is_moe_param
-        from deepspeed.utils import groups
-
-        dense, expert, group_name = [], [], None
-        for p in self.engine.module.parameters():
-            if p.grad is None:
-                continue
-            if is_moe_param(p):  # DeepSpeed expert weights: each rank holds only its own experts
-                expert.append(p.grad)
-                group_name = p.group_name
-            else:
-                dense.append(p.grad)
-        square = torch.nn.utils.get_total_norm(dense).pow(2) if dense else torch.zeros(())
-        if expert:
-            expert_sq = torch.nn.utils.get_total_norm(expert).pow(2).to(self.device)
-            if D.world() > 1:
-                dist.all_reduce(expert_sq, group=groups._get_expert_parallel_group(group_name))
-            square = square.to(self.device) + expert_sq
-        return float(square.sqrt())
+        return global_grad_norm(self.engine.module, self.device, D.world())
 
     def _expert_load(self, loads: dict[str, list]) -> dict[str, float]:
         """Fraction of routes per expert and dropped tokens, per MoE layer, over all ranks.
