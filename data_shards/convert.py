@@ -1,6 +1,8 @@
 """Convert a dataset folder (MIMIC format) into webdataset shards plus a manifest.
 
     python -m data_shards.convert --dataset wikimel --root DIR --out data/wikimel [--image-size 224] [--desc-from DME_OUT]
+    python -m data_shards.convert --dataset auto --root DIR --out OUT      # any one <prefix>_{train,dev,test}.json family
+    python -m data_shards.convert --split-files 'MyArt_{split}.json' [--dataset-name myart] --root DIR --out OUT
 
 Output (under --out):
   kb/kb-000000.tar ...        entities in id order: <key>.json (text fields) + <key>.jpg (resized)
@@ -237,15 +239,16 @@ class _KBIndex:
         os.replace(tmp, kb_dir / "index.npy")
 
 
-def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | None = None) -> dict:
-    """Convert ``root`` into shards under ``out``; returns the manifest (also written to out/manifest.json)."""
+def convert(dataset: str | reader.DatasetLayout, root: Path, out: Path, settings: ConvertSettings | None = None) -> dict:
+    """Convert ``root`` into shards under ``out``; returns the manifest (also written to out/manifest.json).
+    ``dataset``: a known dataset's name or a layout (``reader.resolve_layout``: auto-detected or custom split files)."""
     s = settings or ConvertSettings()
     root, out = Path(root), Path(out)
     lay = reader.layout(dataset)
     qid2id = reader.read_qid2id(root)
     # Read every split first: format errors surface before any image work.
     split_root = Path(s.desc_dir) if s.desc_dir else root
-    splits = {sp: reader.read_split(split_root, dataset, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
+    splits = {sp: reader.read_split(split_root, lay, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
     if s.desc_dir:  # the mention images stay in the dataset folder
         image_dir = reader.mention_image_dir(root, lay)
         for records in splits.values():
@@ -276,6 +279,7 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
         "format_version": FORMAT_VERSION,
         "dataset": lay.name,
         "source": {"root": str(root.resolve()), "kb": "kb_entity.json", "qid2id": "qid2id.json",
+                   "split_files": lay.split_files[0] if len(lay.split_files) == 1 else list(lay.split_files),
                    "splits": {sp: r.path.name for sp, r in splits.items()},
                    "mention_images": reader.mention_image_dir(root, lay).name, "kb_images": "kb_image",
                    "desc_from": str(Path(s.desc_dir).resolve()) if s.desc_dir else None},
@@ -315,7 +319,11 @@ def _remove_stale_shards(out: Path, manifest: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Convert a MIMIC-format MEL dataset into webdataset shards.")
-    p.add_argument("--dataset", required=True, choices=sorted(reader.LAYOUTS))
+    p.add_argument("--dataset", default="auto", choices=["auto", *sorted(reader.LAYOUTS)],
+                   help="a known dataset, or auto: the one <prefix>_{train,dev,test}.json family in --root (default)")
+    p.add_argument("--split-files", default=None, metavar="PATTERN",
+                   help="split file names with a {split} placeholder, e.g. 'MyArt_{split}.json' (overrides --dataset)")
+    p.add_argument("--dataset-name", default=None, help="dataset name for the manifest (default: the split files' prefix)")
     p.add_argument("--root", required=True, type=Path, help="dataset folder (kb_entity.json, qid2id.json, splits, images)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--image-size", type=int, default=224, help="CLIP input size (224 for ViT-B/32)")
@@ -331,11 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     s = ConvertSettings(a.image_size, a.shard_size, a.jpeg_quality, a.workers, a.max_missing, a.skip_unknown_answers,
                         tuple(a.splits), str(a.desc_from) if a.desc_from else None)
     try:
-        m = convert(a.dataset, a.root, a.out, s)
-    except (TooManyMissingImages, DatasetFormatError, FileNotFoundError) as err:
+        lay = reader.resolve_layout(a.dataset, a.root, a.split_files, a.dataset_name)
+        m = convert(lay, a.root, a.out, s)
+    except (TooManyMissingImages, DatasetFormatError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     counts = ", ".join(f"{k} {v}" for k, v in m["counts"].items())
-    print(f"wrote {a.out}/manifest.json: {counts}")
+    print(f"wrote {a.out}/manifest.json: dataset {m['dataset']} ({m['source']['split_files']}), {counts}")
     for group, st in m["images"].items():
         print(f"  images {group}: {st['present']} present, {st['none']} none listed, {st['missing']} missing, "
               f"{st['unreadable']} unreadable")
