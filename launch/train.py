@@ -2,6 +2,8 @@
 
 Also runs under torchrun and as plain `python launch/train.py ...` (one process).
 --resume auto continues from the latest complete checkpoint of the run (a fresh start if none).
+--seeds 43,44,45 trains one run per seed (run names suffixed -seed<S>) and writes a mean +- std
+leaderboard to <out_dir>/<run_name>-seeds/ (launch/seeds.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
 
 from train.config import ConfigError, load_config  # noqa: E402
+from train.model import ModelSetupError  # noqa: E402
 from train.trainer import RunSetupError, Trainer  # noqa: E402
 
 
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.lr=5e-6")
     p.add_argument("--resume", default="none", help="auto | none | a checkpoint folder")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="one run per seed (train.seed, data.seed, tiny_clip.seed) and a mean +- std leaderboard")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     a = p.parse_args(argv)
     try:
@@ -33,8 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
     try:
-        Trainer(cfg, resume=a.resume).run()
-    except RunSetupError as err:
+        if a.seeds:
+            from launch.seeds import SeedsError, parse_seeds, run_seeds
+
+            try:
+                run_seeds(cfg, parse_seeds(a.seeds), resume=a.resume)
+            except SeedsError as err:
+                sys.exit(f"error: {err}")
+        else:
+            Trainer(cfg, resume=a.resume).run()
+    except (RunSetupError, ModelSetupError) as err:
         sys.exit(f"error: {err}")
 
 
