@@ -3,7 +3,9 @@
 Quirks handled (DESIGN.md section 4):
 * split files named per dataset: ``WIKIMEL_{split}.json``, ``RichpediaMEL_{split}.json``,
   ``wiki_diverse_{split}.json`` (MIMIC) or ``WikiDiverse_{split}.json`` (MMoE re-release), and our
-  synthetic benchmark's ``SyntheticMEL_{split}.json``;
+  synthetic benchmark's ``SyntheticMEL_{split}.json``; any other dataset in this format through
+  ``resolve_layout`` (``--dataset auto``: the one ``<prefix>_{train,dev,test}.json`` family of the
+  folder, named after the prefix; or ``--split-files 'NAME_{split}.json'``);
 * ``qid2id.json`` is one line of JSON; ``kb_entity.json`` is a list to be sorted by ``id``;
 * entity names and mention surface forms may be URL-quoted;
 * ``imgPath`` is ``""`` (no image) or a path whose basename, with the extension replaced by
