@@ -1,6 +1,8 @@
 """Convert a dataset folder (MIMIC format) into webdataset shards plus a manifest.
 
     python -m data_shards.convert --dataset wikimel --root DIR --out data/wikimel [--image-size 224] [--desc-from DME_OUT]
+    python -m data_shards.convert --dataset auto --root DIR --out OUT      # any one <prefix>_{train,dev,test}.json family
+    python -m data_shards.convert --split-files 'MyArt_{split}.json' [--dataset-name myart] --root DIR --out OUT
 
 Output (under --out):
   kb/kb-000000.tar ...        entities in id order: <key>.json (text fields) + <key>.jpg (resized)
@@ -353,8 +355,9 @@ def _swap_in(build: Path, out: Path) -> None:
         build.rename(out)
 
 
-def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | None = None) -> dict:
+def convert(dataset: str | reader.DatasetLayout, root: Path, out: Path, settings: ConvertSettings | None = None) -> dict:
     """Convert ``root`` into shards under ``out``; returns the manifest (also written to out/manifest.json).
+    ``dataset``: a known dataset's name or a layout (``reader.resolve_layout``: auto-detected or custom split files).
 
     Everything is built in a hidden sibling folder (``.NAME.building-PID``) and swapped in only when
     complete: a failed or killed conversion leaves ``out`` as it was."""
@@ -373,12 +376,12 @@ def convert(dataset: str, root: Path, out: Path, settings: ConvertSettings | Non
     return manifest
 
 
-def _convert_into(dataset: str, root: Path, out: Path, s: ConvertSettings) -> dict:
+def _convert_into(dataset: str | reader.DatasetLayout, root: Path, out: Path, s: ConvertSettings) -> dict:
     lay = reader.layout(dataset)
     qid2id = reader.read_qid2id(root)
     # Read every split first: format errors surface before any image work.
     split_root = Path(s.desc_dir) if s.desc_dir else root
-    splits = {sp: reader.read_split(split_root, dataset, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
+    splits = {sp: reader.read_split(split_root, lay, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
     for sp, r in splits.items():
         if not r.mentions:
             raise DatasetFormatError(f"the {sp} split ({r.path}) has no mention to link ({r.skipped_nil} nil and "
@@ -414,6 +417,7 @@ def _convert_into(dataset: str, root: Path, out: Path, s: ConvertSettings) -> di
         "format_version": FORMAT_VERSION,
         "dataset": lay.name,
         "source": {"root": str(root.resolve()), "kb": "kb_entity.json", "qid2id": "qid2id.json",
+                   "split_files": lay.split_files[0] if len(lay.split_files) == 1 else list(lay.split_files),
                    "splits": {sp: r.path.name for sp, r in splits.items()},
                    "mention_images": image_dir.name, "kb_images": "kb_image",
                    "desc_from": str(Path(s.desc_dir).resolve()) if s.desc_dir else None},
@@ -438,7 +442,11 @@ def _convert_into(dataset: str, root: Path, out: Path, s: ConvertSettings) -> di
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Convert a MIMIC-format MEL dataset into webdataset shards.")
-    p.add_argument("--dataset", required=True, choices=sorted(reader.LAYOUTS))
+    p.add_argument("--dataset", default="auto", choices=["auto", *sorted(reader.LAYOUTS)],
+                   help="a known dataset, or auto: the one <prefix>_{train,dev,test}.json family in --root (default)")
+    p.add_argument("--split-files", default=None, metavar="PATTERN",
+                   help="split file names with a {split} placeholder, e.g. 'MyArt_{split}.json' (overrides --dataset)")
+    p.add_argument("--dataset-name", default=None, help="dataset name for the manifest (default: the split files' prefix)")
     p.add_argument("--root", required=True, type=Path, help="dataset folder (kb_entity.json, qid2id.json, splits, images)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--image-size", type=int, default=224, help="CLIP input size (224 for ViT-B/32)")
@@ -454,11 +462,12 @@ def main(argv: list[str] | None = None) -> None:
     s = ConvertSettings(a.image_size, a.shard_size, a.jpeg_quality, a.workers, a.max_missing, a.skip_unknown_answers,
                         tuple(a.splits), str(a.desc_from) if a.desc_from else None)
     try:
-        m = convert(a.dataset, a.root, a.out, s)
-    except (TooManyMissingImages, ValueError, FileNotFoundError) as err:
+        lay = reader.resolve_layout(a.dataset, a.root, a.split_files, a.dataset_name)
+        m = convert(lay, a.root, a.out, s)
+    except (TooManyMissingImages, DatasetFormatError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     counts = ", ".join(f"{k} {v}" for k, v in m["counts"].items())
-    print(f"wrote {a.out}/manifest.json: {counts}")
+    print(f"wrote {a.out}/manifest.json: dataset {m['dataset']} ({m['source']['split_files']}), {counts}")
     for group, st in m["images"].items():
         print(f"  images {group}: {st['present']} present, {st['none']} none listed, {st['missing']} missing, "
               f"{st['unreadable']} unreadable, {st.get('refused', 0)} refused")

@@ -3,7 +3,9 @@
 Quirks handled (DESIGN.md section 4):
 * split files named per dataset: ``WIKIMEL_{split}.json``, ``RichpediaMEL_{split}.json``,
   ``wiki_diverse_{split}.json`` (MIMIC) or ``WikiDiverse_{split}.json`` (MMoE re-release), and our
-  synthetic benchmark's ``SyntheticMEL_{split}.json``;
+  synthetic benchmark's ``SyntheticMEL_{split}.json``; any other dataset in this format through
+  ``resolve_layout`` (``--dataset auto``: the one ``<prefix>_{train,dev,test}.json`` family of the
+  folder, named after the prefix; or ``--split-files 'NAME_{split}.json'``);
 * ``qid2id.json`` is one line of JSON; ``kb_entity.json`` is a list to be sorted by ``id``;
 * entity names and mention surface forms may be URL-quoted;
 * ``imgPath`` is ``""`` (no image) or a path whose basename, with the extension replaced by
@@ -42,11 +44,69 @@ LAYOUTS = {
 }
 
 
-def layout(name: str) -> DatasetLayout:
+# The released datasets whose published numbers the leaderboard lists (a dataset of another name never gets them).
+REAL_DATASETS = ("wikimel", "richpediamel", "wikidiverse")
+ANY_MENTION_IMAGE_DIRS = ("mention_image", "mention_images")
+
+
+def layout(name: str | DatasetLayout) -> DatasetLayout:
+    if isinstance(name, DatasetLayout):
+        return name
     try:
         return LAYOUTS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(LAYOUTS)}") from None
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(LAYOUTS)} (or auto)") from None
+
+
+def split_families(root: Path) -> dict[str, list[str]]:
+    """Every ``<prefix>_<split>.json`` family in ``root``: prefix -> the splits present."""
+    families: dict[str, list[str]] = {}
+    for path in sorted(Path(root).glob("*_*.json")):
+        prefix, _, split = path.stem.rpartition("_")
+        if split in SPLITS and prefix:
+            families.setdefault(prefix, []).append(split)
+    return {p: [sp for sp in SPLITS if sp in found] for p, found in families.items()}
+
+
+def custom_layout(pattern: str, name: str | None = None) -> DatasetLayout:
+    """A layout for split files named by ``pattern`` (with ``{split}``), named ``name`` or after the prefix.
+
+    A pattern that is a known dataset's gets that dataset's name; a name that is one of the real datasets
+    with another pattern is refused, so a renamed dataset cannot pass for WikiMEL on the leaderboard."""
+    if "{split}" not in pattern or "/" in pattern:
+        raise ValueError(f"--split-files {pattern!r} must be a file name holding {{split}}, e.g. 'MyData_{{split}}.json'")
+    known = next((lay for lay in LAYOUTS.values() if pattern in lay.split_files), None)
+    if known is not None and (name is None or name.lower() == known.name):
+        return known
+    name = name or pattern.split("{split}")[0].rstrip("_-. ") or "dataset"
+    if name.lower() in LAYOUTS:
+        raise ValueError(f"the dataset name {name!r} is taken by a known dataset whose split files are named "
+                         f"{' or '.join(LAYOUTS[name.lower()].split_files)}: choose another --dataset-name")
+    return DatasetLayout(name, (pattern,), ANY_MENTION_IMAGE_DIRS)
+
+
+def detect_layout(root: Path, name: str | None = None) -> DatasetLayout:
+    """The one family of ``<prefix>_{train,dev,test}.json`` files in ``root`` (``--dataset auto``)."""
+    families = split_families(root)
+    complete = [p for p, found in families.items() if len(found) == len(SPLITS)]
+    listing = "; ".join(f"{p}_{{{','.join(found)}}}.json" for p, found in families.items()) or "none"
+    if len(complete) != 1:
+        what = "no" if not complete else f"{len(complete)}"
+        raise DatasetFormatError(
+            f"{root}: found {what} complete family of <prefix>_{{train,dev,test}}.json split files (families: {listing}); "
+            "name one with --split-files 'PREFIX_{split}.json'")
+    return custom_layout(f"{complete[0]}_{{split}}.json", name)
+
+
+def resolve_layout(dataset: str, root: Path, split_files: str | None = None, name: str | None = None) -> DatasetLayout:
+    """--dataset NAME | auto, --split-files PATTERN and --dataset-name, as the commands take them."""
+    if split_files:
+        return custom_layout(split_files, name)
+    if dataset == "auto":
+        return detect_layout(root, name)
+    if name and name.lower() != dataset.lower():
+        raise ValueError("--dataset-name renames only an auto-detected dataset or one given by --split-files")
+    return layout(dataset)
 
 
 @dataclass
@@ -250,7 +310,7 @@ def mention_image_path(img_path: str, image_dir: Path) -> Path | None:
 
 
 def read_split(
-    root: Path, dataset: str, split: str, qid2id: dict[str, int], skip_unknown_answers: bool = False
+    root: Path, dataset: str | DatasetLayout, split: str, qid2id: dict[str, int], skip_unknown_answers: bool = False
 ) -> SplitRecords:
     """Mentions of one split. ``nil`` answers are skipped and counted; an answer QID missing from
     qid2id is an error naming the record, unless ``skip_unknown_answers`` (then counted)."""

@@ -85,6 +85,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from data_shards.tokenizer import write_word_tokenizer
+
 PREFIX = "SyntheticMEL"
 SPLITS = ("train", "dev", "test")
 FORMAT_VERSION = 1
@@ -636,32 +638,9 @@ def _vocabulary(world: _World) -> list[str]:
 
 
 def write_tokenizer(out_dir: Path, words: list[str]) -> int:
-    """A word-level tokenizer: pad 0, unk 1, [SEP] 2, words, then bos and eos as the last two ids (CLIP's order)."""
-    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-
-    specials = {"pad": "<|pad|>", "unk": "[UNK]", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
-    ordered = [specials["pad"], specials["unk"], "[SEP]", *words, specials["bos"], specials["eos"]]
-    vocab = {w: i for i, w in enumerate(ordered)}
-    tok = Tokenizer(WordLevel(vocab, unk_token=specials["unk"]))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-    tok.add_special_tokens([AddedToken(specials[k], special=True, normalized=False) for k in ("pad", "unk", "bos", "eos")])
-    tok.add_tokens([AddedToken("[SEP]", special=False, normalized=False)])  # one ordinary token, kept whole
-    bos, eos = specials["bos"], specials["eos"]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {bos} $B:1 {eos}:1",
-        special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])],
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": specials["pad"],
-              "unk_token": specials["unk"], "model_max_length": 77, "padding_side": "right",
-              "clean_up_tokenization_spaces": False}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    special_map = {k + "_token": v for k, v in specials.items()}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-    return len(ordered)
+    """A word-level tokenizer: pad 0, unk 1, [SEP] 2, words, then bos and eos as the last two ids (CLIP's order).
+    The writer is data_shards.tokenizer's, which also builds one from any dataset."""
+    return write_word_tokenizer(out_dir, words)
 
 
 # ----------------------------------------------------------------------------------------------

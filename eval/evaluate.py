@@ -5,10 +5,10 @@
 
 Works as one process or under torchrun / the deepspeed launcher / accelerate launch: the KB
 encoding and the mentions are split across ranks, the KB cache is gathered, rank 0 writes
-  results-<split>.json       metrics, first-stage recall@K (two-stage), settings, checkpoint,
-                             dataset manifest hash, timings
-  per_mention-<split>.jsonl  mention id, gold, gold rank, ties, top-5 entity ids with scores
-  leaderboard-<split>.md     this run next to the published numbers for the dataset
+  results-<split>.json       metrics (with the slices of eval/slices.py), first-stage recall@K (two-stage),
+                             settings, checkpoint, dataset manifest hash, timings
+  per_mention-<split>.jsonl  mention id, gold, gold rank, ties, top-5 entity ids with scores, slice flags
+  leaderboard-<split>.md     this run next to the published numbers for the dataset, then the slice table
 and logs the leaderboard table to W&B when a run is active. :func:`evaluate_split` is what the
 trainer calls for dev evaluation.
 """
@@ -33,6 +33,7 @@ from eval.encode import encode_kb, encode_split
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import NonFiniteScoreError, summarize
 from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
+from eval.slices import evaluation_slices, slice_rows, slices_line, slices_markdown
 from model import distributed as D
 from model.config import Config, ConfigError, to_dict
 from model.factory import make_collator
@@ -102,13 +103,18 @@ def evaluate_split(
     timings["total_s"] = time.perf_counter() - t0
     metrics["mentions_per_s"] = metrics["mentions"] / max(timings["total_s"], 1e-9)
     per_mention = []
-    if D.is_main():
+    if D.is_main():  # slices (seen/unseen gold, image, description, ties): rank 0 only, from the shards' text
+        sliced, masks = evaluation_slices(cfg.data.shards, split, gathered["index"], gathered["rank"], gathered["ties"],
+                                          use_desc=cfg.data.mention_desc, train_fraction=cfg.data.train_fraction,
+                                          seed=cfg.data.seed, fraction_mode=cfg.data.train_fraction_mode)
+        metrics.update(sliced)
+        flags = {k: masks[k] for k in ("gold_seen", "image", "desc_is_kb") if k in masks}
         for i in range(len(gathered["rank"])):
             per_mention.append({
                 "index": int(gathered["index"][i]), "gold": int(gathered["gold"][i]), "rank": int(gathered["rank"][i]),
                 "ties": int(gathered["ties"][i]), "top_ids": gathered["top_ids"][i].tolist(),
                 "top_scores": [round(float(s), 5) for s in gathered["top_scores"][i]],
-            })
+            } | {k: bool(v[i]) for k, v in flags.items()})
     model.train(was_training)
     return EvalResult(split, metrics, per_mention, timings)
 
@@ -147,7 +153,8 @@ def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: st
     }
     (out_dir / f"results-{result.split}.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     board = out_dir / f"leaderboard-{result.split}.md"
-    board.write_text(leaderboard_markdown(dataset, result.split, result.metrics, run_name))
+    slices = slices_markdown(result.metrics)  # a second table: what the headline number hides
+    board.write_text(leaderboard_markdown(dataset, result.split, result.metrics, run_name) + ("\n" + slices if slices else ""))
     log_leaderboard_to_wandb(dataset, result.split, result.metrics, run_name)
     return board
 
@@ -175,7 +182,10 @@ def log_leaderboard_to_wandb(dataset: str, split: str, metrics: dict[str, float]
         return
     table = wandb.Table(columns=["model", "H@1", "H@3", "H@5", "MRR", "MR", "source"],
                         data=leaderboard_rows(dataset, metrics, run_name))
-    wandb.log({f"leaderboard/{split}": table})
+    log = {f"leaderboard/{split}": table}
+    if slice_rows(metrics):
+        log[f"slices/{split}"] = wandb.Table(columns=["slice", "mentions", "H@1", "MRR"], data=slice_rows(metrics))
+    wandb.log(log)
 
 
 def one_line(result: EvalResult) -> str:
@@ -185,6 +195,8 @@ def one_line(result: EvalResult) -> str:
             f"{m['mentions_per_s']:.1f} mentions/s, ties {m['ties_total']})")
     for k in sorted(k for k in m if k.startswith("recall@")):
         line += f"  {k} {m[k]:.1f}"
+    if slices_line(m):
+        line += "  | " + slices_line(m)
     return line
 
 

@@ -2,6 +2,8 @@
 
 Also runs under torchrun and as plain `python launch/train.py ...` (one process).
 --resume auto continues from the latest complete checkpoint of the run (a fresh start if none).
+--seeds 43,44,45 trains one run per seed (run names suffixed -seed<S>) and writes a mean +- std
+leaderboard to <out_dir>/<run_name>-seeds/ (launch/seeds.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 from data_shards.store import ShardError  # noqa: E402
 from eval.metrics import NonFiniteScoreError  # noqa: E402
+from launch.seeds import SeedsError, parse_seeds, run_seeds  # noqa: E402
 from model.config import ConfigError, load_config  # noqa: E402
+from model.mmoe import ModelSetupError  # noqa: E402
 from train.trainer import RunSetupError, Trainer, TrainingDiverged  # noqa: E402
 
 
@@ -30,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", default="none", help="auto | none | a checkpoint folder (trusted: DeepSpeed unpickles it)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although data.shards holds other shards (another manifest) than the checkpoint was trained on")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="one run per seed (train.seed, data.seed, tiny_clip.seed) and a mean +- std leaderboard")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     a = p.parse_args(argv)
     try:
@@ -37,8 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
     try:
-        Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change).run()
-    except (RunSetupError, TrainingDiverged, NonFiniteScoreError) as err:
+        if a.seeds:
+            try:
+                run_seeds(cfg, parse_seeds(a.seeds), resume=a.resume)
+            except SeedsError as err:
+                sys.exit(f"error: {err}")
+        else:
+            Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change).run()
+    except (RunSetupError, ModelSetupError, TrainingDiverged, NonFiniteScoreError) as err:
         sys.exit(f"error: {err}")
     except ShardError as err:  # a shard differs from the manifest (truncated, replaced): named in the message
         msg = str(err)  # raised in a DataLoader worker: the message holds the worker's traceback, then ours

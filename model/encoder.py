@@ -18,7 +18,7 @@ class TinyClipSettings:
     # 0 / -1: taken from the tokenizer when the model is built (model.mmoe.build_model)
     vocab_size: int = 0
     bos_token_id: int = -1
-    eos_token_id: int = -1  # CLIP pools the text at the first eos token
+    eos_token_id: int = -1  # HF's CLIP pools at the first eos; ClipEncoder pools at the last real token instead
     pad_token_id: int = -1
     text_hidden: int = 64
     vision_hidden: int = 64
@@ -71,6 +71,20 @@ def load_clip(path: str, tiny: TinyClipSettings) -> CLIPModel:
         return CLIPModel(tiny.clip_config())
 
 
+def pool_last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """hidden [B, L, d] at each row's last non-padding position (the mask's last 1) -> [B, d].
+
+    Hugging Face's CLIP text model pools at the *first* eos id (or at the highest id when eos_token_id
+    is 2). With a tokenizer whose eos is also the mention/sentence separator (BERT's ``[SEP]``), that
+    is the token right after the mention, and the causal text tower has not seen the sentence there.
+    CLIP's own tokenizer ends every text with its eos, so pooling at the last real token gives the
+    same vector for it, and cannot collide with a separator for any tokenizer."""
+    mask = attention_mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.zeros_like(positions)).amax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 def image_token_count(clip: CLIPModel) -> int:
     v = clip.config.vision_config
     return (v.image_size // v.patch_size) ** 2 + 1
@@ -79,7 +93,8 @@ def image_token_count(clip: CLIPModel) -> int:
 class ClipEncoder(nn.Module):
     """Runs CLIP and projects to the matcher's widths.
 
-    text_global   = text_projection(pooled)                [B, dt] (Linear if projection_dim != dt)
+    text_global   = text_projection(pooled)                [B, dt] (Linear if projection_dim != dt);
+                    pooled at the last non-padding token (pool_last_token)
     text_tokens   = last hidden states of the text model    [B, Lt, dt] (Linear if hidden != dt)
     image_global  = Linear(visual_projection(pooled), dv)   [B, dv]
     image_tokens  = Linear(vision last hidden states, dv)   [B, Lv, dv]
@@ -110,7 +125,10 @@ class ClipEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor) -> Features:
         text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        text_global = self.text_global_proj(self.clip.text_projection(text.pooler_output))
+        # last_hidden_state is already after CLIP's final LayerNorm (as the pooler's input is), so this
+        # equals pooler_output whenever the eos is the last real token (tests/test_tokenizers.py)
+        pooled = pool_last_token(text.last_hidden_state, attention_mask)
+        text_global = self.text_global_proj(self.clip.text_projection(pooled))
         text_tokens = self.text_token_proj(text.last_hidden_state)
         batch = input_ids.shape[0]
         image_mask = image_mask.bool()

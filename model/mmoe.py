@@ -63,6 +63,10 @@ class MMoEModel(nn.Module):
         return self.matcher.score(m_side, e_side), m_log
 
 
+class ModelSetupError(ValueError):
+    """The tokenizer and the model do not fit together; the message says what to do."""
+
+
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[MMoEModel, Config]:
     """Build the model; a tiny CLIP takes its vocabulary size and special tokens from the
     tokenizer. Returns the config with those values filled in (save that one)."""
@@ -71,14 +75,28 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -
     if not cfg.model.clip_path and tokenizer is not None:
         if tiny.vocab_size <= 0:
             tiny.vocab_size = len(tokenizer)
+        # A BERT-style tokenizer has [CLS]/[SEP] instead of bos/eos; the encoder pools at the last real
+        # token, so a [SEP] that is both the separator and the eos is fine.
+        fallback = {"bos": "cls", "eos": "sep", "pad": None}
         for name in ("bos", "eos", "pad"):
             attr = f"{name}_token_id"
             if getattr(tiny, attr) < 0:
                 value = getattr(tokenizer, attr)
+                if value is None and fallback[name]:
+                    value = getattr(tokenizer, f"{fallback[name]}_token_id", None)
                 if value is None:
-                    raise ValueError(f"the tokenizer has no {name} token; the tiny CLIP needs one")
+                    alt = f" (or {fallback[name]})" if fallback[name] else ""
+                    raise ModelSetupError(
+                        f"the tokenizer has no {name}{alt} token, which the tiny CLIP needs: set {name}_token in its "
+                        "tokenizer_config.json, set model.tiny_clip." + attr + ", or build a word-level tokenizer "
+                        "from the dataset with python -m data_shards.tokenizer --root DATASET --out DATASET/tokenizer")
                 setattr(tiny, attr, value)
-    return MMoEModel(cfg.model), cfg
+    model = MMoEModel(cfg.model)
+    vocab = model.encoder.clip.config.text_config.vocab_size
+    if tokenizer is not None and len(tokenizer) > vocab:
+        raise ModelSetupError(f"the tokenizer has {len(tokenizer)} tokens but the CLIP text model only {vocab}: use the "
+                         "tokenizer the CLIP was trained with (data.tokenizer), or leave model.clip_path empty")
+    return model, cfg
 
 
 EXPORT_WEIGHTS = "model.safetensors"

@@ -34,8 +34,10 @@ def jpeg(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 3
     img.save(path, format="JPEG")
 
 
-def write_fixture(root: Path, dataset: str = "wikimel", *, mmoe_desc: bool = True, shuffled_kb: bool = False) -> dict:
-    """Write a complete dataset folder; returns facts the tests check against."""
+def write_fixture(root: Path, dataset: str = "wikimel", *, mmoe_desc: bool = True, shuffled_kb: bool = False,
+                  mention_dir: str | None = None) -> dict:
+    """Write a complete dataset folder; returns facts the tests check against. ``dataset``: a key of
+    SPLIT_FILES, or a split-file pattern such as 'MyArt_{split}.json' (a new dataset)."""
     root.mkdir(parents=True, exist_ok=True)
     kb = []
     for i, (qid, name, desc, n_img) in enumerate(ENTITIES):
@@ -51,8 +53,8 @@ def write_fixture(root: Path, dataset: str = "wikimel", *, mmoe_desc: bool = Tru
     (root / "kb_entity.json").write_text(json.dumps(kb, indent=2))
     (root / "qid2id.json").write_text(json.dumps({q: i for i, (q, *_rest) in enumerate(ENTITIES)}))  # one line
 
-    mention_dir = root / MENTION_DIRS.get(dataset, "mention_image")
-    pattern = SPLIT_FILES[dataset]
+    mention_path = root / (mention_dir or MENTION_DIRS.get(dataset, "mention_image"))
+    pattern = SPLIT_FILES.get(dataset, dataset)
     splits = {
         "train": [
             ("m1", "Paris is lovely in spring", "Paris", "Paris", "WikiMEL/img/m1.png", "Q100"),
@@ -76,6 +78,6 @@ def write_fixture(root: Path, dataset: str = "wikimel", *, mmoe_desc: bool = Tru
                 rec["desc"] = f"desc of {mid}"
             records.append(rec)
             if img:
-                jpeg(mention_dir / (Path(img).stem + ".jpg"), (200, 10, 10), size=(30, 50))
+                jpeg(mention_path / (Path(img).stem + ".jpg"), (200, 10, 10), size=(30, 50))
         (root / pattern.format(split=split)).write_text(json.dumps(records))
-    return {"splits": splits, "mention_dir": mention_dir}
+    return {"splits": splits, "mention_dir": mention_path}

@@ -149,8 +149,8 @@ def write_json_list(path: Path, records: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run_dme(dataset: str, root: Path, candidates: Path, out: Path, cfg: DMEConfig, splits: tuple[str, ...] = SPLITS,
-            progress: bool = True) -> dict[str, Any]:
+def run_dme(dataset: str | reader.DatasetLayout, root: Path, candidates: Path, out: Path, cfg: DMEConfig,
+            splits: tuple[str, ...] = SPLITS, progress: bool = True) -> dict[str, Any]:
     """Enhance the splits of ``root`` into ``out``; returns the report (also written to out/dme_report.json)."""
     started = time.perf_counter()
     root, out = Path(root), Path(out)
@@ -197,7 +197,9 @@ def run_dme(dataset: str, root: Path, candidates: Path, out: Path, cfg: DMEConfi
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_shards.dme",
                                 description="Description-aware mention enhancement: fill each mention's desc.")
-    p.add_argument("--dataset", required=True, choices=sorted(reader.LAYOUTS))
+    p.add_argument("--dataset", default="auto", choices=["auto", *sorted(reader.LAYOUTS)],
+                   help="a known dataset, or auto: the one <prefix>_{train,dev,test}.json family in --root (default)")
+    p.add_argument("--split-files", default=None, metavar="PATTERN", help="split file names, e.g. 'MyArt_{split}.json'")
     p.add_argument("--root", required=True, type=Path, help="dataset folder holding the split files")
     p.add_argument("--candidates", type=Path, default=None, help="JSONL table {qid, label, aliases, description} "
                    "(default: ROOT/candidates.jsonl)")
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(a.sets) + ([f"backend={a.backend}"] if a.backend else []) + (["cache=false"] if a.no_cache else [])
     try:
         cfg = load_dme_config(a.config, overrides)
-        report = run_dme(a.dataset, a.root, a.candidates or a.root / "candidates.jsonl", a.out, cfg, tuple(a.splits),
+        lay = reader.resolve_layout(a.dataset, a.root, a.split_files)
+        report = run_dme(lay, a.root, a.candidates or a.root / "candidates.jsonl", a.out, cfg, tuple(a.splits),
                          progress=not a.quiet)
     except (DMEConfigError, DatasetFormatError, FileNotFoundError, LLMUnreachable, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

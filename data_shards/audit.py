@@ -1,0 +1,397 @@
+"""Audit a MIMIC-format dataset for leaks between its splits and its KB, and optionally write a de-leaked copy.
+
+    python -m data_shards.audit --root DIR [--dataset auto | --split-files 'NAME_{split}.json'] [--report PATH]
+                                [--hash-threshold 4] [--write-clean OUT [--clean-desc]]
+
+Checks (nil mentions and answers missing from qid2id are counted, never checked):
+* duplicate mentions across splits: a dev/test mention whose (sentence, mention, answer) equals a train
+  mention's (test: or a dev mention's) exactly, or after normalisation (casefold, accents stripped,
+  punctuation removed, spaces collapsed: ``near``);
+* mention images identical (same file bytes) or near-identical (256-bit pHash within the Hamming threshold)
+  to one of the gold entity's KB images; the same comparison against a random other entity's images is
+  reported as a control (how often the threshold matches unrelated images);
+* mention descriptions that are the gold entity's KB description verbatim (after normalisation);
+* the share of dev/test mentions (and of distinct golds) whose gold never occurs in train; nil counts.
+
+Clean policy (``--write-clean OUT``): dev/test mentions that duplicate a train mention (test: also a dev
+mention), or whose image is identical or near-identical to one of its gold's KB images, are dropped; train
+is kept whole; nil records are kept; with ``--clean-desc`` a description copied from the gold's KB
+description is emptied instead of kept. OUT gets the split files as ``<name>-clean_{split}.json`` (so the
+converter names the dataset ``<name>-clean`` and the leaderboard never shows published numbers beside
+it), copies of the other top-level files, symbolic links to the image folders (``--copy-images`` copies
+them) and ``audit_report.json`` with the list of dropped mentions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from data_shards import reader
+from data_shards.dme.candidates import normalise
+from data_shards.reader import SPLITS, DatasetLayout
+
+HASH_BITS = 256
+# Of 256 bits. On the synthetic demo, a resized and re-encoded copy of a KB image moves the hash by 0-20 bits
+# (99% <= 18), while a separate noisy render of the same object sits >= 22 bits from the gold's images and
+# unrelated images ~128 bits away; real photos re-encoded or resized move it much less.
+DEFAULT_THRESHOLD = 16
+EXAMPLES = 5
+
+
+@dataclass
+class Record:
+    split: str
+    index: int  # position in the split file
+    id: str
+    sentence: str
+    mention: str
+    answer: str
+    image: Path | None
+    desc: str
+
+    def key(self, near: bool) -> tuple[str, str, str]:
+        if near:
+            return normalise(self.sentence), normalise(self.mention), self.answer
+        return self.sentence, self.mention, self.answer
+
+
+_SIDE, _LOW = 64, 16  # the image is shrunk to 64x64 grey; the 16x16 lowest DCT frequencies give 256 bits
+_K = np.arange(_SIDE)
+_DCT = np.cos(np.pi * (2 * _K[None, :] + 1) * _K[:, None] / (2 * _SIDE))[:_LOW]  # DCT-II rows, low frequencies only
+
+
+def phash(path: Path) -> int | None:
+    """256-bit perceptual hash: 64x64 grey (bilinear), 2-D DCT, the 16x16 lowest frequencies, one bit per
+    coefficient above their median (the DC term left out of the median). Robust to re-encoding and
+    resizing; None when the file is missing or unreadable."""
+    try:
+        with Image.open(path) as img:
+            small = img.convert("L").resize((_SIDE, _SIDE), Image.Resampling.BILINEAR)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    coeffs = (_DCT @ np.asarray(small, dtype=np.float64) @ _DCT.T).ravel()
+    bits = coeffs > np.median(coeffs[1:])
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+class _ImageHashes:
+    """File digest and perceptual hash of each image path, computed once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, tuple[str, int] | None] = {}
+
+    def get(self, path: Path) -> tuple[str, int] | None:
+        if path not in self._cache:
+            h = phash(path) if path.is_file() else None
+            self._cache[path] = None if h is None else (hashlib.sha256(path.read_bytes()).hexdigest(), h)
+        return self._cache[path]
+
+
+def read_records(root: Path, lay: DatasetLayout, split_root: Path | None = None) -> tuple[dict[str, list[Record]], dict]:
+    """Every non-nil record of every split with an answer in qid2id, and per-split counts."""
+    qid2id = reader.read_qid2id(root)
+    image_dir = reader.mention_image_dir(root, lay)
+    out: dict[str, list[Record]] = {}
+    counts: dict[str, dict] = {}
+    for split in SPLITS:
+        path = reader.split_path(split_root or root, lay, split)
+        recs, nil, unknown = [], 0, 0
+        for index, rec in reader.iter_json_array(path):
+            if not isinstance(rec, dict):
+                raise reader.DatasetFormatError(f"{path}: record {index} is not an object")
+            answer = str(rec.get("answer", ""))
+            if answer.lower() == "nil":
+                nil += 1
+                continue
+            if answer not in qid2id:
+                unknown += 1
+                continue
+            desc = rec.get("desc", "")
+            recs.append(Record(split, index, str(rec.get("id", index)), str(rec.get("sentence", "")),
+                               unquote(str(rec.get("mentions", ""))), answer,
+                               reader.mention_image_path(str(rec.get("imgPath", "") or ""), image_dir),
+                               desc if isinstance(desc, str) else ""))
+        out[split] = recs
+        counts[split] = {"file": path.name, "records": len(recs) + nil + unknown, "checked": len(recs), "nil": nil,
+                         "unknown_answer": unknown, "with_image": sum(r.image is not None for r in recs)}
+    return out, counts
+
+
+def _duplicates(splits: dict[str, list[Record]]) -> tuple[dict, dict[tuple[str, int], list[str]]]:
+    """Cross-split duplicates of dev/test mentions; returns the report part and the leaking records."""
+    report: dict = {}
+    leaks: dict[tuple[str, int], list[str]] = {}
+    for later, earlier in (("dev", "train"), ("test", "train"), ("test", "dev")):
+        exact_keys = {r.key(False): r.id for r in splits[earlier]}
+        near_keys = {r.key(True): r.id for r in splits[earlier]}
+        exact = near = 0
+        examples = []
+        for r in splits[later]:
+            if r.key(False) in exact_keys:
+                exact += 1
+                other, kind = exact_keys[r.key(False)], "exact"
+            elif r.key(True) in near_keys:
+                near += 1
+                other, kind = near_keys[r.key(True)], "near"
+            else:
+                continue
+            leaks.setdefault((r.split, r.index), []).append(f"{kind} duplicate of {earlier} {other}")
+            if len(examples) < EXAMPLES:
+                examples.append(f"{later} {r.id} = {earlier} {other} ({kind})")
+        report[f"{later}~{earlier}"] = {"exact": exact, "near": near, "share": (exact + near) / max(1, len(splits[later])),
+                                        "examples": examples}
+    within = {sp: sum(n - 1 for n in Counter(r.key(True) for r in recs).values() if n > 1) for sp, recs in splits.items()}
+    report["within_split"] = within
+    return report, leaks
+
+
+def _image_leaks(splits: dict[str, list[Record]], kb: list[reader.Entity], qid2id: dict[str, int], threshold: int,
+                 seed: int, progress: bool) -> tuple[dict, dict[tuple[str, int], list[str]]]:
+    hashes = _ImageHashes()
+    rng = np.random.default_rng(seed)
+    with_images = np.array([i for i, e in enumerate(kb) if e.image_paths], dtype=np.int64)
+    leaks: dict[tuple[str, int], list[str]] = {}
+    report: dict = {"method": f"pHash {HASH_BITS}-bit (DCT of 64x64 grey, 16x16 low frequencies), Hamming distance",
+                    "threshold": threshold, "splits": {}}
+    total = sum(r.image is not None for recs in splits.values() for r in recs)
+    bar = tqdm(total=total, desc="image hashes", unit="img", disable=not progress or None)
+    for split, recs in splits.items():
+        checked = missing = identical = near = control = 0
+        examples: list[str] = []
+        for r in recs:
+            if r.image is None:
+                continue
+            bar.update()
+            mine = hashes.get(r.image)
+            if mine is None:
+                missing += 1
+                continue
+            gold = kb[qid2id[r.answer]]
+            checked += 1
+            best, how = None, ""
+            for p in gold.image_paths:
+                theirs = hashes.get(p)
+                if theirs is None:
+                    continue
+                if theirs[0] == mine[0]:
+                    best, how = (0, p), "identical"
+                    break
+                d = hamming(theirs[1], mine[1])
+                if d <= threshold and (best is None or d < best[0]):
+                    best, how = (d, p), "near"
+            if best is not None:
+                identical += how == "identical"
+                near += how == "near"
+                leaks.setdefault((split, r.index), []).append(f"image {how} to gold KB image {best[1].name} (distance {best[0]})")
+                if len(examples) < EXAMPLES:
+                    examples.append(f"{split} {r.id}: {r.image.name} {how} to {best[1].name} (distance {best[0]})")
+            # Control: one random other entity with images; how often does the threshold match it?
+            if len(with_images) > 1:
+                other = int(with_images[rng.integers(len(with_images))])
+                if other == gold.id:
+                    other = int(with_images[(np.searchsorted(with_images, other) + 1) % len(with_images)])
+                for p in kb[other].image_paths:
+                    theirs = hashes.get(p)
+                    if theirs is not None and (theirs[0] == mine[0] or hamming(theirs[1], mine[1]) <= threshold):
+                        control += 1
+                        break
+        report["splits"][split] = {"checked": checked, "missing_or_unreadable": missing, "identical": identical,
+                                   "near": near, "share": (identical + near) / max(1, checked),
+                                   "control_random_entity": control, "examples": examples}
+    bar.close()
+    return report, leaks
+
+
+def _desc_copies(splits: dict[str, list[Record]], kb: list[reader.Entity], qid2id: dict[str, int]) -> tuple[dict, set]:
+    report, copied = {}, set()
+    kb_norm: dict[int, str] = {}
+    for split, recs in splits.items():
+        with_desc = n = 0
+        examples = []
+        for r in recs:
+            if not r.desc.strip():
+                continue
+            with_desc += 1
+            gid = qid2id[r.answer]
+            if gid not in kb_norm:
+                kb_norm[gid] = normalise(kb[gid].desc)
+            if kb_norm[gid] and normalise(r.desc) == kb_norm[gid]:
+                n += 1
+                copied.add((split, r.index))
+                if len(examples) < EXAMPLES:
+                    examples.append(f"{split} {r.id}")
+        report[split] = {"with_desc": with_desc, "copied_from_gold": n, "share": n / max(1, with_desc), "examples": examples}
+    return report, copied
+
+
+def _unseen(splits: dict[str, list[Record]]) -> dict:
+    seen = {r.answer for r in splits["train"]}
+    out = {}
+    for split in ("dev", "test"):
+        recs = splits[split]
+        golds = {r.answer for r in recs}
+        unseen_m = sum(r.answer not in seen for r in recs)
+        out[split] = {"mentions": len(recs), "unseen_mentions": unseen_m, "share": unseen_m / max(1, len(recs)),
+                      "distinct_golds": len(golds), "distinct_unseen": len(golds - seen),
+                      "distinct_share": len(golds - seen) / max(1, len(golds))}
+    return out
+
+
+def audit(root: Path, lay: DatasetLayout, threshold: int = DEFAULT_THRESHOLD, seed: int = 0, progress: bool = True
+          ) -> tuple[dict, dict[tuple[str, int], list[str]], set]:
+    """The report, the leaking dev/test records {(split, file index): reasons} and the records whose
+    description is copied from the gold's KB description."""
+    root = Path(root)
+    splits, counts = read_records(root, lay)
+    kb = reader.read_kb(root)
+    qid2id = reader.read_qid2id(root)
+    dup, dup_leaks = _duplicates(splits)
+    img, img_leaks = _image_leaks(splits, kb, qid2id, threshold, seed, progress)
+    desc, copied = _desc_copies(splits, kb, qid2id)
+    leaks: dict[tuple[str, int], list[str]] = {}
+    for part in (dup_leaks, img_leaks):
+        for key, reasons in part.items():
+            if key[0] in ("dev", "test"):
+                leaks.setdefault(key, []).extend(reasons)
+    leaking = {sp: sum(k[0] == sp for k in leaks) for sp in ("dev", "test")}
+    report = {
+        "dataset": lay.name, "root": str(root.resolve()), "entities": len(kb), "splits": counts,
+        "duplicates": dup, "images": img, "descriptions": desc, "unseen_golds": _unseen(splits),
+        "leaking_mentions": {sp: {"count": n, "share": n / max(1, counts[sp]["checked"])} for sp, n in leaking.items()},
+    }
+    return report, leaks, copied
+
+
+def summary(report: dict) -> str:
+    """A readable summary of the report."""
+    lines = [f"audit of {report['dataset']} ({report['root']}): {report['entities']} entities"]
+    for sp, c in report["splits"].items():
+        lines.append(f"  {sp:5s} {c['file']}: {c['records']} records, {c['nil']} nil, {c['unknown_answer']} unknown answer, "
+                     f"{c['with_image']} with an image")
+    lines.append("duplicate mentions (same sentence, mention and answer; near = after normalisation):")
+    for pair, d in report["duplicates"].items():
+        if pair != "within_split":
+            lines.append(f"  {pair:11s} {d['exact']} exact + {d['near']} near ({d['share']:.1%})"
+                         + (f"  e.g. {d['examples'][0]}" if d["examples"] else ""))
+    within = report["duplicates"]["within_split"]
+    lines.append("  within a split: " + ", ".join(f"{sp} {n}" for sp, n in within.items()))
+    img = report["images"]
+    lines.append(f"mention image vs the gold's KB images ({img['method']} <= {img['threshold']} of {HASH_BITS} bits):")
+    for sp, d in img["splits"].items():
+        lines.append(f"  {sp:5s} {d['identical']} identical + {d['near']} near of {d['checked']} checked ({d['share']:.1%}); "
+                     f"control (a random other entity): {d['control_random_entity']}; "
+                     f"{d['missing_or_unreadable']} missing/unreadable" + (f"  e.g. {d['examples'][0]}" if d["examples"] else ""))
+    lines.append("mention description = the gold's KB description (verbatim after normalisation):")
+    lines.append("  " + ", ".join(f"{sp} {d['copied_from_gold']}/{d['with_desc']} ({d['share']:.1%})"
+                                  for sp, d in report["descriptions"].items()))
+    lines.append("golds unseen in train:")
+    for sp, d in report["unseen_golds"].items():
+        lines.append(f"  {sp:5s} {d['unseen_mentions']}/{d['mentions']} mentions ({d['share']:.1%}), "
+                     f"{d['distinct_unseen']}/{d['distinct_golds']} distinct golds ({d['distinct_share']:.1%})")
+    lines.append("leaking dev/test mentions (duplicate or image leak): " + ", ".join(
+        f"{sp} {d['count']} ({d['share']:.1%})" for sp, d in report["leaking_mentions"].items()))
+    return "\n".join(lines)
+
+
+def write_clean(root: Path, lay: DatasetLayout, out: Path, leaks: dict[tuple[str, int], list[str]], copied: set,
+                report: dict, clean_desc: bool = False, copy_images: bool = False) -> dict:
+    """Write the de-leaked copy (policy: module docstring); returns what was dropped and changed."""
+    root, out = Path(root), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{lay.name}-clean"
+    split_names = {reader.split_path(root, lay, sp).name for sp in SPLITS}
+    families = {f"{p}_{sp}.json" for p, found in reader.split_families(root).items() for sp in found}
+    for entry in sorted(root.iterdir()):
+        if entry.name in split_names or entry.name in families or entry.name == "audit_report.json":
+            continue
+        target = out / entry.name
+        if entry.is_dir():
+            if copy_images:
+                shutil.copytree(entry, target)
+            else:
+                target.symlink_to(entry.resolve(), target_is_directory=True)
+        else:
+            shutil.copy2(entry, target)
+    dropped: dict[str, list[dict]] = {}
+    emptied = Counter()
+    for sp in SPLITS:
+        src = reader.split_path(root, lay, sp)
+        kept, dropped[sp] = [], []
+        for index, rec in reader.iter_json_array(src):
+            if (sp, index) in leaks:
+                dropped[sp].append({"index": index, "id": rec.get("id"), "reasons": leaks[(sp, index)]})
+                continue
+            if clean_desc and (sp, index) in copied:
+                rec = dict(rec, desc="")
+                emptied[sp] += 1
+            kept.append(rec)
+        tmp = out / f".{name}_{sp}.json.tmp"
+        tmp.write_text(json.dumps(kept, ensure_ascii=False))
+        os.replace(tmp, out / f"{name}_{sp}.json")
+    clean = {"dataset": name, "split_files": f"{name}_{{split}}.json",
+             "policy": "drop dev/test mentions that duplicate (exactly or after normalisation) a train mention (test: "
+                       "also a dev mention) or whose image is identical or near-identical to one of the gold's KB images; "
+                       "keep train and nil records" + ("; empty descriptions copied from the gold's KB description"
+                                                       if clean_desc else ""),
+             "dropped": {sp: len(v) for sp, v in dropped.items()}, "descriptions_emptied": dict(emptied),
+             "dropped_mentions": dropped}
+    (out / "audit_report.json").write_text(json.dumps(report | {"clean": clean}, indent=1, ensure_ascii=False))
+    return clean
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Audit a MIMIC-format dataset for leaks between splits and KB.")
+    p.add_argument("--root", required=True, type=Path, help="dataset folder (kb_entity.json, qid2id.json, splits, images)")
+    p.add_argument("--dataset", default="auto", help="a known dataset or auto (the one <prefix>_{train,dev,test}.json family)")
+    p.add_argument("--split-files", default=None, metavar="PATTERN", help="split file names, e.g. 'MyArt_{split}.json'")
+    p.add_argument("--dataset-name", default=None)
+    p.add_argument("--report", type=Path, default=None, help="report JSON (default: ROOT/audit_report.json)")
+    p.add_argument("--hash-threshold", type=int, default=DEFAULT_THRESHOLD,
+                   help=f"largest pHash Hamming distance (of {HASH_BITS} bits) that counts as near-identical")
+    p.add_argument("--seed", type=int, default=0, help="seed of the control comparison's random entities")
+    p.add_argument("--write-clean", type=Path, default=None, metavar="OUT", help="write a de-leaked copy of the dataset here")
+    p.add_argument("--clean-desc", action="store_true", help="in the clean copy, empty descriptions copied from the gold's")
+    p.add_argument("--copy-images", action="store_true", help="copy the image folders instead of linking them")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    if not 0 <= a.hash_threshold < HASH_BITS:
+        sys.exit(f"error: --hash-threshold must lie in 0..{HASH_BITS - 1}")
+    try:
+        lay = reader.resolve_layout(a.dataset, a.root, a.split_files, a.dataset_name)
+        report, leaks, copied = audit(a.root, lay, a.hash_threshold, a.seed, progress=not a.quiet)
+        if a.write_clean:
+            clean = write_clean(a.root, lay, a.write_clean, leaks, copied, report, a.clean_desc, a.copy_images)
+    except (reader.DatasetFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    report_path = a.report or a.root / "audit_report.json"
+    report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    print(summary(report))
+    print(f"report: {report_path}")
+    if a.write_clean:
+        print(f"clean copy: {a.write_clean} (dataset {clean['dataset']}): dropped "
+              + ", ".join(f"{sp} {n}" for sp, n in clean["dropped"].items())
+              + (f"; descriptions emptied {dict(clean['descriptions_emptied'])}" if a.clean_desc else ""))
+
+
+if __name__ == "__main__":
+    main()
