@@ -208,7 +208,7 @@ def synthetic_main(a: argparse.Namespace) -> None:
 
 def checkpoint_main(a: argparse.Namespace) -> None:
     from eval.evaluate import evaluate_split, one_line
-    from model.mmoe import load_export
+    from model.export import load_export
 
     device = torch.device(a.device)
     model, cfg = load_export(a.checkpoint)

@@ -36,8 +36,9 @@ from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
 from eval.slices import evaluation_slices, slice_rows, slices_line, slices_markdown
 from model import distributed as D
 from model.config import Config, ConfigError, to_dict
+from model.export import load_export_for_command
 from model.factory import make_collator
-from model.mmoe import MMoEModel, load_export_for_command
+from model.mmoe import MMoEModel
 
 
 @dataclass

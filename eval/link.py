@@ -34,8 +34,9 @@ from data_shards.stream import load_manifest
 from eval.encode import encode_kb
 from eval.evaluate import manifest_hash
 from eval.ranking import autocast_for, build_index, search
+from model.export import EXPORT_WEIGHTS, check_data_identity, load_export
 from model.factory import make_collator
-from model.mmoe import BATCH_KEYS, EXPORT_WEIGHTS, check_data_identity, load_export
+from model.mmoe import BATCH_KEYS
 from moe.features import SideCache
 
 CACHE_VERSION = 1

@@ -8,24 +8,13 @@ A batch (mentions or entities) is a mapping with
 from __future__ import annotations
 
 import copy
-import functools
-import os
-import shutil
 from collections.abc import Mapping
-from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from data_shards.collate import load_tokenizer
-from data_shards.identity import check_identity, write_identity
-from model import distributed as D
-from model.config import Config, ConfigError, ModelConfig, apply_override, build, load_config, save_config, to_dict
+from model.config import Config, ModelConfig
 from model.encoder import ClipEncoder, load_clip
-from model.factory import resolve_tokenizer
-from moe.expert_parallel import local_experts, local_state_dict  # noqa: F401 (re-exported)
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
@@ -97,124 +86,3 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -
         raise ModelSetupError(f"the tokenizer has {len(tokenizer)} tokens but the CLIP text model only {vocab}: use the "
                          "tokenizer the CLIP was trained with (data.tokenizer), or leave model.clip_path empty")
     return model, cfg
-
-
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.yaml"
-
-
-def export_config(cfg: Config) -> Config:
-    """The config an export is saved with: its weights are in the local layout, loadable on one process."""
-    cfg = copy.deepcopy(cfg)
-    cfg.model.matcher.moe.backend, cfg.model.matcher.moe.ep_size = "local", 1
-    return cfg
-
-
-def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
-    """A self-contained copy of the model (weights + resolved config) that evaluation loads
-    without DeepSpeed; written to a temporary folder and swapped in, so it is never half-written and
-    a complete export exists at every instant: ``best/`` is renamed ``best.old/``, ``best.tmp/``
-    renamed ``best/``, then ``best.old/`` removed. A kill between the two renames leaves ``best.old/``,
-    which :func:`load_export` reads and :func:`recover_export` (the next save, the trainer's start)
-    renames back.
-
-    Always in the local layout (``model.matcher.moe.backend: local``), whatever the training backend.
-    With expert-parallel DeepSpeed MoE layers (ep_size > 1) call it on every rank: the experts are
-    gathered over each expert-parallel group and rank 0 writes. Otherwise rank 0 alone may call it."""
-    state = local_state_dict(model)
-    out_dir = Path(out_dir)
-    if not D.is_main():
-        return out_dir
-    recover_export(out_dir)
-    tmp, old = _sibling(out_dir, ".tmp"), _sibling(out_dir, ".old")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a process killed while writing it
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / EXPORT_WEIGHTS))
-    save_config(export_config(cfg), tmp / EXPORT_CONFIG)
-    write_data_identity(tmp, cfg)
-    if out_dir.exists():
-        out_dir.rename(old)
-        if os.environ.get("MMOE_TEST_KILL_IN_EXPORT_SWAP"):  # fault injection (tests): die between the renames
-            os.kill(os.getpid(), 9)
-    tmp.rename(out_dir)
-    if old.exists():
-        shutil.rmtree(old)
-    return out_dir
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_at(path: str) -> PreTrainedTokenizerBase:
-    return load_tokenizer(path)
-
-
-def data_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
-    """The tokenizer ``cfg`` resolves to (data.tokenizer, <shards>/tokenizer, model.clip_path)."""
-    return _tokenizer_at(resolve_tokenizer(cfg))
-
-
-def write_data_identity(folder: Path, cfg: Config) -> None:
-    """The export's data_identity.json (data_shards/identity.py): the tokenizer and the KB it was trained on."""
-    try:
-        tokenizer = data_tokenizer(cfg)
-    except (ConfigError, OSError):
-        tokenizer = None  # recorded as unknown; commands using the export then warn
-    write_identity(folder, tokenizer, cfg.data.shards)
-
-
-def check_data_identity(export: str | Path, cfg: Config, allow_other_kb: bool = False) -> None:
-    """DataMismatch (a ValueError) when ``cfg``'s tokenizer or KB is not what ``export`` was trained on."""
-    check_identity(export, data_tokenizer(cfg), cfg.data.shards, allow_other_kb)
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
-def recover_export(out_dir: str | Path) -> None:
-    """Finish an export swap that a kill interrupted (rank 0): ``best.old/`` without ``best/`` becomes
-    ``best/`` again (the export the last checkpoint knows); beside a complete ``best/`` it is removed."""
-    out_dir = Path(out_dir)
-    old = _sibling(out_dir, ".old")
-    if not old.is_dir():
-        return
-    if (out_dir / EXPORT_WEIGHTS).is_file():
-        shutil.rmtree(old)
-    else:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        old.rename(out_dir)
-
-
-def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMoEModel, Config]:
-    path = Path(path)
-    if not (path / EXPORT_WEIGHTS).is_file() and (_sibling(path, ".old") / EXPORT_WEIGHTS).is_file():
-        path = _sibling(path, ".old")  # read during (or after a kill in) save_export's swap: the previous export
-    if not (path / EXPORT_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path} holds no {EXPORT_WEIGHTS}: pass a model export (runs/NAME/best) or a checkpoint folder")
-    cfg = export_config(load_config(path / EXPORT_CONFIG))  # exports hold the local layout
-    model = MMoEModel(cfg.model)
-    missing, unexpected = model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=str(map_location)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return model, cfg
-
-
-
-def load_export_for_command(checkpoint: str | Path, settings: list[str], config: str | Path | None = None,
-                            sections: tuple[str, ...] = ("data", "eval", "negatives"),
-                            allow_other_kb: bool = False) -> tuple[MMoEModel, Config]:
-    """An export for a command-line tool: ``config``'s ``sections`` replace the export's (the model
-    section always comes from the export, since it must fit the weights), then ``settings``
-    (``section.key=value``) apply. The data's tokenizer and KB are then checked against the ones the
-    export was trained on. Errors are ConfigError/FileNotFoundError/ValueError (DataMismatch)."""
-    model, cfg = load_export(checkpoint)
-    data = to_dict(cfg)
-    if config:
-        other = to_dict(load_config(config))
-        for section in sections:
-            data[section] = other[section]
-    for assignment in settings:
-        apply_override(data, assignment)
-    cfg = build(Config, data)
-    check_data_identity(checkpoint, cfg, allow_other_kb)
-    return model, cfg
-

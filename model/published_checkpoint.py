@@ -28,8 +28,9 @@ import torch
 
 from data_shards.collate import load_tokenizer
 from model.config import ConfigError, load_config
+from model.export import save_export
 from model.factory import resolve_tokenizer
-from model.mmoe import build_model, save_export
+from model.mmoe import build_model
 from moe.published import PublishedWeightsError, load_published_model
 
 

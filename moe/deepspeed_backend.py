@@ -9,7 +9,7 @@ to them by all-to-all over the expert-parallel group, which ``deepspeed.initiali
 
 Every forward pass of a layer with ``ep_size`` > 1 is a collective: all ranks of its group must
 call it the same number of times. Training does; evaluation (ranks encode different numbers of
-batches) must use local copies with every expert instead: ``model.mmoe.local_experts`` or an
+batches) must use local copies with every expert instead: ``moe.expert_parallel.local_experts`` or an
 export. The weight layouts and their mapping are in :mod:`moe.expert_layout`.
 """
 
@@ -189,8 +189,8 @@ class DeepSpeedSwitchMoE(MoE):
         if self.ep_size > 1 and not self.training and not self.lockstep_eval:
             raise RuntimeError(
                 "an expert-parallel MoE layer (ep_size > 1) is a collective even in eval mode, and evaluation runs "
-                "different batches on each rank: evaluate inside `with model.mmoe.local_experts(model) as m:` (every "
-                "rank gathers all experts) or from an export (model.mmoe.save_export)")
+                "different batches on each rank: evaluate inside `with moe.expert_parallel.local_experts(model) as m:` (every "
+                "rank gathers all experts) or from an export (model.export.save_export)")
         width = max(self.d_model, self.d_out)
         # The gate always gets its input explicitly: the routed tensor may be zero-padded.
         routed = F.pad(x, (0, width - self.d_model)) if self.d_model < width else x

@@ -58,7 +58,7 @@ def deepspeed_to_local(ds: Mapping[str, Tensor], num_experts: int) -> dict[str, 
         raise ValueError(
             f"this state dict holds {have} of a {num_experts}-expert DeepSpeed MoE layer: it comes from one rank of an "
             "expert-parallel model (ep_size > 1), which holds only its local experts. Gather them first: "
-            "model.mmoe.local_state_dict(model) or save_export(...) on every rank, or convert a checkpoint with "
+            "moe.expert_parallel.local_state_dict(model) or save_export(...) on every rank, or convert a checkpoint with "
             "`python -m train.checkpointing export CHECKPOINT_FOLDER OUT`")
     per = [f"{DS_EXPERT}{e}." for e in range(num_experts)]
     return {

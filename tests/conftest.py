@@ -10,7 +10,8 @@ from data_shards.collate import load_tokenizer
 from data_shards.convert import ConvertSettings, convert
 from data_shards.synthetic import generate, preset
 from model.config import Config, DataConfig, EvalConfig
-from model.mmoe import build_model, save_export
+from model.export import save_export
+from model.mmoe import build_model
 from tests.helpers import tiny_model_config
 
 

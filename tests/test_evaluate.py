@@ -61,7 +61,7 @@ def test_two_processes_give_the_same_numbers_as_one(tiny_export, tmp_path):
 
 
 def test_evaluate_split_restores_training_mode(tiny_export, tiny_shards):
-    from model.mmoe import load_export
+    from model.export import load_export
 
     model, cfg = load_export(tiny_export)
     model.train()

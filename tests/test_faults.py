@@ -211,7 +211,8 @@ SAVE_TWICE = """
 import sys, torch
 from tests.helpers import tiny_model_config
 from model.config import Config
-from model.mmoe import MMoEModel, save_export
+from model.mmoe import MMoEModel
+from model.export import save_export
 torch.manual_seed(0)
 model = MMoEModel(tiny_model_config())
 save_export(model, Config(model=tiny_model_config()), sys.argv[1])
@@ -223,7 +224,8 @@ save_export(model, Config(model=tiny_model_config()), sys.argv[1])  # killed bet
 
 
 def test_a_kill_in_the_middle_of_the_best_model_swap_loses_nothing(tmp_path):
-    from model.mmoe import MMoEModel, load_export, recover_export, save_export
+    from model.export import load_export, recover_export, save_export
+    from model.mmoe import MMoEModel
     from tests.helpers import tiny_model_config
 
     best = tmp_path / "best"

@@ -13,8 +13,9 @@ from data_shards.store import EntityStore
 from data_shards.stream import load_manifest
 from eval.evaluate import manifest_hash
 from eval.link import link, load_cache, main
+from model.export import EXPORT_WEIGHTS, load_export
 from model.factory import make_collator
-from model.mmoe import BATCH_KEYS, EXPORT_WEIGHTS, load_export
+from model.mmoe import BATCH_KEYS
 
 SENTENCE, MENTION, DESC = "Photo: kalo mirezu at the market.", "kalo mirezu", "a famous painter from somewhere"
 

@@ -146,7 +146,7 @@ def test_clip_loads_from_a_local_folder(tmp_path):
 
 def test_export_round_trip_gives_the_same_scores(tmp_path):
     from model.config import Config
-    from model.mmoe import load_export, save_export
+    from model.export import load_export, save_export
 
     cfg = Config(model=tiny_model_config())
     model = MMoEModel(cfg.model).eval()

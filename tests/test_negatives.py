@@ -13,8 +13,8 @@ from data_shards.collate import load_tokenizer
 from data_shards.store import EntityStore
 from data_shards.stream import ShardSet, TrainStream, make_loader
 from eval.ranking import build_index
+from model.export import load_export
 from model.factory import make_collator
-from model.mmoe import load_export
 from tests.helpers import free_port
 from tests.test_trainer import ROOT, losses, train
 from train.negatives import load_table, mine, nearest_negatives

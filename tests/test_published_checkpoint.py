@@ -13,8 +13,9 @@ from data_shards.collate import load_tokenizer
 from data_shards.stream import OrderedStream, make_loader
 from eval.encode import encode_side
 from model.config import Config, DataConfig, EvalConfig, save_config
+from model.export import load_export, save_export
 from model.factory import make_collator
-from model.mmoe import build_model, load_export, save_export
+from model.mmoe import build_model
 from moe.published import ours_to_published
 from tests.helpers import free_port, random_batch, tiny_model_config
 

@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 from model import distributed as D
+from model.config import load_config
+from model.export import export_config, save_export
+from model.mmoe import MMoEModel
 from moe.expert_parallel import moe_layout
 
 COMPLETE = "complete.json"
@@ -260,14 +263,11 @@ def load_weights_only(path: Path) -> Any:
 
 
 def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
-    """Write a one-process export (local layout, ``model.mmoe.save_export``) from a checkpoint of
+    """Write a one-process export (local layout, ``model.export.save_export``) from a checkpoint of
     either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert
     weights (``mp_rank_00_model_states.pt``) plus every per-expert file (global expert ids) make a
     DeepSpeed-layout state dict holding all experts, which the local switch layers load
     (moe/expert_layout.py). The config defaults to the run's ``config.yaml`` two folders up."""
-    from model.config import load_config
-    from model.mmoe import MMoEModel, export_config, save_export
-
     folder = Path(folder)
     config = Path(config) if config else folder.parent.parent / "config.yaml"
     model_file = folder / "mp_rank_00_model_states.pt"

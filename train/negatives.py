@@ -30,8 +30,9 @@ from eval.encode import encode_kb, encode_split
 from eval.ranking import build_index, search
 from model import distributed as D
 from model.config import Config, ConfigError
+from model.export import load_export_for_command
 from model.factory import make_collator
-from model.mmoe import MMoEModel, load_export_for_command
+from model.mmoe import MMoEModel
 
 
 def entity_qids(store: EntityStore, ids: np.ndarray) -> dict[int, str]:

@@ -23,8 +23,9 @@ from eval import evaluate as ev
 from eval.evaluate import EvalResult, evaluate_split, manifest_hash, one_line, write_outputs
 from model import distributed as D
 from model.config import Config, save_config
+from model.export import load_export, recover_export, save_export
 from model.factory import make_collator, resolve_tokenizer
-from model.mmoe import BATCH_KEYS, MMoEModel, build_model, load_export, recover_export, save_export
+from model.mmoe import BATCH_KEYS, MMoEModel, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
 from train import checkpointing as ckpt
 from train.loss import contrastive_loss
