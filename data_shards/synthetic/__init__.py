@@ -57,6 +57,9 @@ missing_image_rate, ``N`` = KB size):
 
 With the defaults (a = 0.8, g = 4, t = i = 0.45, m = 0.3, N = 2000): text-only 0.730, image-only 0.676,
 both 1.0. With ``kb_images`` false the entities have no images: image-only falls to 1/N and "both" to
+the text-only ceiling. generation.json also holds the ceilings realised on each generated split,
+computed from the hidden cue string of each split (``t`` text cue with a background image, ``n`` text
+cue without image, ``i`` image cue, ``b`` both, ``x`` nil).
 
 Modules, bottom to top: ``texts`` (vocabulary and templates), ``images`` (signatures, backgrounds,
 drawing), ``settings`` (knobs and presets), ``world`` (entities, name groups, names, QIDs, cues),
