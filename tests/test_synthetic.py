@@ -303,7 +303,7 @@ def test_refuses_non_empty_folder_and_leaves_nothing_half_written(tmp_path: Path
     def boom(*args, **kwargs):
         raise RuntimeError("crash")
 
-    monkeypatch.setattr(synthetic, "write_tokenizer", boom)
+    monkeypatch.setattr("data_shards.synthetic.build.write_tokenizer", boom)  # where generate looks it up
     with pytest.raises(RuntimeError):
         generate(tmp_path / "crashed", small, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no half dataset, no temp folder
