@@ -206,7 +206,7 @@ class Trainer:
         st = self.state
         self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
                         disable=not D.is_main() or None, dynamic_ncols=True)
-        self.window.reset()
+        self.window.reset()  # the first window's clock starts with training
         while st.epoch < self.cfg.train.epochs and not self._should_stop():
             self._negatives_for_epoch()
             self._train_epoch()
