@@ -121,3 +121,35 @@ def test_zero_stages_1_and_2_train_like_stage_0(tiny_shards, tmp_path):
     for stage in (1, 2):
         for step, loss in runs[0].items():
             assert runs[stage][step] == pytest.approx(loss, rel=1e-5), f"ZeRO-{stage} step {step}"
+
+
+def test_train_state_writes_the_json_checkpoints_have_always_held():
+    from train.state import TrainState
+
+    fresh = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False,
+             "wandb_id": None, "evals": [], "negatives_file": None, "negatives_epoch": -1, "bad_steps": 0}
+    assert json.dumps(TrainState().state_dict()) == json.dumps(fresh)
+    saved = {**fresh, "step": 7, "evals": [{"step": 5, "epoch": 0, "MRR": 50.0, "H@1": 40.0}], "later_key": 1}
+    del saved["bad_steps"]  # a checkpoint older than the key keeps the default
+    state = TrainState()
+    state.load_state_dict(json.loads(json.dumps(saved)))
+    assert state.step == 7 and state.bad_steps == 0 and state.evals[0]["MRR"] == 50.0
+    assert state.state_dict() == {**saved, "bad_steps": 0}  # an unknown key is written back as read
+
+
+def test_metrics_window_averages_the_applied_steps_over_their_micro_batches():
+    import torch
+
+    from train.observe import MetricsWindow
+
+    w = MetricsWindow()
+    for loss in (1.0, 3.0):  # one optimizer step of two micro-batches
+        w.add({"loss": torch.tensor(loss)}, {"layer0": (torch.tensor([1, 2]), torch.tensor(0))}, samples=8)
+    assert w.step_means() == {"loss": 2.0}
+    w.end_step(applied=True)
+    w.add({"loss": float("nan")}, {"layer0": (torch.tensor([5, 5]), torch.tensor(1))}, samples=8)
+    w.end_step(applied=False)  # a skipped bad step: samples and time, no losses or loads
+    assert w.micro == 2 and w.samples == 24 and w.mean_losses() == {"train/loss": 2.0}
+    assert w.loads["layer0"][0].tolist() == [2, 4] and int(w.loads["layer0"][1]) == 0
+    w.reset()
+    assert w.micro == 0 and w.samples == 0 and not w.loads

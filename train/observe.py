@@ -1,12 +1,17 @@
-"""Run logging: a JSONL metrics file always, W&B when enabled (rank 0 only)."""
+"""Run logging: a JSONL metrics file always, W&B when enabled (rank 0 only); the training-metrics
+window between two log rows; console messages from rank 0."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 from model.config import Config, to_dict
 
@@ -95,3 +100,82 @@ class RunLog:
         if offline and folder:
             return str(Path(folder).parent)
         return None
+
+
+class RankLog:
+    """Console messages from rank 0 only (the other ranks would repeat them), written through tqdm so a
+    progress bar on the terminal stays intact: ``info`` to stdout, ``warn`` to stderr."""
+
+    def __init__(self, main: bool) -> None:
+        self.main = main
+
+    def info(self, message: str) -> None:
+        if self.main:
+            self._write(message, sys.stdout)
+
+    def warn(self, message: str) -> None:
+        if self.main:
+            self._write(message, sys.stderr)
+
+    @staticmethod
+    def _write(message: str, stream: TextIO) -> None:
+        tqdm.write(message, file=stream)
+        stream.flush()
+
+
+def _add_loads(into: dict[str, list], loads: dict[str, Any]) -> None:
+    """Sum per-layer (expert route counts, dropped tokens) pairs into ``into``."""
+    for name, (counts, dropped) in loads.items():
+        c0, d0 = into.get(name, (0, 0))
+        into[name] = [c0 + counts, d0 + dropped]
+
+
+class MetricsWindow:
+    """Losses, expert loads and samples of the training steps between two log rows.
+
+    Micro-batches add to the optimizer step being accumulated; ``end_step`` folds that step into the
+    window if it was applied (a skipped bad step adds its samples and time, not its losses); the log row
+    averages the window's losses over its micro-batches, then ``reset`` starts the next window."""
+
+    def __init__(self) -> None:
+        self._new_step()
+        self.reset()
+
+    def _new_step(self) -> None:
+        self.step_sums: dict[str, float] = {}
+        self.step_loads: dict[str, list] = {}
+        self.step_micro = 0
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.loads: dict[str, list] = {}  # per MoE layer: [expert route counts, dropped tokens], this rank
+        self.micro = 0  # micro-batches of the applied steps
+        self.samples = 0  # real (not padding) samples of every micro-batch, this rank
+        self.started = time.perf_counter()
+
+    def add(self, parts: dict[str, Any], loads: dict[str, Any], samples: int) -> None:
+        """One micro-batch: its loss parts (tensors or floats), expert loads and real samples."""
+        for k, v in parts.items():
+            self.step_sums[k] = self.step_sums.get(k, 0.0) + float(v)
+        _add_loads(self.step_loads, loads)
+        self.step_micro += 1
+        self.samples += samples
+
+    def step_means(self) -> dict[str, float]:
+        """The loss parts of the step being accumulated, averaged over its micro-batches."""
+        return {k: v / self.step_micro for k, v in self.step_sums.items()}
+
+    def end_step(self, applied: bool) -> None:
+        if applied:
+            for k, v in self.step_sums.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            _add_loads(self.loads, self.step_loads)
+            self.micro += self.step_micro
+        self._new_step()
+
+    def mean_losses(self) -> dict[str, float]:
+        """``train/<part>``: each loss part averaged over the window's micro-batches (needs ``micro`` > 0)."""
+        return {f"train/{k}": v / self.micro for k, v in self.sums.items()}
+
+    def samples_per_s(self, world: int) -> float:
+        return self.samples * world / max(time.perf_counter() - self.started, 1e-9)

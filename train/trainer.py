@@ -7,8 +7,6 @@ import json
 import logging
 import math
 import random
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,8 @@ from moe.expert_parallel import global_grad_norm, local_experts
 from train import checkpointing as ckpt
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
-from train.observe import RunLog
+from train.observe import MetricsWindow, RankLog, RunLog
+from train.state import TrainState
 
 
 class RunSetupError(RuntimeError):
@@ -148,6 +147,7 @@ class Trainer:
         if not D.is_main():
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         self.device = D.device_for_rank()
+        self.console = RankLog(D.is_main())
         seed_everything(cfg.train.seed)
         self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -179,9 +179,7 @@ class Trainer:
         self.guard = optimizer  # the client optimizer inside DeepSpeed's wrappers: skips bad steps
         self._loss_finite = True  # every micro-batch of the current optimizer step had a finite loss
         self._attached: str | None = None  # negatives table currently attached to the stream
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0,
-                      "stopped_early": False, "wandb_id": None, "evals": [], "negatives_file": None,
-                      "negatives_epoch": -1, "bad_steps": 0}
+        self.state = TrainState()
         self.allow_data_change = allow_data_change
         self.manifest_sha256 = manifest_hash(cfg.data.shards)
         self.resumed: dict | None = None  # complete.json of the checkpoint resumed from
@@ -189,9 +187,67 @@ class Trainer:
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
         r = self.resumed
-        self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state["wandb_id"],
-                          keep_rows=r.get("metrics_rows") if r else 0, keep_step=self.state["step"] if r else None)
-        self.state["wandb_id"] = self.log.wandb_id
+        self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state.wandb_id,
+                          keep_rows=r.get("metrics_rows") if r else 0, keep_step=self.state.step if r else None)
+        self.state.wandb_id = self.log.wandb_id
+        self.window = MetricsWindow()  # the training metrics since the last log row
+        self.bar: tqdm | None = None  # progress bar of the optimizer steps (rank 0, on a terminal)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train until the epochs, train.max_steps or early stopping end it, then finish the run."""
+        try:
+            self._train()
+            return self._finish()
+        except BaseException:
+            self.log.finish(exit_code=1)  # close metrics.jsonl and the W&B run as failed
+            raise
+
+    def _train(self) -> None:
+        st = self.state
+        self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
+                        disable=not D.is_main() or None, dynamic_ncols=True)
+        self.window.reset()  # the first window's clock starts with training
+        while st.epoch < self.cfg.train.epochs and not self._should_stop():
+            self._negatives_for_epoch()
+            self._train_epoch()
+        self.bar.close()
+
+    def _train_epoch(self) -> None:
+        """From the data position to the end of the epoch, or until training stops."""
+        st = self.state
+        self.stream.set_position(st.epoch, st.batch)
+        for batch in make_loader(self.stream, self.cfg.data.num_workers):
+            stepped = self._train_micro_batch(batch)
+            epoch_done = st.batch == self.batches_per_epoch
+            if stepped:
+                self._end_step(epoch_done)
+                if self._should_log():
+                    self._log_window()
+                evaluated = self._should_eval(epoch_done)
+                if evaluated:
+                    self._evaluate_dev()
+                if self._should_save(evaluated):
+                    self._save()
+                    ckpt._test_hook("MMOE_TEST_KILL_AT_STEP", st.step)
+            if epoch_done or (stepped and self._should_stop()):
+                return
+
+    def _finish(self) -> dict:
+        """A dev evaluation if there was none, the last checkpoint, the test evaluation; closes the logs."""
+        if self.state.best_step < 0:  # never evaluated on dev (e.g. a short run): evaluate now
+            self._evaluate_dev()
+        self._save()
+        result = {"state": self.state.state_dict()}
+        if self.cfg.train.test_at_end:
+            res = self._evaluate_test()
+            if res is not None:
+                result["test"] = res.metrics
+        folder = self.log.finish()
+        self.console.info(f"run folder: {self.run_dir}")
+        if folder:
+            self.console.info(f"W&B offline run: {folder} (upload with `wandb sync {folder}`)")
+        return result
 
     # -- data checks ----------------------------------------------------------------------------
     @staticmethod
@@ -212,8 +268,8 @@ class Trainer:
     # -- resume ---------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
         removed = ckpt.remove_incomplete(self.ckpt_dir)
-        if removed and D.is_main():
-            print(f"removed incomplete checkpoint(s): {', '.join(p.name for p in removed)}", file=sys.stderr)
+        if removed:
+            self.console.warn(f"removed incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
         if resume == "none":
             if ckpt.latest_complete(self.ckpt_dir) is not None:
                 raise RunSetupError(f"{self.run_dir} already holds checkpoints of an earlier run: pass --resume auto to "
@@ -222,8 +278,7 @@ class Trainer:
         if resume == "auto":
             candidates = ckpt.complete_checkpoints(self.ckpt_dir)[::-1]  # newest first
             if not candidates:
-                if D.is_main():
-                    print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", file=sys.stderr)
+                self.console.warn(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh")
                 return
         else:
             folder = Path(resume)
@@ -250,18 +305,16 @@ class Trainer:
             if problem is None:
                 break
             failures.append(f"{folder.name}: {problem}")
-            if D.is_main():
-                more = i + 1 < len(candidates)
-                print(f"checkpoint {folder} is damaged: {problem}"
-                      + ("; falling back to the previous complete checkpoint" if more else ""), file=sys.stderr)
+            more = i + 1 < len(candidates)
+            self.console.warn(f"checkpoint {folder} is damaged: {problem}"
+                              + ("; falling back to the previous complete checkpoint" if more else ""))
         else:
             raise RunSetupError(f"no loadable checkpoint in {self.ckpt_dir if resume == 'auto' else resume}: "
                                + "; ".join(failures))
-        self.state.update(saved["trainer"])
+        self.state.load_state_dict(saved["trainer"])
         self.resumed = saved
-        if D.is_main():
-            print(f"resumed from {folder} at step {self.state['step']} (epoch {self.state['epoch']}, "
-                  f"batch {self.state['batch']})", file=sys.stderr)
+        st = self.state
+        self.console.warn(f"resumed from {folder} at step {st.step} (epoch {st.epoch}, batch {st.batch})")
 
     def _layout(self) -> dict:
         return {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
@@ -282,16 +335,26 @@ class Trainer:
                     f"{self.cfg.data.shards}/manifest.json has {self.manifest_sha256[:12]}... (re-converted or other "
                     "data): its data position and mined negatives refer to the old shards. Resume on those shards, or "
                     "pass --allow-data-change to continue on these anyway")
-            if D.is_main():
-                print(f"warning: resuming on other shards than {folder} was trained on (--allow-data-change)",
-                      file=sys.stderr)
+            self.console.warn(f"warning: resuming on other shards than {folder} was trained on (--allow-data-change)")
 
     def _save(self) -> None:
-        ckpt.save(self.engine, self.ckpt_dir, self.state["step"],
-                  {"trainer": self.state, "layout": self._layout(), "manifest_sha256": self.manifest_sha256,
+        ckpt.save(self.engine, self.ckpt_dir, self.state.step,
+                  {"trainer": self.state.state_dict(), "layout": self._layout(), "manifest_sha256": self.manifest_sha256,
                    "metrics_rows": self.log.rows}, self.cfg.train.keep_checkpoints)
 
-    # -- one optimizer step's worth of micro-batches ---------------------------------------------
+    # -- one micro-batch, one optimizer step -----------------------------------------------------
+    def _train_micro_batch(self, batch: dict) -> bool:
+        """Forward, backward and engine step on one micro-batch; True when it closed a gradient
+        accumulation (the engine took an optimizer step)."""
+        parts, moe_log = self._micro_step(batch)
+        self.window.add(parts, moe_log.load, int((batch["weight"] > 0).sum()))
+        self.state.batch += 1
+        return self._optimizer_stepped()
+
+    def _optimizer_stepped(self) -> bool:
+        """The accumulation boundary, seen after ``engine.step()``: its step counter moved past ours."""
+        return self.engine.global_steps != self.state.step
+
     def _micro_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], object]:
         scores, moe_log = self.engine(_to(batch["mentions"], self.device), _to(batch["entities"], self.device))
         loss, parts = contrastive_loss(scores, batch["gold_ids"].to(self.device), batch["candidate_ids"].to(self.device),
@@ -308,6 +371,16 @@ class Trainer:
         self.engine.step()
         return parts, moe_log
 
+    def _end_step(self, epoch_done: bool) -> None:
+        """Book the optimizer step just taken: step counter, data position, progress bar, and its losses
+        into the metrics window unless it was a skipped bad step."""
+        st = self.state
+        st.step = self.engine.global_steps
+        if epoch_done:
+            st.epoch, st.batch = st.epoch + 1, 0
+        self.bar.update(1)
+        self.window.end_step(applied=self._check_step(self.window.step_means()))
+
     def _all_ranks(self, ok: bool) -> bool:
         """True when ``ok`` holds on every rank."""
         if D.world() == 1:
@@ -321,26 +394,25 @@ class Trainer:
         norm on any rank; GuardedAdamW left the weights alone) is counted; beyond
         train.max_bad_steps, training stops with TrainingDiverged."""
         loss_finite, self._loss_finite = self._loss_finite, True
-        norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+        norm = self._last_grad_norm()
         norm = float(norm) if norm is not None else None
         # fp16: an overflow is DeepSpeed's loss-scale business (it skips the step and lowers the scale)
         norm_ok = norm is None or math.isfinite(norm) or self.precision == "fp16"
         if loss_finite and norm_ok and not self.guard.skipped_last:
             return True
         st, allowed = self.state, self.cfg.train.max_bad_steps
-        st["bad_steps"] += 1
+        st.bad_steps += 1
         loss = step_parts.get("loss", float("nan"))
         what = f"loss {loss:.4g}, gradient norm {norm if norm is not None else 'unknown'}"
-        self.log.log(st["step"], {"train/bad_steps": st["bad_steps"]})
-        if st["bad_steps"] > allowed:
+        self.log.log(st.step, {"train/bad_steps": st.bad_steps})
+        if st.bad_steps > allowed:
             raise TrainingDiverged(
-                f"training diverged at step {st['step']}: non-finite loss or gradient norm ({what}; bad steps "
-                f"{st['bad_steps']}, train.max_bad_steps={allowed}); the update was not applied, no checkpoint or "
+                f"training diverged at step {st.step}: non-finite loss or gradient norm ({what}; bad steps "
+                f"{st.bad_steps}, train.max_bad_steps={allowed}); the update was not applied, no checkpoint or "
                 f"export was written for this step. Lower train.lr ({self.cfg.train.lr:g}) or check the data, "
                 "then resume from the last checkpoint (--resume auto) or start afresh")
-        if D.is_main():
-            tqdm.write(f"[train] step {st['step']}: non-finite loss or gradient norm ({what}): update skipped "
-                       f"(bad step {st['bad_steps']} of train.max_bad_steps={allowed})", file=sys.stderr)
+        self.console.warn(f"[train] step {st.step}: non-finite loss or gradient norm ({what}): update skipped "
+                          f"(bad step {st.bad_steps} of train.max_bad_steps={allowed})")
         return False
 
     def _grad_norm_before_step(self) -> float | None:
@@ -349,6 +421,52 @@ class Trainer:
         if self.engine.zero_optimization() or self.precision != "fp32":
             return None
         return global_grad_norm(self.engine.module, self.device, D.world())
+
+    def _last_grad_norm(self) -> float | None:
+        """The last optimizer step's global gradient norm: ours (plain fp32) or DeepSpeed's."""
+        return self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def _should_stop(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.stopped_early
+
+    def _should_log(self) -> bool:
+        step = self.state.step
+        return self.window.micro > 0 and (step % self.cfg.train.log_every == 0 or step == self.total_steps)
+
+    def _should_eval(self, epoch_done: bool) -> bool:
+        """Dev evaluation after every train.eval_every_epochs-th epoch and every train.eval_every_steps-th step."""
+        t, st = self.cfg.train, self.state
+        at_epoch = epoch_done and t.eval_every_epochs > 0 and st.epoch % t.eval_every_epochs == 0
+        at_step = t.eval_every_steps > 0 and st.step % t.eval_every_steps == 0
+        return at_epoch or at_step
+
+    def _should_save(self, evaluated: bool) -> bool:
+        """A checkpoint after every dev evaluation and every train.save_every_steps-th step."""
+        every = self.cfg.train.save_every_steps
+        return evaluated or (every > 0 and self.state.step % every == 0)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def _log_window(self) -> None:
+        """One metrics row for the window's applied steps (and a console line when there is no progress bar)."""
+        st, w = self.state, self.window
+        samples_per_s = w.samples_per_s(D.world())
+        metrics = w.mean_losses()
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/lr_clip"] = self.scheduler.get_last_lr()[1]
+        norm = self._last_grad_norm()
+        if norm is not None:
+            metrics["train/grad_norm"] = float(norm)
+        metrics["train/bad_steps"] = st.bad_steps
+        metrics["train/samples_per_s"] = samples_per_s
+        metrics["train/epoch"] = st.epoch + st.batch / self.batches_per_epoch
+        metrics.update(self._expert_load(w.loads))
+        self.log.log(st.step, metrics)
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sps=f"{samples_per_s:.0f}")
+        if self.bar.disable:  # no terminal (batch job, CI): a line per log step instead
+            self.console.info(f"[train] step {st.step}/{self.total_steps} epoch {metrics['train/epoch']:.2f} "
+                              f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} {samples_per_s:.0f} samples/s")
+        w.reset()
 
     def _expert_load(self, loads: dict[str, list]) -> dict[str, float]:
         """Fraction of routes per expert and dropped tokens, per MoE layer, over all ranks.
@@ -374,45 +492,45 @@ class Trainer:
         n, st = self.cfg.negatives, self.state
         if not n.enabled:
             return
-        e = st["epoch"]
-        if st["negatives_file"] is None and n.from_file:
-            st["negatives_file"] = n.from_file
+        e = st.epoch
+        if st.negatives_file is None and n.from_file:
+            st.negatives_file = n.from_file
         since = e - n.warmup_epochs
         due = since == 0 or (since > 0 and n.refresh_epochs > 0 and since % n.refresh_epochs == 0)
-        if due and st["batch"] == 0 and st["negatives_epoch"] != e:
+        if due and st.batch == 0 and st.negatives_epoch != e:
             with local_experts(self.engine.module) as model:  # every expert on every rank
                 table, stats = mine(model, self.cfg, self.device, self.collator)
             path = self.run_dir / "negatives" / f"epoch-{e:03d}.npy"
             if D.is_main():
-                save_table(table, path, {"epoch": e, "step": st["step"], **stats})
-                tqdm.write(f"[negatives] mined {stats['mentions']} x {stats['top_k']} in {stats['total_s']:.1f}s "
-                           f"(KB {stats['kb_size']}) -> {path}")
+                save_table(table, path, {"epoch": e, "step": st.step, **stats})
+            self.console.info(f"[negatives] mined {stats['mentions']} x {stats['top_k']} in {stats['total_s']:.1f}s "
+                              f"(KB {stats['kb_size']}) -> {path}")
             D.barrier()
-            st["negatives_file"], st["negatives_epoch"] = str(path), e
-            self.log.log(st["step"], {f"negatives/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
-        if st["negatives_file"] and (self._attached != st["negatives_file"]):
-            self.stream.set_negatives(load_table(st["negatives_file"]), n.n_hard, n.strategy)
-            self._attached = st["negatives_file"]
+            st.negatives_file, st.negatives_epoch = str(path), e
+            self.log.log(st.step, {f"negatives/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        if st.negatives_file and (self._attached != st.negatives_file):
+            self.stream.set_negatives(load_table(st.negatives_file), n.n_hard, n.strategy)
+            self._attached = st.negatives_file
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate_dev(self) -> None:
+        st = self.state
         with local_experts(self.engine.module) as model:  # DeepSpeed MoE layers: every expert on every rank
             res = evaluate_split(model, self.cfg, "dev", self.device, self.collator)
         m = res.metrics
-        improved = m["MRR"] > self.state["best_mrr"]
-        self.state["evals"].append({"step": self.state["step"], "epoch": self.state["epoch"], "MRR": m["MRR"], "H@1": m["H@1"]})
+        improved = m["MRR"] > st.best_mrr
+        st.evals.append({"step": st.step, "epoch": st.epoch, "MRR": m["MRR"], "H@1": m["H@1"]})
         if improved:
-            self.state.update(best_mrr=m["MRR"], best_step=self.state["step"], bad_evals=0)
+            st.best_mrr, st.best_step, st.bad_evals = m["MRR"], st.step, 0
             save_export(self.engine.module, self.cfg, self.run_dir / "best")  # every rank (gathers experts); rank 0 writes
         else:
-            self.state["bad_evals"] += 1
+            st.bad_evals += 1
         D.barrier()
-        if D.is_main():
-            tqdm.write(one_line(res) + ("  * new best" if improved else f"  (best MRR {self.state['best_mrr']:.2f})"))
-        self.log.log(self.state["step"], {f"dev/{k}": v for k, v in m.items()} | {"dev/best_MRR": self.state["best_mrr"]})
+        self.console.info(one_line(res) + ("  * new best" if improved else f"  (best MRR {st.best_mrr:.2f})"))
+        self.log.log(st.step, {f"dev/{k}": v for k, v in m.items()} | {"dev/best_MRR": st.best_mrr})
         patience = self.cfg.train.patience
-        if patience and self.state["bad_evals"] >= patience:
-            self.state["stopped_early"] = True
+        if patience and st.bad_evals >= patience:
+            st.stopped_early = True
 
     def _evaluate_test(self) -> EvalResult | None:
         best = self.run_dir / "best"
@@ -428,102 +546,7 @@ class Trainer:
             res = evaluate_split(module, self.cfg, "test", self.device, self.collator)
         if D.is_main():
             board = write_outputs(res, self.cfg, self.run_dir, str(best), self.cfg.train.run_name)
-            self.log.log(self.state["step"], {f"test/{k}": v for k, v in res.metrics.items()})
-            print(one_line(res))
-            print(board.read_text())
+            self.log.log(self.state.step, {f"test/{k}": v for k, v in res.metrics.items()})
+            self.console.info(one_line(res))
+            self.console.info(board.read_text())
         return res
-
-    # -- the loop -------------------------------------------------------------------------------
-    def run(self) -> dict:
-        try:
-            return self._run()
-        except BaseException:
-            self.log.finish(exit_code=1)  # close metrics.jsonl and the W&B run as failed
-            raise
-
-    def _run(self) -> dict:
-        cfg, st = self.cfg, self.state
-        log_every = cfg.train.log_every
-        bar = tqdm(total=self.total_steps, initial=st["step"], desc="train", unit="step", disable=not D.is_main() or None,
-                   dynamic_ncols=True)
-        acc: dict[str, float] = {}  # losses of the applied steps in the current log window
-        loads: dict[str, list] = {}
-        step_acc: dict[str, float] = {}  # ... and of the optimizer step being accumulated
-        step_loads: dict[str, list] = {}
-        n_acc, step_n, samples, t_window = 0, 0, 0, time.perf_counter()
-        while st["epoch"] < cfg.train.epochs and st["step"] < self.total_steps and not st["stopped_early"]:
-            self._negatives_for_epoch()
-            self.stream.set_position(st["epoch"], st["batch"])
-            for batch in make_loader(self.stream, cfg.data.num_workers):
-                parts, moe_log = self._micro_step(batch)
-                for k, v in parts.items():
-                    step_acc[k] = step_acc.get(k, 0.0) + float(v)
-                for name, (c, d) in moe_log.load.items():
-                    c0, d0 = step_loads.get(name, (0, 0))
-                    step_loads[name] = [c0 + c, d0 + d]
-                step_n += 1
-                samples += int((batch["weight"] > 0).sum())
-                st["batch"] += 1
-                epoch_done = st["batch"] == self.batches_per_epoch
-                if self.engine.global_steps == st["step"]:  # still accumulating gradients
-                    if epoch_done:
-                        break
-                    continue
-                st["step"] = self.engine.global_steps
-                if epoch_done:
-                    st["epoch"], st["batch"] = st["epoch"] + 1, 0
-                bar.update(1)
-                if self._check_step({k: v / step_n for k, v in step_acc.items()}):  # applied: count it in the window
-                    for k, v in step_acc.items():
-                        acc[k] = acc.get(k, 0.0) + v
-                    for name, (c, d) in step_loads.items():
-                        c0, d0 = loads.get(name, (0, 0))
-                        loads[name] = [c0 + c, d0 + d]
-                    n_acc += step_n
-                step_acc, step_loads, step_n = {}, {}, 0
-                if n_acc and (st["step"] % log_every == 0 or st["step"] == self.total_steps):
-                    elapsed = time.perf_counter() - t_window
-                    metrics = {f"train/{k}": v / n_acc for k, v in acc.items()}
-                    metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-                    metrics["train/lr_clip"] = self.scheduler.get_last_lr()[1]
-                    norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
-                    if norm is not None:
-                        metrics["train/grad_norm"] = float(norm)
-                    metrics["train/bad_steps"] = st["bad_steps"]
-                    metrics["train/samples_per_s"] = samples * D.world() / max(elapsed, 1e-9)
-                    metrics["train/epoch"] = st["epoch"] + st["batch"] / self.batches_per_epoch
-                    metrics.update(self._expert_load(loads))
-                    self.log.log(st["step"], metrics)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sps=f"{metrics['train/samples_per_s']:.0f}")
-                    if bar.disable and D.is_main():  # no terminal (batch job, CI): a line per log step instead
-                        print(f"[train] step {st['step']}/{self.total_steps} epoch {metrics['train/epoch']:.2f} "
-                              f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
-                              f"{metrics['train/samples_per_s']:.0f} samples/s", flush=True)
-                    acc, loads, n_acc, samples, t_window = {}, {}, 0, 0, time.perf_counter()
-                at_epoch_eval = epoch_done and st["epoch"] % max(1, cfg.train.eval_every_epochs) == 0
-                at_step_eval = cfg.train.eval_every_steps > 0 and st["step"] % cfg.train.eval_every_steps == 0
-                evaluated = False
-                if (at_epoch_eval and cfg.train.eval_every_epochs > 0) or at_step_eval:
-                    self._evaluate_dev()
-                    evaluated = True
-                at_save = cfg.train.save_every_steps > 0 and st["step"] % cfg.train.save_every_steps == 0
-                if evaluated or at_save:
-                    self._save()
-                    ckpt._test_hook("MMOE_TEST_KILL_AT_STEP", st["step"])
-                if st["step"] >= self.total_steps or st["stopped_early"] or epoch_done:
-                    break
-        bar.close()
-        if st["best_step"] < 0:  # never evaluated on dev (e.g. a short run): evaluate now
-            self._evaluate_dev()
-        self._save()
-        result = {"state": dict(st)}
-        if cfg.train.test_at_end:
-            res = self._evaluate_test()
-            if res is not None:
-                result["test"] = res.metrics
-        folder = self.log.finish()
-        if D.is_main():
-            print(f"run folder: {self.run_dir}")
-            if folder:
-                print(f"W&B offline run: {folder} (upload with `wandb sync {folder}`)")
-        return result
