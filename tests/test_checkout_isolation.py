@@ -25,8 +25,8 @@ def copy_checkout(dest: Path, name: str) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    # The marker runs whenever the copy's train package is imported.
-    init = dest / "train" / "__init__.py"
+    # The marker runs whenever the copy's core package (the bottom of the stack, under every entry point) is imported.
+    init = dest / "core" / "__init__.py"
     init.write_text(init.read_text() + "\n" + MARKER.format(name=name))
     return dest
 
@@ -40,7 +40,7 @@ def checkouts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("entry", [["launch/train.py", "--help"], ["-m", "eval.evaluate", "--help"],
-                                   ["-m", "model.published_checkpoint", "--help"]])
+                                   ["-m", "model.published_checkpoint", "--help"], ["-m", "train.checkpointing", "--help"]])
 def test_each_checkout_runs_its_own_code(checkouts, entry):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for name, root in checkouts.items():
