@@ -1,5 +1,6 @@
-"""Fault injection on the data path (issue 12, items 2-5 and 7): every fault is either a clear error
-that names what is wrong or a counted, reported skip; none gives a silently wrong result."""
+"""Fault injection on the data path (conversion, shards, images, records, the DME client, model and data
+identity): every fault is either a clear error that names what is wrong or a counted, reported skip; none
+gives a silently wrong result."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The matcher against the published MMoE equations (DESIGN section 2.1), computed independently.
+"""The matcher against the published MMoE equations (README, "How the model works"), computed independently.
 
 The reference below is written from the equations alone: explicit loops over pairs, tokens and
 experts, plain matmuls, its own LayerNorm, softmax and gates. It reads the weights by name from
@@ -71,7 +71,7 @@ def published_moe(P, prefix, xs, gates, k):
 
 
 def reference_scores(P, m, e, k, compat, cross_gate="context"):
-    """Scores [M, N] per unit from DESIGN 2.1. m and e: dicts of raw features and text masks."""
+    """Scores [M, N] per unit from the equations. m and e: dicts of raw features and text masks."""
     def norms(f):
         return (ln(f["tg"], P["text_cls_layernorm.weight"], P["text_cls_layernorm.bias"]),
                 ln(f["tt"], P["text_tokens_layernorm.weight"], P["text_tokens_layernorm.bias"]),
@@ -221,7 +221,7 @@ def test_default_model_scores_do_not_depend_on_the_block():
 
 def synthetic_published_state(top_k_unused: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     """A published-style matcher state dict at the paper's sizes, built from the names and shapes
-    of DESIGN 2.1 alone (random values; nn.Linear weights as [out, in])."""
+    of the published code alone (random values; nn.Linear weights as [out, in])."""
     g = torch.Generator().manual_seed(seed)
     shapes: dict[str, tuple[int, ...]] = {}
 
