@@ -109,13 +109,18 @@ def global_to_local(query: Tensor, query_mask: Tensor, key: Tensor, value: Tenso
     entity token, averaged over the entity's real tokens, applied to the mention values.
     Memory is M * N * Lq * Lk; callers bound it by chunking.
     """
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    logits = torch.einsum("nqh,mkh->mnqk", query, key) * scale
-    attn = torch.softmax(masked_logits(logits, key_mask[:, None, None, :]), dim=-1)
+    n, lq, h = query.shape
+    m, lk, _ = key.shape
+    # One GEMM [N*Lq, h] x [h, M*Lk] laid out [N, Lq, M, Lk]: the softmax runs over the last dimension and
+    # the mean over entity tokens is one batched matvec, with no permuted copy of the attention map
+    # (the einsum "nqh,mkh->mnqk" layout cost a full copy; about 2x slower on our CPUs).
+    logits = (query.reshape(n * lq, h) * (1.0 / math.sqrt(h))) @ key.reshape(m * lk, h).t()
+    logits = logits.view(n, lq, m, lk).masked_fill_(~key_mask[None, None], torch.finfo(logits.dtype).min)
+    attn = torch.softmax(logits, dim=-1)
     qw = query_mask.to(attn.dtype)
     qw = qw / qw.sum(dim=1, keepdim=True).clamp_min(1.0)  # mean over real query tokens
-    pooled = torch.einsum("mnqk,nq->mnk", attn, qw)
-    return torch.einsum("mnk,mkh->mnh", pooled, value)
+    pooled = torch.bmm(qw.unsqueeze(1), attn.view(n, lq, m * lk)).view(n, m, lk)
+    return torch.bmm(pooled.transpose(0, 1), value)  # [M, N, h]
 
 
 def global_to_local_paired(query: Tensor, query_mask: Tensor, key: Tensor, value: Tensor, key_mask: Tensor) -> Tensor:
