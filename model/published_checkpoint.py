@@ -43,15 +43,6 @@ class _Inert:
     def __setstate__(self, state: object) -> None:
         pass
 
-    def __setitem__(self, key: object, value: object) -> None:
-        pass
-
-    def append(self, item: object) -> None:
-        pass
-
-    def extend(self, items: object) -> None:
-        pass
-
 
 def _inert_attribute(obj: object, name: object) -> type[_Inert]:
     """``getattr`` as a checkpoint uses it (``getattr(SomeClass, "method")``, then a call): the inert class."""
