@@ -27,7 +27,7 @@ def dense_moe(moe: SwitchMoE, x: Tensor, gate_input: Tensor | None = None) -> Te
     tokens = x.reshape(-1, x.shape[-1])
     g = (x if gate_input is None else gate_input).reshape(tokens.shape[0], -1)
     r = switch_route(moe.router_logits(g), moe.k, min_capacity=moe.min_capacity)
-    weights = torch.zeros(tokens.shape[0], moe.num_experts).scatter_add(1, r.expert_index, r.weight)
+    weights = tokens.new_zeros(tokens.shape[0], moe.num_experts).scatter_add(1, r.expert_index, r.weight)
     out = 0
     for e in range(moe.num_experts):  # the published loop over experts
         out = out + weights[:, e : e + 1] * moe.expert_forward(e, tokens)
@@ -77,7 +77,8 @@ def published_style_scores(matcher: MMoEMatcher, mentions: Features, entities: F
         if name == "text":
             per_unit.append(_intra(unit, mtg, mtt, mmask, etg, ett, emask))
         elif name == "vision":
-            ones_m, ones_e = torch.ones(mit.shape[:2], dtype=torch.bool), torch.ones(eit.shape[:2], dtype=torch.bool)
+            ones_m = torch.ones(mit.shape[:2], dtype=torch.bool, device=mit.device)
+            ones_e = torch.ones(eit.shape[:2], dtype=torch.bool, device=eit.device)
             per_unit.append(_intra(unit, mig, mit, ones_m, eig, eit, ones_e))
         else:
             m_t2i, m_i2t = _cross_side(unit, mtg, mtt, mmask, mig, mit)

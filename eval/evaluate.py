@@ -72,14 +72,19 @@ def evaluate_split(
     t2 = time.perf_counter()
     gold = m_ids["gold_id"]
     extra: dict[str, float] = {}
+    stages: dict[str, float] = {}
     bad: list[int] = []  # dataset indices of mentions with a non-finite score (this rank's)
     try:
         if e.mode == "exact":
             res = exact_ranks(model.matcher, mentions, gold, kb, mention_chunk=e.mention_chunk,
                               max_pair_elements=e.max_pair_elements, bf16=e.bf16)
         else:
+            t_index = time.perf_counter()
             index = build_index(model.matcher.separable_vectors(kb), e.index)
-            res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16)
+            timings["index_s"] = time.perf_counter() - t_index
+            res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16,
+                                  timings=stages)
+            timings.update(search_s=stages["search_s"], rerank_s=stages["rerank_s"])
     except NonFiniteScoreError as err:
         bad = [int(m_ids["index"][r]) for r in err.rows]
     bad = sorted(i for part in D.gather_objects(bad) for i in part)  # every rank raises, or none

@@ -66,7 +66,9 @@ class EvalConfig:
     recall_at: list[int] = field(default_factory=lambda: [10, 50, 100])
     batch_size: int = 64  # encoding batch
     mention_chunk: int = 64  # mentions scored together against the KB
-    max_pair_elements: int = 1 << 26  # bound on the attention tensor of one scoring block
+    # Elements of the g2l attention map of one scoring block; 0 = automatic (eval.ranking.pair_budget:
+    # a map that stays in a CPU's last-level cache, larger blocks on GPUs).
+    max_pair_elements: int = 0
     bf16: bool = True  # on GPUs that support it; CPUs always compute in fp32
     num_workers: int = 2
     # Under model.matcher.compat: published, scores depend on the batch a side is computed in; the
@@ -172,9 +174,10 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "data.shuffle_buffer": (1, None, "[]"),
     "data.train_fraction": (0, 1, "(]"),
     "data.seed": (0, None, "[]"),
-    **{f"eval.{k}": (1, None, "[]") for k in ("top_k", "recall_at", "batch_size", "mention_chunk", "max_pair_elements",
+    **{f"eval.{k}": (1, None, "[]") for k in ("top_k", "recall_at", "batch_size", "mention_chunk",
                                               "compat_entity_block", "compat_mention_batch")},
     "eval.num_workers": (0, None, "[]"),
+    "eval.max_pair_elements": (0, None, "[]"),
     **{f"train.{k}": (1, None, "[]") for k in ("epochs", "grad_accum", "log_every")},
     **{f"train.{k}": (0, None, "[]") for k in ("max_steps", "weight_decay", "warmup_steps", "grad_clip", "zero_stage",
                                                "eval_every_epochs", "eval_every_steps", "patience", "save_every_steps",

@@ -125,21 +125,28 @@ class MMoEMatcher(nn.Module):
 
     def score(self, mentions: SideCache, entities: SideCache) -> dict[str, Tensor]:
         """Scores [M, N] of a block of mentions against a block of entities, per unit and overall."""
-        return self._score(mentions, entities, paired=False)
+        return self._score(mentions, entities, candidates=False)
+
+    def score_candidates(self, mentions: SideCache, candidates: SideCache) -> dict[str, Tensor]:
+        """Scores [M, K] of each mention against its own K candidates (re-ranking): ``candidates``
+        holds M * K entity rows, mention-major (rows i*K .. i*K+K-1 are mention i's)."""
+        if not len(mentions) or len(candidates) % len(mentions):
+            raise ValueError(f"{len(candidates)} candidate rows are not K per mention for {len(mentions)} mentions")
+        return self._score(mentions, candidates, candidates=True)
 
     def score_pairs(self, mentions: SideCache, entities: SideCache) -> dict[str, Tensor]:
-        """Scores [P] of aligned pairs: mention row p against entity row p (candidate re-ranking)."""
+        """Scores [P] of aligned pairs: mention row p against entity row p."""
         if len(mentions) != len(entities):
             raise ValueError(f"paired scoring needs as many mentions as entities, got {len(mentions)} and {len(entities)}")
-        return self._score(mentions, entities, paired=True)
+        return {k: v[:, 0] for k, v in self.score_candidates(mentions, entities).items()}
 
-    def _score(self, mentions: SideCache, entities: SideCache, paired: bool) -> dict[str, Tensor]:
+    def _score(self, mentions: SideCache, entities: SideCache, candidates: bool) -> dict[str, Tensor]:
         scores: dict[str, Tensor] = {}
         for name in self.unit_names:
             m = {k.split(".", 1)[1]: v for k, v in mentions.tensors.items() if k.startswith(name + ".")}
             e = {k.split(".", 1)[1]: v for k, v in entities.tensors.items() if k.startswith(name + ".")}
             unit = self.units[name]
-            scores[name] = unit.score_pairs(m, e) if paired else unit.score(m, e)
+            scores[name] = unit.score_candidates(m, e) if candidates else unit.score(m, e)
         # (text + vision + cross) / 3, summed in that order as published
         scores["overall"] = sum(scores[n] for n in self.unit_names) / len(self.unit_names)
         return scores

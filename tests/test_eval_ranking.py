@@ -81,3 +81,63 @@ def test_two_stage_misses_get_the_worst_rank_and_recall_is_reported():
     missed = ~two.candidate_recall
     assert torch.all(two.rank[missed] == len(kb))
     assert torch.all(two.rank[~missed] <= 2)
+
+
+def test_pooled_cross_attention_equals_the_per_pair_computation():
+    """global_to_local (one GEMM with the key mask folded in as an extra column, the mean over
+    entity tokens before the value product) against the textbook computation, pair by pair:
+    masked keys dropped, softmax, value product, mean over the entity's real tokens."""
+    from moe.units import global_to_local, global_to_local_paired
+
+    g = torch.Generator().manual_seed(3)
+    n, m, lq, lk, h = 5, 4, 7, 6, 16
+    query, key, value = (torch.randn(n, lq, h, generator=g), torch.randn(m, lk, h, generator=g),
+                         torch.randn(m, lk, h, generator=g))
+    query_mask = torch.arange(lq)[None] < torch.tensor([7, 1, 4, 5, 3])[:, None]
+    key_mask = torch.arange(lk)[None] < torch.tensor([6, 2, 1, 4])[:, None]
+    key = key.masked_fill(~key_mask[..., None], 1e3)  # padding holds large junk: it must not leak in
+    out = global_to_local(query, query_mask, key, value, key_mask)
+    assert out.shape == (m, n, h)
+    for i in range(m):
+        keep = key_mask[i]
+        for j in range(n):
+            q = query[j][query_mask[j]]  # the entity's real tokens
+            attn = torch.softmax(q @ key[i][keep].t() / math.sqrt(h), dim=-1)
+            expected = (attn @ value[i][keep]).mean(0)
+            torch.testing.assert_close(out[i, j], expected, rtol=1e-5, atol=1e-6)
+    pairs = global_to_local_paired(query[[0, 3]], query_mask[[0, 3]], key[[2, 1]], value[[2, 1]], key_mask[[2, 1]])
+    torch.testing.assert_close(pairs, torch.stack([out[2, 0], out[1, 3]]), rtol=1e-5, atol=1e-6)
+
+
+def test_exact_ranks_do_not_depend_on_the_block_shape():
+    """The automatic block (eval.max_pair_elements: 0) and a tiny one give identical fp32 ranks."""
+    model, _, _, m_side, kb, gold = _sides()
+    auto = exact_ranks(model.matcher, m_side, gold, kb, max_pair_elements=0)
+    tiny = exact_ranks(model.matcher, m_side, gold, kb, mention_chunk=1, max_pair_elements=1)
+    assert auto.rank.tolist() == tiny.rank.tolist()
+    torch.testing.assert_close(auto.top_scores, tiny.top_scores, rtol=1e-6, atol=1e-6)
+
+
+def test_candidate_scoring_equals_the_full_score_matrix_at_the_candidates():
+    model, _, _, m_side, kb, _ = _sides()
+    g = torch.Generator().manual_seed(1)
+    cand = torch.stack([torch.randperm(len(kb), generator=g)[:4] for _ in range(len(m_side))])  # [M, 4]
+    with torch.no_grad():
+        full = model.matcher.score(m_side, kb)
+        grouped = model.matcher.score_candidates(m_side, kb.select(cand.reshape(-1)))
+    for unit in ("text", "vision", "cross", "overall"):
+        torch.testing.assert_close(grouped[unit], full[unit].gather(1, cand), rtol=1e-5, atol=1e-5, msg=unit)
+
+
+def test_two_stage_ignores_the_padding_of_an_index_that_finds_fewer_than_k():
+    """FAISS pads with -1 when it has fewer than k results; a padded slot must never be scored as
+    the KB's last row, nor outrank a real candidate."""
+    model, _, _, m_side, kb, gold = _sides()
+    small = build_index(model.matcher.separable_vectors(kb.slice(0, 6)))  # entities 0..5 only
+    two = two_stage_ranks(model.matcher, m_side, gold, kb, top_k=10, index=small)
+    inside = gold < 6
+    assert inside.any() and (~inside).any()
+    exact = exact_ranks(model.matcher, m_side.select(inside.nonzero().flatten()), gold[inside], kb.slice(0, 6))
+    assert two.rank[inside].tolist() == exact.rank.tolist()
+    assert (two.rank[~inside] == len(kb)).all()
+    assert (two.top_ids < 6).all()

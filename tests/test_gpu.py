@@ -1,0 +1,101 @@
+"""GPU-only paths: bf16 autocast ranking, NCCL with one process, the faiss-gpu index.
+
+Skipped without a CUDA GPU; ``bash bench/gpu_check.sh`` runs them (and bench.bench_eval at WikiMEL size)
+on a GPU machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.bench_eval import kb_features, mention_features
+from bench.bench_matcher import paper_matcher
+from eval.ranking import autocast_for, build_index, exact_ranks, search
+from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash bench/gpu_check.sh)")
+
+# bf16 keeps 8 bits of mantissa: scores move by ~0.4%, so near-ties between the gold and its closest
+# competitor may swap. On the paper-size matcher with these features, bf16 emulated on our CPUs
+# (torch.autocast("cpu", bfloat16): the same rounding of GEMM inputs, fp32 accumulation) kept the
+# fp32 rank for 97% of mentions and H@1 within 1 point; the thresholds leave a margin for the GPU's kernels.
+BF16_RANK_AGREEMENT, BF16_H1_POINTS = 0.90, 3.0
+
+
+def _ranks(matcher, kb, mentions, gold, bf16: bool):
+    device = torch.device("cuda")
+    with torch.no_grad(), autocast_for(device, bf16):
+        cache = matcher.entity_side(kb)[0].to(dtype=torch.float32)
+        m_side = matcher.mention_side(mentions)[0].to(dtype=torch.float32)
+    return exact_ranks(matcher, m_side, gold, cache, bf16=bf16)
+
+
+def test_bf16_exact_ranks_agree_with_fp32():
+    assert torch.cuda.is_bf16_supported(), "bf16 autocast needs an Ampere or newer GPU"
+    matcher = paper_matcher("cuda").eval()
+    kb = kb_features(2000, "cuda")
+    mentions, gold = mention_features(kb, 300, "cuda")
+    fp32 = _ranks(matcher, kb, mentions, gold, bf16=False)
+    bf16 = _ranks(matcher, kb, mentions, gold, bf16=True)
+    assert torch.isfinite(bf16.top_scores).all()
+    agree = (fp32.rank == bf16.rank).double().mean().item()
+    h1 = lambda r: 100.0 * (r.rank == 1).double().mean().item()  # noqa: E731
+    assert h1(fp32) > 20.0, "the features must make the task non-trivial and solvable"
+    assert agree >= BF16_RANK_AGREEMENT, f"bf16 kept the fp32 rank for only {100 * agree:.1f}% of mentions"
+    assert abs(h1(fp32) - h1(bf16)) <= BF16_H1_POINTS
+
+
+def test_evaluation_under_nccl_with_one_process_matches_a_plain_run(tiny_export, tmp_path):
+    """torchrun with one process on a GPU joins an NCCL group (model.distributed picks NCCL with CUDA);
+    the result must equal the evaluation without any process group, both in fp32."""
+    common = ["--checkpoint", str(tiny_export), "--split", "test", "--set", "eval.bf16=false", "--set",
+              "eval.save_kb_cache=false"]
+    runs = {"plain": [sys.executable, "-m", "eval.evaluate", "--out", str(tmp_path / "plain")],
+            "nccl": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+                     "-m", "eval.evaluate", "--out", str(tmp_path / "nccl")]}
+    env = dict(os.environ, TORCH_DISTRIBUTED_DEBUG="DETAIL")
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd + common, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    per = {n: [json.loads(line) for line in open(tmp_path / n / "per_mention-test.jsonl")] for n in runs}
+    assert [(r["index"], r["rank"]) for r in per["plain"]] == [(r["index"], r["rank"]) for r in per["nccl"]]
+    nccl_run = json.loads((tmp_path / "nccl" / "results-test.json").read_text())
+    assert nccl_run["world_size"] == 1
+
+
+def test_nccl_collectives_with_one_process(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from model import distributed as D\n"
+        "D.init_process_group(); assert dist.get_backend() == 'nccl', dist.get_backend()\n"
+        "t = torch.arange(6, device=D.device_for_rank()).view(3, 2)\n"
+        "assert torch.equal(D.gather_rows(t), t)\n"
+        "dist.all_reduce(t); assert int(t.sum()) == 15\n"
+        "dist.destroy_process_group(); print('ok')\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}", str(script)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_faiss_gpu_index_returns_the_cpu_index_results():
+    import faiss
+
+    if not (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0):
+        pytest.skip("this faiss build has no GPU support (faiss-cpu); install a faiss-gpu wheel to test it")
+    g = torch.Generator().manual_seed(0)
+    vectors, queries = torch.randn(5000, 64, generator=g), torch.randn(50, 64, generator=g)
+    cpu_scores, cpu_ids = search(build_index(vectors, use_gpu=False), queries, 10)
+    gpu_index = build_index(vectors, use_gpu=True)
+    assert "Gpu" in type(gpu_index).__name__ or faiss.get_num_gpus() > 1
+    gpu_scores, gpu_ids = search(gpu_index, queries, 10)
+    assert (gpu_ids == cpu_ids).float().mean() > 0.99
+    torch.testing.assert_close(gpu_scores, cpu_scores, rtol=1e-4, atol=1e-4)
