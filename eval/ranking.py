@@ -8,6 +8,9 @@
   (g2g vectors and the cross unit's vectors) retrieves the top-K candidates per mention, and the
   full matcher re-ranks them. A gold entity that is not retrieved gets rank N (the KB size):
   a miss at every cut-off, never flattering MR or MRR.
+
+The KB cache may be compact (``eval.kb_cache``: bf16, fp16 or int8): each block is expanded to fp32
+right after it is sliced or selected, so the whole KB is never expanded at once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from eval.kb_cache import cache_device, expand, index_vectors
 from eval.metrics import NonFiniteScoreError, gold_ranks
 from moe.features import SideCache
 from moe.matcher import MMoEMatcher
@@ -70,7 +74,7 @@ def exact_ranks(
 ) -> RankResult:
     """Ranks of ``gold`` (entity ids = KB rows) for every mention, against every KB entity."""
     n = len(kb)
-    device = kb[next(iter(kb.tensors))].device
+    device = cache_device(kb)
     parts, bad = [], []
     for m0 in range(0, len(mentions), mention_chunk):
         ms = mentions.slice(m0, m0 + mention_chunk)
@@ -78,7 +82,7 @@ def exact_ranks(
         row = torch.empty(len(ms), n, device=device)
         with torch.no_grad(), autocast_for(device, bf16):
             for e0 in range(0, n, entity_chunk):
-                row[:, e0 : e0 + entity_chunk] = matcher.score(ms, kb.slice(e0, e0 + entity_chunk))["overall"].float()
+                row[:, e0 : e0 + entity_chunk] = matcher.score(ms, expand(kb.slice(e0, e0 + entity_chunk)))["overall"].float()
         try:
             rank, ties = gold_ranks(row, gold[m0 : m0 + mention_chunk].to(device))
         except NonFiniteScoreError as err:  # positions in this chunk -> positions in ``mentions``; go on to count all
@@ -137,9 +141,9 @@ def two_stage_ranks(
     n = len(kb)
     k = min(top_k, n)
     if index is None:
-        index = build_index(matcher.separable_vectors(kb))
+        index = build_index(index_vectors(matcher, kb))
     _, cand = search(index, matcher.separable_vectors(mentions), k)  # [M, k]
-    device = kb[next(iter(kb.tensors))].device
+    device = cache_device(kb)
     m_count = len(mentions)
     rows = torch.arange(m_count).repeat_interleave(k)
     flat = cand.reshape(-1)
@@ -147,7 +151,7 @@ def two_stage_ranks(
     with torch.no_grad(), autocast_for(device, bf16):
         for p0 in range(0, rows.numel(), pair_chunk):
             r, c = rows[p0 : p0 + pair_chunk], flat[p0 : p0 + pair_chunk]
-            scores[p0 : p0 + pair_chunk] = matcher.score_pairs(mentions.select(r.to(device)), kb.select(c.to(device)))[
+            scores[p0 : p0 + pair_chunk] = matcher.score_pairs(mentions.select(r.to(device)), expand(kb.select(c.to(device))))[
                 "overall"].float().cpu()
     scores = scores.view(m_count, k)
     hit = cand == gold.view(-1, 1).cpu()
