@@ -39,7 +39,7 @@ CACHE_VERSION = 1
 SCALE = "@scale"  # suffix of an int8 tensor's scale; the matcher's keys are "unit.field", never with "@"
 SIDE, META = "side.", "meta."
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
-CHUNK_ELEMENTS = 1 << 22  # rows are converted in chunks of about this many values: bounded temporary memory
+CHUNK_ELEMENTS = 1 << 20  # rows are converted in chunks of about this many values: small temporaries, reused
 
 
 class CacheValueError(ValueError):
@@ -58,8 +58,9 @@ def _quantize(name: str, t: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.empty((*t.shape[:-1], 1), dtype=torch.float32, device=t.device)
     for a, b in _chunks(t):
         x = t[a:b].float()
-        _check_finite(name, x)
-        s = x.abs().amax(dim=-1, keepdim=True) / 127
+        peak = x.abs().amax(dim=-1, keepdim=True)  # NaN and inf propagate into the row's peak
+        _check_finite(name, peak)
+        s = peak / 127
         s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: scale 1, values 0
         q[a:b] = torch.round(x / s).clamp_(-127, 127).to(torch.int8)
         scale[a:b] = s
@@ -77,8 +78,12 @@ def _cast(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
     limit = torch.finfo(dtype).max
     for a, b in _chunks(t):
         x = t[a:b]
-        _check_finite(name, x)
-        peak = float(x.abs().amax()) if x.numel() else 0.0
+        if x.numel():
+            lo, hi = torch.aminmax(x)  # one pass; NaN and inf propagate into the extremes
+            _check_finite(name, torch.stack([lo, hi]))
+            peak = max(-float(lo), float(hi))
+        else:
+            peak = 0.0
         if peak > limit:  # would become inf in this dtype
             raise CacheValueError(f"entity cache key {name!r}: max |value| {peak:.6g} exceeds the {dtype} range "
                                   f"({limit:.6g}); use eval.cache_dtype bfloat16, int8 or float32")
