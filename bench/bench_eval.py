@@ -78,13 +78,13 @@ def kb_features(n: int, device: str) -> Features:
     return Features.cat([_block(min(GEN_BLOCK, n - s), 1000 + s // GEN_BLOCK, device) for s in range(0, n, GEN_BLOCK)])
 
 
-def mention_features(kb: Features, m: int, device: str) -> tuple[Features, torch.Tensor]:
-    """Mentions = 0.6 x their gold entity's features + 0.8 x noise (gold drawn uniformly)."""
+def mention_features(kb: Features, m: int, device: str, signal: float = 0.6) -> tuple[Features, torch.Tensor]:
+    """Mentions = ``signal`` x their gold entity's features + 0.8 x noise (gold drawn uniformly)."""
     g = torch.Generator(device=device).manual_seed(7)
     gold = torch.randint(len(kb), (m,), generator=g, device=device)
     noise = Features.cat([_block(min(GEN_BLOCK, m - s), 500_000 + s // GEN_BLOCK, device) for s in range(0, m, GEN_BLOCK)])
     e = kb.index(gold)
-    mix = lambda a, b: 0.6 * a + 0.8 * b  # noqa: E731
+    mix = lambda a, b: signal * a + 0.8 * b  # noqa: E731
     f = Features(mix(e.text_global, noise.text_global), mix(e.text_tokens, noise.text_tokens), e.text_mask,
                  mix(e.image_global, noise.image_global), mix(e.image_tokens, noise.image_tokens), noise.image_mask)
     return f, gold.cpu()

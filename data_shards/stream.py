@@ -24,6 +24,7 @@ exhausted workers) continues the original sequence exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -44,6 +45,11 @@ def load_manifest(shard_root: Path | str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: convert the dataset first (python -m data_shards.convert)")
     return json.loads(path.read_text())
+
+
+def manifest_hash(shard_root: Path | str) -> str:
+    """sha256 of the manifest: it lists every shard's sha256, so it identifies the converted data."""
+    return hashlib.sha256((Path(shard_root) / "manifest.json").read_bytes()).hexdigest()
 
 
 @dataclass

@@ -6,17 +6,21 @@
 Works as one process or under torchrun / the deepspeed launcher / accelerate launch: the KB
 encoding and the mentions are split across ranks, the KB cache is gathered, rank 0 writes
   results-<split>.json       metrics (with the slices of eval/slices.py), first-stage recall@K (two-stage),
-                             settings, checkpoint, dataset manifest hash, timings
+                             settings, checkpoint, dataset manifest hash, timings, the KB cache used
   per_mention-<split>.jsonl  mention id, gold, gold rank, ties, top-5 entity ids with scores, slice flags
   leaderboard-<split>.md     this run next to the published numbers for the dataset, then the slice table
 and logs the leaderboard table to W&B when a run is active. :func:`evaluate_split` is what the
 trainer calls for dev evaluation.
+
+The entity cache is kept in ``eval.cache_dtype`` (eval/kb_cache.py). With ``eval.save_kb_cache`` the
+command saves it next to the checkpoint as ``kb_cache-<key>.pt`` and reuses it (memory-mapped)
+while its key (KB, weights, model and data config, precision, cache dtype) matches; the trainer's
+dev evaluation keeps it in memory only.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -27,18 +31,30 @@ import torch
 
 from data_shards.collate import Collator
 from data_shards.store import ShardError
-from data_shards.stream import load_manifest
+from data_shards.stream import load_manifest, manifest_hash  # manifest_hash: also imported from here
 from data_shards.verify import problems_message, verify
 from eval.encode import encode_kb, encode_split
+from eval.kb_cache import (
+    CacheValueError,
+    cache_bytes,
+    cache_dtype_of,
+    cache_key,
+    cache_path,
+    compress,
+    index_vectors,
+    load_kb_cache,
+    save_kb_cache,
+)
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import NonFiniteScoreError, summarize
-from eval.ranking import build_index, exact_ranks, recall_at, two_stage_ranks
+from eval.ranking import autocast_for, build_index, exact_ranks, recall_at, two_stage_ranks
 from eval.slices import evaluation_slices, slice_rows, slices_line, slices_markdown
 from model import distributed as D
 from model.config import Config, ConfigError, to_dict
 from model.export import load_export_for_command
 from model.factory import make_collator
 from model.mmoe import MMoEModel
+from moe.features import SideCache
 
 
 @dataclass
@@ -47,24 +63,77 @@ class EvalResult:
     metrics: dict[str, float]
     per_mention: list[dict] = field(default_factory=list)  # filled on rank 0
     timings: dict[str, float] = field(default_factory=dict)
+    kb_cache: dict = field(default_factory=dict)  # path (None: in memory only), state (built | reused), dtype, bytes
+
+
+def kb_cache_location(checkpoint: str | Path, cfg: Config, device: torch.device) -> tuple[Path, str]:
+    """Path and key of the saved entity cache of this export under ``cfg`` on ``device``."""
+    autocast = isinstance(autocast_for(device, cfg.eval.bf16), torch.autocast)  # bf16 changes the numbers
+    key = cache_key(checkpoint, cfg, autocast=autocast)
+    return cache_path(checkpoint, key), key
+
+
+def _save_kb_cache(path: Path, kb: SideCache, key: str) -> bool:
+    try:
+        save_kb_cache(path, kb, key)
+        return True
+    except OSError as err:  # a read-only or full checkpoint folder costs the reuse, not the evaluation
+        print(f"warning: could not save the KB cache to {path} ({err}); it will be encoded again next time",
+              file=sys.stderr)
+        return False
+
+
+def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator,
+                 path: Path | None = None, key: str | None = None) -> tuple[SideCache, dict]:
+    """The KB's entity cache in ``eval.cache_dtype`` and what was done: the one saved at ``path`` when
+    its key is ``key``, else encoded, compressed and (with ``path``) saved by rank 0."""
+    e = cfg.eval
+    if path is not None:
+        if key is None:
+            raise ValueError("a saved KB cache needs its key (eval.kb_cache.cache_key)")
+        cache = load_kb_cache(path, key, warn=D.is_main())
+        if all(D.gather_objects(cache is not None)):  # encoding the KB is collective: all ranks reuse, or none
+            return cache.to(device), {"path": str(path), "state": "reused", "dtype": cache_dtype_of(cache),
+                                      "bytes": cache_bytes(cache)}
+    # compat: published reproduces the published blocks (entity side on blocks of compat_entity_block KB
+    # rows, mention side on batches of compat_mention_batch), on any number of processes; the blocking
+    # happens inside encode_kb, the compression after it.
+    block = e.compat_entity_block if model.matcher.settings.published else None
+    kb = encode_kb(model, cfg.data.shards, collator, device, block=block, batch_size=e.batch_size,
+                   num_workers=e.num_workers, bf16=e.bf16)
+    try:
+        kb = compress(kb, e.cache_dtype)
+    except CacheValueError as err:  # every rank holds the same gathered cache: all raise
+        raise NonFiniteScoreError(f"evaluation of split {split!r}: {err}", []) from None
+    saved = False
+    if path is not None:
+        saved = D.is_main() and _save_kb_cache(path, kb, key)
+        D.barrier()  # the file is complete before any rank goes on
+    return kb, {"path": str(path) if saved else None, "state": "built", "dtype": e.cache_dtype, "bytes": cache_bytes(kb)}
 
 
 def evaluate_split(
-    model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator | None = None
+    model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator | None = None,
+    kb_cache_path: Path | None = None, cache_key: str | None = None,
 ) -> EvalResult:
-    """Rank every mention of ``split`` against the whole KB; identical on any number of ranks."""
+    """Rank every mention of ``split`` against the whole KB; identical on any number of ranks.
+
+    ``kb_cache_path`` and ``cache_key`` (:func:`kb_cache_location`): reuse the entity cache saved
+    there, or save the one built; without them the cache is built in memory only (dev evaluation)."""
     e = cfg.eval
     collator = collator or make_collator(cfg, model)
     was_training = model.training
     model.eval()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # compat: published reproduces the published blocks (entity side on blocks of compat_entity_block KB
-    # rows, mention side on batches of compat_mention_batch), on any number of processes.
+    try:
+        kb, kb_info = entity_cache(model, cfg, split, device, collator, kb_cache_path, cache_key)
+    except NonFiniteScoreError:
+        model.train(was_training)
+        raise
+    timings["encode_kb_s"] = time.perf_counter() - t0
     compat = model.matcher.settings.published
     io = dict(batch_size=e.batch_size, num_workers=e.num_workers, bf16=e.bf16)
-    kb = encode_kb(model, cfg.data.shards, collator, device, block=e.compat_entity_block if compat else None, **io)
-    timings["encode_kb_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     mentions, m_ids = encode_split(model, cfg.data.shards, split, collator, device,
                                    block=e.compat_mention_batch if compat else None, **io)
@@ -80,7 +149,7 @@ def evaluate_split(
                               max_pair_elements=e.max_pair_elements, bf16=e.bf16)
         else:
             t_index = time.perf_counter()
-            index = build_index(model.matcher.separable_vectors(kb), e.index)
+            index = build_index(index_vectors(model.matcher, kb), e.index)
             timings["index_s"] = time.perf_counter() - t_index
             res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16,
                                   timings=stages)
@@ -122,7 +191,7 @@ def evaluate_split(
                 "top_scores": [round(float(s), 5) for s in gathered["top_scores"][i]],
             } | {k: bool(v[i]) for k, v in flags.items()})
     model.train(was_training)
-    return EvalResult(split, metrics, per_mention, timings)
+    return EvalResult(split, metrics, per_mention, timings, kb_info)
 
 
 def verify_shards(shards: str | Path, groups: list[str] | None, what: str) -> None:
@@ -140,10 +209,6 @@ def verify_eval_data(cfg: Config, split: str) -> None:
         verify_shards(cfg.data.shards, ["kb", split], "set eval.verify_checksums=false to evaluate anyway")
 
 
-def manifest_hash(shards: str | Path) -> str:
-    return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
-
-
 def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: str, run_name: str) -> Path:
     """Rank 0 writes the results JSON, the per-mention file and the leaderboard; returns the leaderboard path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +220,7 @@ def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: st
     summary = {
         "dataset": dataset, "split": result.split, "checkpoint": str(checkpoint), "metrics": result.metrics,
         "settings": {"eval": to_dict(cfg.eval), "data": to_dict(cfg.data)}, "world_size": D.world(),
-        "manifest_sha256": manifest_hash(cfg.data.shards), "timings": result.timings,
+        "manifest_sha256": manifest_hash(cfg.data.shards), "timings": result.timings, "kb_cache": result.kb_cache,
     }
     (out_dir / f"results-{result.split}.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     board = out_dir / f"leaderboard-{result.split}.md"
@@ -226,15 +291,18 @@ def main(argv: list[str] | None = None) -> None:
         model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"),
                                              allow_other_kb=a.allow_other_kb)
         verify_eval_data(cfg, a.split)
+        cache_file, key = kb_cache_location(a.checkpoint, cfg, device) if cfg.eval.save_kb_cache else (None, None)
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ShardError) as err:
         sys.exit(f"error: {err}")
     model.to(device)
     try:
-        result = evaluate_split(model, cfg, a.split, device)
+        result = evaluate_split(model, cfg, a.split, device, kb_cache_path=cache_file, cache_key=key)
     except NonFiniteScoreError as err:
         sys.exit(f"error: {err}")
     if D.is_main():
         board = write_outputs(result, cfg, a.out or Path(a.checkpoint), a.checkpoint, a.name)
+        c = result.kb_cache
+        print(f"entity cache {c['state']} ({c['dtype']}, {c['bytes'] / 2**20:.1f} MiB): {c['path'] or 'in memory only'}")
         print(one_line(result))
         print(board.read_text())
     D.barrier()

@@ -10,17 +10,17 @@ JPEG at the conversion's quality), then decoded and normalised by the collator, 
 laid out by the collator (``mention [SEP] sentence [SEP] description``). No image is allowed (the
 model's "no image" vectors are used); an image path that does not exist is an error.
 
-The KB is encoded once into an entity cache saved next to the checkpoint as
-``kb_cache-<first 12 hex of the manifest sha256>.pt`` (a dict of tensors, read back with
-``torch.load(..., weights_only=True)``) and reused while the manifest hash and the modification
-time of the checkpoint's weights match. :func:`link` is the Python entry point; :class:`Linker`
-keeps the model and the cache for many queries.
+The KB is encoded once into an entity cache stored in ``eval.cache_dtype`` (eval/kb_cache.py;
+``--cache-dtype`` overrides it) and saved next to the checkpoint as ``kb_cache-<first 16 hex of its
+key>.pt``, the file ``eval.evaluate`` writes and reads: it is memory-mapped back while its key (KB
+manifest, weights' sha256, model and data config, precision, cache dtype) matches, and rebuilt
+otherwise. :func:`link` is the Python entry point; :class:`Linker` keeps the model and the cache for
+many queries.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +30,15 @@ from torch import Tensor
 
 from data_shards.images import prepare_image
 from data_shards.store import EntityStore
-from data_shards.stream import load_manifest
+from data_shards.stream import load_manifest, manifest_hash
 from eval.encode import encode_kb
-from eval.evaluate import manifest_hash
-from eval.ranking import autocast_for, build_index, search
-from model.export import EXPORT_WEIGHTS, check_data_identity, load_export
+from eval.evaluate import kb_cache_location
+from eval.kb_cache import CACHE_DTYPES, compress, expand, index_vectors, load_kb_cache, save_kb_cache
+from eval.ranking import autocast_for, build_index, score_against_kb, search
+from model.export import check_data_identity, load_export
 from model.factory import make_collator
 from model.mmoe import BATCH_KEYS
 from moe.features import SideCache
-
-CACHE_VERSION = 1
-SIDE_PREFIX = "side."
 
 
 @dataclass
@@ -50,47 +48,6 @@ class LinkResult:
     qid: str
     name: str
     score: float
-
-
-def cache_path(checkpoint: str | Path, manifest_sha256: str) -> Path:
-    return Path(checkpoint) / f"kb_cache-{manifest_sha256[:12]}.pt"
-
-
-def _cache_meta(manifest_sha256: str, weights_mtime_ns: int, entities: int) -> dict[str, Tensor]:
-    return {"meta.version": torch.tensor(CACHE_VERSION),
-            "meta.manifest_sha256": torch.frombuffer(bytearray(bytes.fromhex(manifest_sha256)), dtype=torch.uint8),
-            "meta.weights_mtime_ns": torch.tensor(weights_mtime_ns, dtype=torch.int64),
-            "meta.entities": torch.tensor(entities, dtype=torch.int64)}
-
-
-def load_cache(path: Path, manifest_sha256: str, weights_mtime_ns: int, entities: int) -> SideCache | None:
-    """The saved entity cache if it exists and was built from this KB and these weights, else None."""
-    if not path.is_file():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged cache is rebuilt, whatever the cause
-        print(f"warning: could not read {path} ({type(err).__name__}: {err}); encoding the KB again", file=sys.stderr)
-        return None
-    if not isinstance(data, dict):
-        return None
-    expected = _cache_meta(manifest_sha256, weights_mtime_ns, entities)
-    for k, v in expected.items():
-        if k not in data or not isinstance(data[k], Tensor) or not torch.equal(data[k], v):
-            return None
-    side = {k[len(SIDE_PREFIX):]: v for k, v in data.items() if k.startswith(SIDE_PREFIX)}
-    if not side:
-        return None
-    cache = SideCache(side)
-    return cache if len(cache) == entities else None
-
-
-def save_cache(path: Path, cache: SideCache, manifest_sha256: str, weights_mtime_ns: int) -> None:
-    data = {SIDE_PREFIX + k: v.detach().cpu().contiguous() for k, v in cache.tensors.items()}
-    data.update(_cache_meta(manifest_sha256, weights_mtime_ns, len(cache)))
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # never a half-written cache under the final name
 
 
 def check_image(image: str | Path) -> Path:
@@ -104,12 +61,17 @@ class Linker:
     """A loaded export, its collator and the KB's entity cache, ready for queries."""
 
     def __init__(self, checkpoint: str | Path, shards: str | Path | None = None,
-                 device: str | torch.device | None = None, allow_other_kb: bool = False) -> None:
+                 device: str | torch.device | None = None, allow_other_kb: bool = False,
+                 cache_dtype: str | None = None) -> None:
         self.checkpoint = Path(checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.cfg = load_export(self.checkpoint)
         if shards is not None:
             self.cfg.data.shards = str(shards)
+        if cache_dtype is not None:
+            if cache_dtype not in CACHE_DTYPES:
+                raise ValueError(f"cache dtype: expected one of {CACHE_DTYPES}, got {cache_dtype!r}")
+            self.cfg.eval.cache_dtype = cache_dtype
         self.shards = Path(self.cfg.data.shards)
         self.manifest = load_manifest(self.shards)
         self.model.to(self.device).eval()
@@ -117,23 +79,30 @@ class Linker:
         check_data_identity(self.checkpoint, self.cfg, allow_other_kb)  # DataMismatch (ValueError) names what differs
         self.store = EntityStore(self.shards)
         self.manifest_sha256 = manifest_hash(self.shards)
-        self.cache_file = cache_path(self.checkpoint, self.manifest_sha256)
-        self.cache_reused = False
+        self.cache_file, self.cache_key = kb_cache_location(self.checkpoint, self.cfg, self.device)
+        self.cache_reused = self.cache_saved = False
         self.kb = self._entity_cache().to(self.device)
         self._index = None
 
     def _entity_cache(self) -> SideCache:
-        sha = self.manifest_sha256
-        mtime = (self.checkpoint / EXPORT_WEIGHTS).stat().st_mtime_ns
-        n = len(self.store)
-        cache = load_cache(self.cache_file, sha, mtime, n)
-        if cache is not None:
-            self.cache_reused = True
-            return cache
         e = self.cfg.eval
+        if e.save_kb_cache:
+            cache = load_kb_cache(self.cache_file, self.cache_key)
+            if cache is not None and len(cache) == len(self.store):
+                self.cache_reused = True
+                return cache
+        # compat: published computes the entity side on the published blocks, as eval.evaluate does, so
+        # both build the same cache under the same key.
+        block = e.compat_entity_block if self.model.matcher.settings.published else None
         cache = encode_kb(self.model, self.shards, self.collator, self.device, batch_size=e.batch_size,
-                          num_workers=e.num_workers, bf16=e.bf16, distributed=False)
-        save_cache(self.cache_file, cache, sha, mtime)
+                          num_workers=e.num_workers, bf16=e.bf16, distributed=False, block=block)
+        cache = compress(cache, e.cache_dtype)  # CacheValueError (a ValueError) names the key
+        if e.save_kb_cache:
+            try:
+                save_kb_cache(self.cache_file, cache, self.cache_key)
+                self.cache_saved = True
+            except OSError as err:  # a read-only checkpoint folder costs the reuse, not the query
+                print(f"warning: could not save the KB cache to {self.cache_file} ({err})", file=sys.stderr)
         return cache
 
     def query_batch(self, sentence: str, mention: str, image: str | Path | None = None, desc: str = "") -> dict:
@@ -156,25 +125,17 @@ class Linker:
 
     def _score_all(self, q: SideCache) -> Tensor:
         """Overall scores [N] of the query against every KB entity, in blocks of bounded memory."""
-        n = len(self.kb)
-        cost = max([1] + [self.kb[f"{u}.query"].shape[1] * q[f"{u}.key"].shape[1]
-                          for u in ("text", "vision") if f"{u}.query" in self.kb])
-        block = max(1, self.cfg.eval.max_pair_elements // cost)
-        row = torch.empty(n, device=self.device)
-        with torch.no_grad(), autocast_for(self.device, self.cfg.eval.bf16):
-            for s in range(0, n, block):
-                row[s : s + block] = self.model.matcher.score(q, self.kb.slice(s, s + block))["overall"][0].float()
-        return row
+        return score_against_kb(self.model.matcher, q, self.kb, self.cfg.eval.max_pair_elements, self.cfg.eval.bf16)[0]
 
     def _two_stage(self, q: SideCache, top_k: int) -> tuple[Tensor, Tensor]:
         """FAISS retrieves max(top_k, eval.top_k) candidates; the full matcher re-ranks them."""
         if self._index is None:
-            self._index = build_index(self.model.matcher.separable_vectors(self.kb), self.cfg.eval.index)
+            self._index = build_index(index_vectors(self.model.matcher, self.kb), self.cfg.eval.index)
         k = min(max(top_k, self.cfg.eval.top_k), len(self.kb))
         _, cand = search(self._index, self.model.matcher.separable_vectors(q), k)
         cand = cand[0][cand[0] >= 0].to(self.device)  # FAISS pads with -1 when it finds fewer
         with torch.no_grad(), autocast_for(self.device, self.cfg.eval.bf16):
-            scores = self.model.matcher.score_pairs(q.select(torch.zeros_like(cand)), self.kb.select(cand))["overall"].float()
+            scores = self.model.matcher.score_candidates(q, expand(self.kb.select(cand)))["overall"][0].float()
         return scores, cand
 
     def query(self, sentence: str, mention: str, image: str | Path | None = None, desc: str = "", top_k: int = 5,
@@ -199,11 +160,12 @@ class Linker:
 
 def link(checkpoint: str | Path, sentence: str, mention: str, image: str | Path | None = None, desc: str = "",
          top_k: int = 5, shards: str | Path | None = None, mode: str = "exact",
-         device: str | torch.device | None = None, allow_other_kb: bool = False) -> list[LinkResult]:
+         device: str | torch.device | None = None, allow_other_kb: bool = False,
+         cache_dtype: str | None = None) -> list[LinkResult]:
     """Top-k KB entities for one mention (see the module docstring); builds or reuses the KB cache."""
     if image is not None:
         check_image(image)  # before loading the model and encoding the KB
-    return Linker(checkpoint, shards, device, allow_other_kb).query(sentence, mention, image, desc, top_k, mode)
+    return Linker(checkpoint, shards, device, allow_other_kb, cache_dtype).query(sentence, mention, image, desc, top_k, mode)
 
 
 def format_results(results: list[LinkResult]) -> str:
@@ -224,18 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shards", help="converted KB (default: the export config's data.shards)")
     p.add_argument("--mode", choices=["exact", "two-stage"], default="exact")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--cache-dtype", choices=CACHE_DTYPES, help="entity cache storage (default: the export's eval.cache_dtype)")
     p.add_argument("--allow-other-kb", action="store_true",
                    help="link against a KB other than the one the export was trained on (the tokenizer must still match)")
     a = p.parse_args(argv)
     try:
         if a.image is not None:
             check_image(a.image)
-        linker = Linker(a.checkpoint, a.shards, a.device, a.allow_other_kb)
+        linker = Linker(a.checkpoint, a.shards, a.device, a.allow_other_kb, a.cache_dtype)
         results = linker.query(a.sentence, a.mention, a.image, a.desc, a.top_k, a.mode)
     except (FileNotFoundError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
     state = "reused" if linker.cache_reused else "built"
-    print(f"KB {linker.shards} ({len(linker.kb)} entities), entity cache {state}: {linker.cache_file}")
+    where = linker.cache_file if linker.cache_reused or linker.cache_saved else "in memory only"
+    print(f"KB {linker.shards} ({len(linker.kb)} entities), entity cache {state}: {where}")
     print(format_results(results))
 
 

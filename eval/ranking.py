@@ -8,6 +8,9 @@
   (g2g vectors and the cross unit's vectors) retrieves the top-K candidates per mention, and the
   full matcher re-ranks them. A gold entity that is not retrieved gets rank N (the KB size):
   a miss at every cut-off, never flattering MR or MRR.
+
+The KB cache may be compact (``eval.cache_dtype``: bf16, fp16 or int8): each block is expanded to fp32
+right after it is sliced or selected, so the whole KB is never expanded at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from eval.kb_cache import cache_device, expand, index_vectors
 from eval.metrics import NonFiniteScoreError, gold_ranks
 from moe.features import SideCache
 from moe.matcher import MMoEMatcher
@@ -75,6 +79,19 @@ def _pair_cost(matcher: MMoEMatcher, mentions: SideCache, kb: SideCache) -> int:
     return cost
 
 
+def score_against_kb(matcher: MMoEMatcher, mentions: SideCache, kb: SideCache, max_pair_elements: int = 0,
+                     bf16: bool = True) -> Tensor:
+    """Overall scores [M, N] of a chunk of mentions against every KB entity, block by block: each
+    block holds about ``max_pair_elements`` attention-map elements (0: :func:`pair_budget`)."""
+    n, device = len(kb), cache_device(kb)
+    entity_chunk = max(1, pair_budget(max_pair_elements, device) // (len(mentions) * _pair_cost(matcher, mentions, kb)))
+    row = torch.empty(len(mentions), n, device=device)
+    with torch.no_grad(), autocast_for(device, bf16):
+        for e0 in range(0, n, entity_chunk):
+            row[:, e0 : e0 + entity_chunk] = matcher.score(mentions, expand(kb.slice(e0, e0 + entity_chunk)))["overall"].float()
+    return row
+
+
 def exact_ranks(
     matcher: MMoEMatcher,
     mentions: SideCache,
@@ -88,16 +105,10 @@ def exact_ranks(
     """Ranks of ``gold`` (entity ids = KB rows) for every mention, against every KB entity.
     ``max_pair_elements``: attention-map elements per block (0: :func:`pair_budget`'s choice)."""
     n = len(kb)
-    device = kb[next(iter(kb.tensors))].device
-    max_pair_elements = pair_budget(max_pair_elements, device)
+    device = cache_device(kb)
     parts, bad = [], []
     for m0 in range(0, len(mentions), mention_chunk):
-        ms = mentions.slice(m0, m0 + mention_chunk)
-        entity_chunk = max(1, max_pair_elements // (len(ms) * _pair_cost(matcher, ms, kb)))
-        row = torch.empty(len(ms), n, device=device)
-        with torch.no_grad(), autocast_for(device, bf16):
-            for e0 in range(0, n, entity_chunk):
-                row[:, e0 : e0 + entity_chunk] = matcher.score(ms, kb.slice(e0, e0 + entity_chunk))["overall"].float()
+        row = score_against_kb(matcher, mentions.slice(m0, m0 + mention_chunk), kb, max_pair_elements, bf16)
         try:
             rank, ties = gold_ranks(row, gold[m0 : m0 + mention_chunk].to(device))
         except NonFiniteScoreError as err:  # positions in this chunk -> positions in ``mentions``; go on to count all
@@ -176,10 +187,10 @@ def two_stage_ranks(
     search_s, rerank_s."""
     n = len(kb)
     k = min(top_k, n)
-    device = kb[next(iter(kb.tensors))].device
+    device = cache_device(kb)
     clock = _Clock(device)
     if index is None:
-        index = build_index(matcher.separable_vectors(kb))
+        index = build_index(index_vectors(matcher, kb))
     index_s = clock.lap()
     _, cand = search(index, matcher.separable_vectors(mentions), k)  # [M, k]
     search_s = clock.lap()
@@ -190,7 +201,7 @@ def two_stage_ranks(
     group = max(1, pair_chunk // k)  # mentions re-ranked together: about pair_chunk pairs per call
     with torch.no_grad(), autocast_for(device, bf16):
         for m0 in range(0, m_count, group):
-            picked = kb.select(rows[m0 : m0 + group].reshape(-1).to(device))
+            picked = expand(kb.select(rows[m0 : m0 + group].reshape(-1).to(device)))
             scores[m0 : m0 + group] = matcher.score_candidates(mentions.slice(m0, m0 + group), picked)["overall"].float().cpu()
     scores = scores.masked_fill(missing, torch.finfo(scores.dtype).min)  # below every real score, never a winner
     if timings is not None:

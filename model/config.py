@@ -58,6 +58,11 @@ class DataConfig:
             raise ConfigError(f"data.train_fraction_mode: expected random or first, got {self.train_fraction_mode!r}")
 
 
+# Storage of the saved/in-memory entity cache (eval/kb_cache.py); defined here so the config
+# can validate it without importing eval.
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
 @dataclass
 class EvalConfig:
     mode: str = "exact"  # exact | two-stage
@@ -77,10 +82,17 @@ class EvalConfig:
     compat_entity_block: int = 6000
     compat_mention_batch: int = 20
     verify_checksums: bool = True  # check the split's and the KB's shards against the manifest before evaluating
+    # The entity cache is stored in this dtype (int8: per-row scales) and expanded to fp32 per scored block.
+    cache_dtype: str = "float32"
+    # eval.evaluate / eval.link save the entity cache next to the checkpoint and reuse it while its key
+    # matches; the trainer's dev evaluation never saves (its weights change).
+    save_kb_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "two-stage"):
             raise ConfigError(f"eval.mode: expected exact or two-stage, got {self.mode!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"eval.cache_dtype: expected one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
 
 
 @dataclass

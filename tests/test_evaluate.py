@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -44,16 +46,23 @@ def test_two_stage_with_k_equal_to_kb_equals_exact_end_to_end(tiny_export, tmp_p
 
 
 def test_two_processes_give_the_same_numbers_as_one(tiny_export, tmp_path):
-    main(["--checkpoint", str(tiny_export), "--out", str(tmp_path / "one"), "--split", "test"])
+    # One process keeps its cache in memory; two processes encode the KB on both ranks and save it from
+    # rank 0 (on a copy: no saved cache is there to reuse).
+    main(["--checkpoint", str(tiny_export), "--out", str(tmp_path / "one"), "--split", "test", "--set",
+          "eval.save_kb_cache=false"])
+    export = shutil.copytree(tiny_export, tmp_path / "best", ignore=shutil.ignore_patterns("kb_cache-*"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
-           "eval.evaluate", "--checkpoint", str(tiny_export), "--out", str(tmp_path / "two"), "--split", "test"]
+           "eval.evaluate", "--checkpoint", str(export), "--out", str(tmp_path / "two"), "--split", "test"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    cache = json.loads((tmp_path / "two" / "results-test.json").read_text())["kb_cache"]
+    assert cache["state"] == "built" and Path(cache["path"]).is_file() and Path(cache["path"]).parent == export
     one, two = read_ranks(tmp_path / "one"), read_ranks(tmp_path / "two")
     assert [(r["index"], r["rank"], r["ties"], r["top_ids"]) for r in one] == [
         (r["index"], r["rank"], r["ties"], r["top_ids"]) for r in two]
     m1 = json.loads((tmp_path / "one" / "results-test.json").read_text())
+    assert m1["kb_cache"]["path"] is None and m1["kb_cache"]["state"] == "built"
     m2 = json.loads((tmp_path / "two" / "results-test.json").read_text())
     assert m2["world_size"] == 2
     for k in ("H@1", "H@3", "H@5", "H@10", "H@20", "MRR", "MR"):
@@ -67,3 +76,24 @@ def test_evaluate_split_restores_training_mode(tiny_export, tiny_shards):
     model.train()
     res = evaluate_split(model, cfg, "dev", torch.device("cpu"))
     assert model.training and res.metrics["mentions"] > 0
+
+
+def test_a_second_run_reuses_the_saved_cache_until_the_entity_side_changes(tiny_export, tmp_path, capsys):
+    export = shutil.copytree(tiny_export, tmp_path / "best", ignore=shutil.ignore_patterns("kb_cache-*"))
+
+    def run(name, *settings):
+        args = ["--checkpoint", str(export), "--out", str(tmp_path / name), "--split", "dev", "--set", "eval.cache_dtype=int8"]
+        main(args + [x for s in settings for x in ("--set", s)])
+        return json.loads((tmp_path / name / "results-dev.json").read_text())["kb_cache"], read_ranks(tmp_path / name, "dev")
+
+    first, ranks1 = run("first")
+    assert first["state"] == "built" and first["dtype"] == "int8" and Path(first["path"]).is_file()
+    second, ranks2 = run("second")
+    assert second["state"] == "reused" and second["path"] == first["path"] and second["bytes"] == first["bytes"]
+    assert ranks2 == ranks1  # ranks, ties, top ids and scores: the same cache, the same numbers
+    assert "entity cache reused (int8, " in capsys.readouterr().out
+    no_desc, _ = run("no_desc", "data.entity_desc=false")
+    assert no_desc["state"] == "built" and no_desc["path"] != first["path"]
+    assert len(list(export.glob("kb_cache-*.pt"))) == 2
+    fp32, _ = run("fp32", "eval.cache_dtype=float32")
+    assert fp32["state"] == "built" and fp32["bytes"] > 2.5 * first["bytes"]

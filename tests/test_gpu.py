@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash bench/gpu_check.sh)")
 
 # bf16 keeps 8 bits of mantissa: scores move by ~0.4%, so near-ties between the gold and its closest
-# competitor may swap. On the paper-size matcher with these features, bf16 emulated on our CPUs
-# (torch.autocast("cpu", bfloat16): the same rounding of GEMM inputs, fp32 accumulation) kept the
-# fp32 rank for 97% of mentions and H@1 within 1 point; the thresholds leave a margin for the GPU's kernels.
-BF16_RANK_AGREEMENT, BF16_H1_POINTS = 0.90, 3.0
+# competitors may swap. On the paper-size matcher with these hard features (H@1 ~30%, median gold rank
+# ~4), bf16 emulated on our CPUs (torch.autocast("cpu", bfloat16): GEMM inputs rounded to bf16, fp32
+# accumulation) kept the fp32 rank for 70% of mentions (78% with fp32 scoring, 72% with fp32 sides),
+# moved no rank by more than 14, and left H@1 equal and MRR within 0.2 points. The thresholds leave a
+# margin for the GPU's kernels.
+BF16_RANK_AGREEMENT, BF16_POINTS = 0.60, 2.0
 
 
 def _ranks(matcher, kb, mentions, gold, bf16: bool):
@@ -40,15 +42,16 @@ def test_bf16_exact_ranks_agree_with_fp32():
     assert torch.cuda.is_bf16_supported(), "bf16 autocast needs an Ampere or newer GPU"
     matcher = paper_matcher("cuda").eval()
     kb = kb_features(2000, "cuda")
-    mentions, gold = mention_features(kb, 300, "cuda")
+    mentions, gold = mention_features(kb, 300, "cuda", signal=0.1)
     fp32 = _ranks(matcher, kb, mentions, gold, bf16=False)
     bf16 = _ranks(matcher, kb, mentions, gold, bf16=True)
     assert torch.isfinite(bf16.top_scores).all()
     agree = (fp32.rank == bf16.rank).double().mean().item()
     h1 = lambda r: 100.0 * (r.rank == 1).double().mean().item()  # noqa: E731
-    assert h1(fp32) > 20.0, "the features must make the task non-trivial and solvable"
+    mrr = lambda r: 100.0 * (1.0 / r.rank.double()).mean().item()  # noqa: E731
+    assert 10.0 < h1(fp32) < 90.0, "the features must make the task hard but solvable (near-ties exist)"
     assert agree >= BF16_RANK_AGREEMENT, f"bf16 kept the fp32 rank for only {100 * agree:.1f}% of mentions"
-    assert abs(h1(fp32) - h1(bf16)) <= BF16_H1_POINTS
+    assert abs(h1(fp32) - h1(bf16)) <= BF16_POINTS and abs(mrr(fp32) - mrr(bf16)) <= BF16_POINTS
 
 
 def test_evaluation_under_nccl_with_one_process_matches_a_plain_run(tiny_export, tmp_path):

@@ -6,13 +6,15 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import eval.link as link_mod
 from data_shards.images import prepare_image
 from data_shards.store import EntityStore
 from data_shards.stream import load_manifest
-from eval.evaluate import manifest_hash
-from eval.link import link, load_cache, main
+from eval.evaluate import kb_cache_location
+from eval.kb_cache import load_kb_cache
+from eval.link import link, main
 from model.export import EXPORT_WEIGHTS, load_export
 from model.factory import make_collator
 from model.mmoe import BATCH_KEYS
@@ -80,7 +82,7 @@ def test_two_stage_scores_are_the_full_matcher_scores(tiny_export, tiny_shards, 
         assert r.score == pytest.approx(by_id[r.entity_id], abs=1e-5)
 
 
-def test_cache_is_written_then_reused_until_the_weights_change(own_export, tiny_shards, query_image, monkeypatch):
+def test_cache_is_written_then_reused_until_the_weights_change(own_export, query_image, monkeypatch):
     calls = []
     real = link_mod.encode_kb
 
@@ -90,21 +92,38 @@ def test_cache_is_written_then_reused_until_the_weights_change(own_export, tiny_
 
     monkeypatch.setattr(link_mod, "encode_kb", counting)
     first = link(own_export, SENTENCE, MENTION, image=query_image, device="cpu")
-    cache = own_export / f"kb_cache-{manifest_hash(tiny_shards)[:12]}.pt"
-    assert len(calls) == 1 and cache.is_file()
+    _, cfg = load_export(own_export)
+    cache, key = kb_cache_location(own_export, cfg, torch.device("cpu"))
+    assert len(calls) == 1 and cache.is_file() and cache.name == f"kb_cache-{key[:16]}.pt"
     data = torch.load(cache, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in data.values())
-    weights = own_export / EXPORT_WEIGHTS
-    assert load_cache(cache, manifest_hash(tiny_shards), weights.stat().st_mtime_ns, 200) is not None
+    assert load_kb_cache(cache, key) is not None
 
+    weights = own_export / EXPORT_WEIGHTS
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: still this cache
     second = link(own_export, SENTENCE, MENTION, image=query_image, device="cpu")
     assert len(calls) == 1  # read back, not encoded again
     assert [(r.entity_id, r.score) for r in second] == [(r.entity_id, r.score) for r in first]
 
-    st = weights.stat()
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a re-exported model
+    state = load_file(str(weights))
+    name = next(k for k in state if k.startswith("matcher.") and state[k].is_floating_point())
+    state[name] = state[name] + 0.01
+    save_file(state, str(weights))  # a re-exported model
     link(own_export, SENTENCE, MENTION, image=query_image, device="cpu")
-    assert len(calls) == 2
+    assert len(calls) == 2 and len(list(own_export.glob("kb_cache-*.pt"))) == 2
+
+
+def test_compact_cache_gives_the_fp32_top_entities(own_export, query_image):
+    exact = link(own_export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=3, device="cpu")
+    for dtype in ("float16", "int8"):
+        for mode in ("exact", "two-stage"):
+            small = link(own_export, SENTENCE, MENTION, image=query_image, desc=DESC, top_k=3, device="cpu", mode=mode,
+                         cache_dtype=dtype)
+            assert [r.entity_id for r in small] == [r.entity_id for r in exact], (dtype, mode)
+            for a, b in zip(small, exact, strict=True):
+                assert a.score == pytest.approx(b.score, abs=0.02 * abs(b.score) + 1e-3)
+    assert len(list(own_export.glob("kb_cache-*.pt"))) == 3  # one file per cache dtype
 
 
 def test_cli_prints_the_table_and_a_missing_image_is_a_clear_error(own_export, tmp_path, capsys):

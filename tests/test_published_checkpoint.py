@@ -134,8 +134,10 @@ def test_compat_evaluation_gives_the_same_numbers_on_one_and_two_processes(tiny_
                                             f"--master_port={free_port()}"]}
     ranks = {}
     for name, launcher in runs.items():
+        # save_kb_cache off: the second run must encode the KB in its own blocks, not reuse the first's cache
         proc = subprocess.run(launcher + ["-m", "eval.evaluate", "--checkpoint", str(tmp_path / "best"), "--split", "test",
-                                          "--out", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+                                          "--out", str(tmp_path / name), "--set", "eval.save_kb_cache=false"],
+                              cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(line) for line in (tmp_path / name / "per_mention-test.jsonl").read_text().splitlines()]

@@ -1,0 +1,262 @@
+"""The compact entity cache: stored in fp32, bf16, fp16 or int8, saved next to a checkpoint and
+memory-mapped back.
+
+The entity side of the matcher (``moe.features.SideCache``, one row per KB entity) is computed
+once and scored against every mention. At WikiMEL size its fp32 ``*.query`` tensors alone take
+gigabytes, so it can be kept in a smaller dtype (:func:`compress`) and turned back into floats one
+scored block at a time (:func:`expand`). ``int8`` quantises each row of the last dimension (one
+token vector or one global vector) symmetrically with its own fp32 scale, stored under
+``NAME@scale``; every stored tensor keeps the entity row as its first dimension, so ``slice``,
+``select`` and ``cat`` work on a compressed cache unchanged.
+
+:func:`save_kb_cache` writes a flat dict of tensors plus metadata atomically;
+:func:`load_kb_cache` memory-maps it (tensors are paged in when read, so a multi-gigabyte cache
+opens in well under a second) and returns None, with one line on stderr, for a file that is missing,
+damaged, of another version or of another :func:`cache_key`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from data_shards.stream import manifest_hash
+from model.config import CACHE_DTYPES, Config, to_dict
+from model.export import EXPORT_WEIGHTS
+from moe.features import SideCache
+from moe.matcher import MMoEMatcher
+
+__all__ = ["CACHE_DTYPES", "CACHE_VERSION", "CacheValueError", "cache_bytes", "cache_device", "cache_dtype_of",
+           "cache_key", "cache_path", "compress", "expand", "index_vectors", "load_kb_cache", "save_kb_cache"]
+
+CACHE_VERSION = 1
+SCALE = "@scale"  # suffix of an int8 tensor's scale; the matcher's keys are "unit.field", never with "@"
+SIDE, META = "side.", "meta."
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+CHUNK_ELEMENTS = 1 << 20  # rows are converted in chunks of about this many values: small temporaries, reused
+
+
+class CacheValueError(ValueError):
+    """The cache cannot be stored in the asked dtype without hiding a value (NaN, inf, fp16 overflow)."""
+
+
+def _chunks(t: Tensor):
+    per_row = max(1, t[0].numel()) if len(t) else 1
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for a in range(0, len(t), step):
+        yield a, min(a + step, len(t))
+
+
+def _quantize(name: str, t: Tensor) -> tuple[Tensor, Tensor]:
+    q = torch.empty(t.shape, dtype=torch.int8, device=t.device)
+    scale = torch.empty((*t.shape[:-1], 1), dtype=torch.float32, device=t.device)
+    for a, b in _chunks(t):
+        x = t[a:b].float()
+        peak = x.abs().amax(dim=-1, keepdim=True)  # NaN and inf propagate into the row's peak
+        _check_finite(name, peak)
+        s = peak / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: scale 1, values 0
+        q[a:b] = torch.round(x / s).clamp_(-127, 127).to(torch.int8)
+        scale[a:b] = s
+    return q, scale
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise CacheValueError(f"entity cache key {name!r} holds NaN or inf values; a compact cache would hide them "
+                              "(are the weights finite? a diverged run?)")
+
+
+def _cast(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    limit = torch.finfo(dtype).max
+    for a, b in _chunks(t):
+        x = t[a:b]
+        if x.numel():
+            lo, hi = torch.aminmax(x)  # one pass; NaN and inf propagate into the extremes
+            _check_finite(name, torch.stack([lo, hi]))
+            peak = max(-float(lo), float(hi))
+        else:
+            peak = 0.0
+        if peak > limit:  # would become inf in this dtype
+            raise CacheValueError(f"entity cache key {name!r}: max |value| {peak:.6g} exceeds the {dtype} range "
+                                  f"({limit:.6g}); use eval.cache_dtype bfloat16, int8 or float32")
+        out[a:b] = x
+    return out
+
+
+def compress(cache: SideCache, dtype: str) -> SideCache:
+    """``cache`` with its floating tensors stored as ``dtype`` (one of CACHE_DTYPES); bool and integer
+    tensors unchanged. float32 is stored as is (no copy): nothing is rounded, so nothing is hidden, and
+    the scorer reports non-finite scores per mention. Other dtypes raise CacheValueError on NaN/inf
+    and on values beyond the dtype's range, naming the key."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"cache dtype: expected one of {CACHE_DTYPES}, got {dtype!r}")
+    target = TORCH_DTYPES[dtype]
+    floats = [t for k, t in cache.tensors.items() if t.is_floating_point()]
+    if any(k.endswith(SCALE) for k in cache.tensors):
+        raise ValueError("compress: the cache is already int8; expand it first")
+    if dtype == "float32" and all(t.dtype == torch.float32 for t in floats):
+        return cache
+    out: dict[str, Tensor] = {}
+    for name, t in cache.tensors.items():
+        if not t.is_floating_point():
+            out[name] = t
+        elif dtype == "int8":
+            out[name], out[name + SCALE] = _quantize(name, t)
+        else:
+            out[name] = _cast(name, t, target)
+    return SideCache(out)
+
+
+def expand(block: SideCache, dtype: torch.dtype = torch.float32) -> SideCache:
+    """A (block of a) compressed cache as floating tensors of ``dtype``: int8 values times their
+    scale, scale keys dropped. A cache already in ``dtype`` is returned itself (no copy)."""
+    t = block.tensors
+    if not any(k.endswith(SCALE) for k in t) and all(v.dtype == dtype for v in t.values() if v.is_floating_point()):
+        return block
+    out: dict[str, Tensor] = {}
+    for name, v in t.items():
+        if name.endswith(SCALE):
+            continue
+        if v.dtype == torch.int8 and name + SCALE in t:
+            out[name] = (v.to(torch.float32) * t[name + SCALE]).to(dtype)
+        elif v.is_floating_point():
+            out[name] = v.to(dtype)
+        else:
+            out[name] = v
+    return SideCache(out)
+
+
+def index_vectors(matcher: MMoEMatcher, kb: SideCache) -> Tensor:
+    """``matcher.separable_vectors`` of a (compressed) KB cache. They read only per-entity vectors
+    (globals and cross vectors, [N, D]), so only tensors of at most two dimensions are expanded:
+    never the whole KB's per-token ``*.query`` tensors (an int8 tensor's scale has its dimensions)."""
+    small = {k: v for k, v in kb.tensors.items() if v.dim() <= 2}
+    return matcher.separable_vectors(expand(SideCache(small)))
+
+
+def cache_device(cache: SideCache) -> torch.device:
+    return next(iter(cache.tensors.values())).device
+
+
+def cache_bytes(cache: SideCache) -> int:
+    return sum(t.numel() * t.element_size() for t in cache.tensors.values())
+
+
+def cache_dtype_of(cache: SideCache) -> str:
+    """The CACHE_DTYPES name a cache is stored in (its floating tensors' dtype, or int8)."""
+    if any(k.endswith(SCALE) for k in cache.tensors):
+        return "int8"
+    names = {v: k for k, v in TORCH_DTYPES.items()}
+    dtypes = {t.dtype for t in cache.tensors.values() if t.is_floating_point()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in names:
+        raise ValueError(f"entity cache holds floating tensors of {sorted(map(str, dtypes))}, not one cache dtype")
+    return names[dtypes.pop()]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(checkpoint: str | Path, cfg: Config, *, autocast: bool) -> str:
+    """sha256 (hex) over everything the saved entity cache depends on: the KB (manifest sha256), the
+    exported weights (sha256 of their file: a re-export with the same mtime still differs), the model
+    and data config sections (``data.shards`` left out: the manifest hash identifies the data, not
+    its path), whether bf16 autocast computed it (``autocast``: ``eval.ranking.autocast_for`` was
+    active), the cache dtype and CACHE_VERSION. Under ``compat: published`` the entity side depends
+    on its block of KB rows, so ``eval.compat_entity_block`` is part of the key too."""
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "shards"}
+    parts = {
+        "version": CACHE_VERSION,
+        "manifest_sha256": manifest_hash(cfg.data.shards),
+        "weights_sha256": file_sha256(Path(checkpoint) / EXPORT_WEIGHTS),
+        "model": to_dict(cfg.model),
+        "data": data,
+        "bf16_autocast": bool(autocast),
+        "cache_dtype": cfg.eval.cache_dtype,
+    }
+    if cfg.model.matcher.published:
+        parts["compat_entity_block"] = cfg.eval.compat_entity_block
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_path(checkpoint: str | Path, key: str) -> Path:
+    """Where the entity cache of ``key`` lives in a checkpoint folder."""
+    return Path(checkpoint) / f"kb_cache-{key[:16]}.pt"
+
+
+def _text(s: str) -> Tensor:
+    return torch.tensor(list(s.encode()), dtype=torch.uint8)
+
+
+def _read_text(t: object) -> str | None:
+    if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        return None
+    return bytes(t.tolist()).decode(errors="replace")
+
+
+def save_kb_cache(path: str | Path, cache: SideCache, key: str) -> None:
+    """Save ``cache`` under ``key``: written to a temporary name in the same folder, then renamed, so
+    the final name never holds a half-written file."""
+    path = Path(path)
+    data = {SIDE + k: v.detach().cpu().contiguous() for k, v in cache.tensors.items()}
+    data.update({META + "version": torch.tensor(CACHE_VERSION), META + "key": _text(key),
+                 META + "rows": torch.tensor(len(cache), dtype=torch.int64), META + "dtype": _text(cache_dtype_of(cache))})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_kb_cache(path: str | Path, key: str, warn: bool = True) -> SideCache | None:
+    """The cache saved at ``path`` under ``key``, memory-mapped; None (with ``warn``, one line on stderr
+    saying why) if the file is missing, unreadable or damaged, of another version or of another key.
+    Never raises: a bad cache is rebuilt."""
+    path = Path(path)
+
+    def _reject(path: Path, why: str) -> None:
+        if warn:
+            print(f"KB cache {path}: {why}; encoding the KB", file=sys.stderr)
+
+    if not path.is_file():
+        _reject(path, "not found")
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # damaged, truncated, not a torch file: rebuilt, whatever the cause
+        _reject(path, f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        return None
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        _reject(path, "not an entity cache")
+        return None
+    version = data.get(META + "version")
+    if version is None or version.numel() != 1 or int(version) != CACHE_VERSION:
+        _reject(path, f"version {None if version is None else version.tolist()}, this code reads {CACHE_VERSION}")
+        return None
+    if _read_text(data.get(META + "key")) != key:
+        _reject(path, "built for another KB, model, config or cache dtype (key differs)")
+        return None
+    side = {k[len(SIDE):]: v for k, v in data.items() if k.startswith(SIDE)}
+    try:
+        cache = SideCache(side)
+        rows = data[META + "rows"]
+        ok = bool(side) and len(cache) == int(rows) and cache_dtype_of(cache) == _read_text(data.get(META + "dtype"))
+    except (ValueError, KeyError, RuntimeError):
+        ok = False
+    if not ok:
+        _reject(path, "inconsistent contents")
+        return None
+    return cache
