@@ -41,13 +41,12 @@ from eval.kb_cache import (
     cache_key,
     cache_path,
     compress,
-    index_vectors,
     load_kb_cache,
     save_kb_cache,
 )
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import NonFiniteScoreError, summarize
-from eval.ranking import autocast_for, build_index, exact_ranks, recall_at, two_stage_ranks
+from eval.ranking import autocast_for, exact_ranks, kb_index, recall_at, two_stage_ranks
 from eval.slices import evaluation_slices, slice_rows, slices_line, slices_markdown
 from model import distributed as D
 from model.config import Config, ConfigError, to_dict
@@ -149,7 +148,7 @@ def evaluate_split(
                               max_pair_elements=e.max_pair_elements, bf16=e.bf16)
         else:
             t_index = time.perf_counter()
-            index = build_index(index_vectors(model.matcher, kb), e.index)
+            index = kb_index(model.matcher, kb, e.index, rows=len(mentions))
             timings["index_s"] = time.perf_counter() - t_index
             res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16,
                                   timings=stages)

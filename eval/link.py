@@ -33,8 +33,9 @@ from data_shards.store import EntityStore
 from data_shards.stream import load_manifest, manifest_hash
 from eval.encode import encode_kb
 from eval.evaluate import kb_cache_location
-from eval.kb_cache import CACHE_DTYPES, compress, expand, index_vectors, load_kb_cache, save_kb_cache
-from eval.ranking import autocast_for, build_index, score_against_kb, search
+from eval.kb_cache import CACHE_DTYPES, compress, expand, load_kb_cache, save_kb_cache
+from eval.metrics import NonFiniteScoreError
+from eval.ranking import autocast_for, kb_index, score_against_kb, search
 from model.export import check_data_identity, load_export
 from model.factory import make_collator
 from model.mmoe import BATCH_KEYS
@@ -130,9 +131,12 @@ class Linker:
     def _two_stage(self, q: SideCache, top_k: int) -> tuple[Tensor, Tensor]:
         """FAISS retrieves max(top_k, eval.top_k) candidates; the full matcher re-ranks them."""
         if self._index is None:
-            self._index = build_index(index_vectors(self.model.matcher, self.kb), self.cfg.eval.index)
+            self._index = kb_index(self.model.matcher, self.kb, self.cfg.eval.index, rows=1)
         k = min(max(top_k, self.cfg.eval.top_k), len(self.kb))
-        _, cand = search(self._index, self.model.matcher.separable_vectors(q), k)
+        vector = self.model.matcher.separable_vectors(q)
+        if not bool(torch.isfinite(vector).all()):
+            raise NonFiniteScoreError("the model gives the query a NaN or infinite vector (are the weights finite?)", [0])
+        _, cand = search(self._index, vector, k)
         cand = cand[0][cand[0] >= 0].to(self.device)  # FAISS pads with -1 when it finds fewer
         with torch.no_grad(), autocast_for(self.device, self.cfg.eval.bf16):
             scores = self.model.matcher.score_candidates(q, expand(self.kb.select(cand)))["overall"][0].float()

@@ -165,6 +165,18 @@ def build_index(vectors: Tensor, kind: str = "flat", nlist: int = 1024, m: int =
     return index
 
 
+def kb_index(matcher: MMoEMatcher, kb: SideCache, kind: str = "flat", rows: int = 0):
+    """The FAISS index over the KB's separable vectors. A non-finite vector would make FAISS return
+    padding or junk instead of a NaN score, so it raises NonFiniteScoreError for all ``rows`` mentions
+    (in exact mode such an entity gives every mention a non-finite score too)."""
+    vectors = index_vectors(matcher, kb)
+    finite = torch.isfinite(vectors).all(dim=1)
+    if not bool(finite.all()):
+        ids = torch.nonzero(~finite).flatten().tolist()
+        raise NonFiniteScoreError(f"{len(ids)} KB entities have NaN or inf vectors (entities {ids[:5]})", list(range(rows)))
+    return build_index(vectors, kind)
+
+
 def search(index, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
     scores, ids = index.search(np.ascontiguousarray(queries.float().cpu().numpy()), k)
     return torch.from_numpy(scores), torch.from_numpy(ids).long()
@@ -190,9 +202,11 @@ def two_stage_ranks(
     device = cache_device(kb)
     clock = _Clock(device)
     if index is None:
-        index = build_index(index_vectors(matcher, kb))
+        index = kb_index(matcher, kb, rows=len(mentions))
     index_s = clock.lap()
-    _, cand = search(index, matcher.separable_vectors(mentions), k)  # [M, k]
+    queries = matcher.separable_vectors(mentions)
+    bad = ~torch.isfinite(queries).all(dim=1).cpu()  # FAISS would silently return -1 or junk for these
+    _, cand = search(index, queries, k)  # [M, k]
     search_s = clock.lap()
     m_count = len(mentions)
     missing = cand < 0  # FAISS pads with -1 when an (IVF) index finds fewer than k
@@ -204,6 +218,7 @@ def two_stage_ranks(
             picked = expand(kb.select(rows[m0 : m0 + group].reshape(-1).to(device)))
             scores[m0 : m0 + group] = matcher.score_candidates(mentions.slice(m0, m0 + group), picked)["overall"].float().cpu()
     scores = scores.masked_fill(missing, torch.finfo(scores.dtype).min)  # below every real score, never a winner
+    scores[bad] = float("nan")  # gold_ranks names these rows
     if timings is not None:
         timings.update(index_s=index_s, search_s=search_s, rerank_s=clock.lap())
     hit = cand == gold.view(-1, 1).cpu()
