@@ -358,9 +358,6 @@ class OrderedStream(IterableDataset):
 
 def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     """DataLoader over a stream that yields whole batches. With CUDA the batches land in pinned
-    memory (their copies to the GPU then overlap compute: the callers use non_blocking) and each
-    worker keeps 4 batches ready, so JPEG decoding stays ahead of CLIP."""
-    extra = {"prefetch_factor": 4} if num_workers else {}
+    memory, so their copies to the GPU overlap compute (the callers use non_blocking)."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      multiprocessing_context="fork" if num_workers else None,
-                      pin_memory=torch.cuda.is_available(), **extra)
+                      multiprocessing_context="fork" if num_workers else None, pin_memory=torch.cuda.is_available())
