@@ -151,8 +151,12 @@ def global_to_local_grouped(query: Tensor, query_mask: Tensor, key: Tensor, valu
     if mk % m:
         raise ValueError(f"{mk} candidate rows are not a whole number of candidates for each of {m} mentions")
     k = mk // m
-    q = torch.cat([query * (1.0 / math.sqrt(h)), query.new_ones(mk, lq, 1)], dim=-1).view(m, k * lq, h + 1)
-    logits = torch.bmm(q, key_bias_column(key, key_mask).transpose(1, 2))  # [M, K*Lq, Lk]
+    # Here the queries are per pair (gathered candidates), so the scale and the mask go on the mention
+    # side: scaled keys, and the mask as a bias row that baddbmm writes before the GEMM accumulates.
+    neg = max(-1e30, torch.finfo(key.dtype).min / 4)
+    bias = torch.zeros(m, 1, lk, dtype=query.dtype, device=query.device).masked_fill_(~key_mask[:, None, :], neg)
+    logits = torch.baddbmm(bias.expand(m, k * lq, lk), query.reshape(m, k * lq, h),
+                           (key * (1.0 / math.sqrt(h))).transpose(1, 2).to(query.dtype))  # [M, K*Lq, Lk]
     attn = torch.softmax(logits, dim=-1).view(mk, lq, lk)
     qw = query_mask.to(attn.dtype)
     qw = qw / qw.sum(dim=1, keepdim=True).clamp_min(1.0)  # mean over real query tokens
