@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,22 +24,15 @@ import torch
 from bench.bench_eval import kb_features, mention_features, side_in_blocks
 from bench.bench_matcher import paper_matcher
 from eval.kb_cache import CACHE_DTYPES, cache_bytes, compress, load_kb_cache, save_kb_cache
-from eval.ranking import exact_ranks
+from eval.ranking import Clock, exact_ranks
 
 KEY = "0" * 64  # the bench's files are its own: any fixed key
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device: str):
-    _sync(device)
-    t0 = time.perf_counter()
+    clock = Clock(torch.device(device))
     out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t0
+    return out, clock.lap()
 
 
 def run(a: argparse.Namespace) -> list[dict]:

@@ -121,7 +121,7 @@ def exact_ranks(
     return RankResult.cat(parts)
 
 
-class _Clock:
+class Clock:
     """Seconds between calls, waiting for the GPU's queued work first."""
 
     def __init__(self, device: torch.device) -> None:
@@ -200,7 +200,7 @@ def two_stage_ranks(
     n = len(kb)
     k = min(top_k, n)
     device = cache_device(kb)
-    clock = _Clock(device)
+    clock = Clock(device)
     if index is None:
         index = kb_index(matcher, kb, rows=len(mentions))
     index_s = clock.lap()
