@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"entity cache {c['state']} ({c['dtype']}, {c['bytes'] / 2**20:.1f} MiB): {c['path'] or 'in memory only'}")
         print(one_line(result))
         print(board.read_text())
-    D.barrier()
+    D.shutdown()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resol
 from data_shards.store import ShardError  # noqa: E402
 from eval.metrics import NonFiniteScoreError  # noqa: E402
 from launch.seeds import SeedsError, parse_seeds, run_seeds  # noqa: E402
+from model import distributed as D  # noqa: E402
 from model.config import ConfigError, load_config  # noqa: E402
 from model.mmoe import ModelSetupError  # noqa: E402
 from train.trainer import RunSetupError, Trainer, TrainingDiverged  # noqa: E402
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"error: {err}")
         else:
             Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change).run()
+        D.shutdown()
     except (RunSetupError, ModelSetupError, TrainingDiverged, NonFiniteScoreError) as err:
         sys.exit(f"error: {err}")
     except ShardError as err:  # a shard differs from the manifest (truncated, replaced): named in the message
