@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,8 +357,21 @@ class OrderedStream(IterableDataset):
         return self.collator.entities(samples) if self.is_kb else self.collator.mentions(samples)
 
 
+# Signals a scheduler or launcher sends to a whole process tree to stop a job (train/preemption.py).
+_TREE_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGXCPU")
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore stop signals: torch's worker handler exits on SIGTERM, so the deepspeed
+    launcher's SIGTERM to the whole tree would kill a worker under a rank that is finishing its step and
+    writing a checkpoint. A worker still ends with its rank (torch's workers watch their parent)."""
+    for name in _TREE_STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     """DataLoader over a stream that yields whole batches. With CUDA the batches land in pinned
     memory, so their copies to the GPU overlap compute (the callers use non_blocking)."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      multiprocessing_context="fork" if num_workers else None, pin_memory=torch.cuda.is_available())
+                      multiprocessing_context="fork" if num_workers else None, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_ignore_stop_signals if num_workers else None)

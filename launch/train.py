@@ -9,6 +9,8 @@ leaderboard to <out_dir>/<run_name>-seeds/ (launch/seeds.py).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from launch.seeds import SeedsError, parse_seeds, run_seeds  # noqa: E402
 from model import distributed as D  # noqa: E402
 from model.config import ConfigError, load_config  # noqa: E402
 from model.mmoe import ModelSetupError  # noqa: E402
+from train.checkpointing import latest_complete  # noqa: E402
+from train.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: E402
 from train.trainer import RunSetupError, Trainer, TrainingDiverged  # noqa: E402
 
 
@@ -52,11 +56,42 @@ def main(argv: list[str] | None = None) -> None:
         else:
             Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change).run()
         D.shutdown()
+    except Preempted as p:  # every rank stopped at the same step after a complete checkpoint
+        if D.is_main():
+            print(str(p), file=sys.stderr)
+        D.shutdown()
+        sys.exit(PREEMPTED_EXIT_CODE)
     except (RunSetupError, ModelSetupError, TrainingDiverged, NonFiniteScoreError) as err:
         sys.exit(f"error: {err}")
     except ShardError as err:  # a shard differs from the manifest (truncated, replaced): named in the message
         msg = str(err)  # raised in a DataLoader worker: the message holds the worker's traceback, then ours
         sys.exit(f"data error: {msg.rstrip().rsplit('ShardError: ', 1)[-1] if 'Original Traceback' in msg else msg}")
+    except Exception as err:
+        if not D.is_peer_failure(err):
+            raise
+        report_peer_failure(err, cfg)
+
+
+def report_peer_failure(err: BaseException, cfg) -> None:
+    """A collective failed: another rank died, hung past train.collective_timeout_s or cannot be reached.
+    One line per surviving rank names the ranks that did not check in, then the process exits at once
+    (a broken process group can hang in its destructors)."""
+    for name in cfg.train.stop_signals:  # the launcher's SIGTERM to the job must not cut the report short
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    timeout = cfg.train.collective_timeout_s
+    missing = D.unresponsive_ranks(wait_s=min(timeout, 15))
+    if missing is None:
+        who = "rank 0 (host of the rendezvous store) cannot be reached: its process or node is gone"
+    elif missing:
+        who = f"rank(s) {', '.join(map(str, missing))} did not answer (dead, or hung past {timeout}s)"
+    else:
+        who = "every rank still answers: the failure was in the network or one collective"
+    last = latest_complete(Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints")
+    resume = f"The last complete checkpoint is {last}" if last else "No complete checkpoint was written yet"
+    print(f"error: rank {D.rank()} of {D.world()}: a collective failed ({str(err).splitlines()[0][:200]}); {who}. "
+          f"{resume}: once the failed node is fixed or replaced, start the job again with --resume auto", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,11 @@ class EvalConfig:
             raise ConfigError(f"eval.cache_dtype: expected one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
 
 
+# Signals a trainer may take as a stop request (SIGKILL and SIGSTOP cannot be caught). SIGINT is not a default:
+# Ctrl-C stays an immediate stop unless it is listed.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGXCPU")
+
+
 @dataclass
 class TrainConfig:
     run_name: str = "run"
@@ -121,6 +126,11 @@ class TrainConfig:
     seed: int = 0
     test_at_end: bool = True  # evaluate the best checkpoint on test and print the leaderboard
     max_bad_steps: int = 0  # optimizer steps with a non-finite loss or gradient norm skipped (and counted) before stopping
+    # Signals that make every rank stop at the next optimizer step, checkpoint and exit 75 (train/preemption.py).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # A collective that waits longer than this fails on every rank (a dead or hung rank); NCCL's and gloo's own
+    # default is 30 minutes. It must exceed the longest wait of one rank for the others (a checkpoint, an export).
+    collective_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
         choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32")}
@@ -129,6 +139,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"train.zero_stage: expected 0, 1 or 2, got {self.zero_stage}")
+        for name in self.stop_signals:
+            if name not in STOP_SIGNALS:
+                raise ConfigError(f"train.stop_signals: {name!r} is not one of {', '.join(STOP_SIGNALS)}")
 
 
 @dataclass
@@ -194,6 +207,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     **{f"train.{k}": (0, None, "[]") for k in ("max_steps", "weight_decay", "warmup_steps", "grad_clip", "zero_stage",
                                                "eval_every_epochs", "eval_every_steps", "patience", "save_every_steps",
                                                "keep_checkpoints", "seed", "max_bad_steps")},
+    "train.collective_timeout_s": (1, None, "[]"),
     **{f"train.{k}": (0, None, "(]") for k in ("lr", "adam_eps")},
     "train.clip_lr": (None, None, "[]"),  # < 0: the same as train.lr; 0 freezes the CLIP encoder
     "train.adam_betas": (0, 1, "[)"),

@@ -37,10 +37,12 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(use_deepspeed: bool = False) -> None:
-    """Join the launcher's process group, if there is one and it is not joined yet."""
+def init_process_group(use_deepspeed: bool = False, timeout_s: float = 3600) -> None:
+    """Join the launcher's process group, if there is one and it is not joined yet. A collective that
+    waits longer than ``timeout_s`` raises on the waiting ranks (a dead or hung peer)."""
     if dist.is_initialized() or env_world()[1] == 1 and not use_deepspeed:
         return
+    _default_group_timeout(timedelta(seconds=timeout_s))
     if use_deepspeed:
         import deepspeed
 
@@ -48,9 +50,21 @@ def init_process_group(use_deepspeed: bool = False) -> None:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=timeout_s))
     else:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the default of every process group created later. DeepSpeed builds its data- and
+    expert-parallel groups with ``new_group(ranks)``, which takes torch's module-level default (30 min for
+    gloo, 10 for NCCL), not the world group's timeout, and torch has no public setting for that default:
+    without this a hung rank would hold a gradient all-reduce for 30 minutes whatever the config says."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def _free_port() -> int:
@@ -76,6 +90,38 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another rank died, hung past the timeout or became unreachable
+    (gloo raises plain RuntimeErrors naming its transport; NCCL raises DistBackendError)."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and dist.is_initialized() and any(
+        mark in text for mark in ("gloo", "Connection reset by peer", "Connection closed by peer", "NCCL"))
+
+
+def unresponsive_ranks(wait_s: float) -> list[int] | None:
+    """After a failed collective: the ranks that do not check in on the rendezvous store within ``wait_s``
+    (dead, hung, or still waiting on another collective), or None when the store cannot be reached
+    (it lives with rank 0: rank 0's process or machine is gone). Every surviving rank calls it."""
+    import time
+
+    try:
+        # The default store is reachable only through a private accessor; wrapped here so an upgrade
+        # that renames it breaks in one place (the caller then prints the failure without the rank).
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"mmoe/alive/{rank()}", "1")
+        keys = {r: f"mmoe/alive/{r}" for r in range(world())}
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r, k in keys.items() if not store.check([k])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 (any failure to reach the store means the same thing here)
+        return None
 
 
 def shutdown() -> None:

@@ -29,6 +29,7 @@ import pickle
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,10 @@ def check_moe_layout(folder: Path, module: nn.Module) -> None:
 
 def tag_for(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def checkpoint_folder(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / tag_for(step)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -120,6 +125,7 @@ def load_rng(folder: Path) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Save a complete, resumable checkpoint (collective: every rank calls it)."""
+    started = time.perf_counter()
     tag = tag_for(step)
     folder = ckpt_dir / tag
     if D.is_main() and folder.exists():
@@ -134,7 +140,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
     D.barrier()
     _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
     if D.is_main():
-        state = {**state, "files": file_record(folder)}  # what load() verifies before trusting the folder
+        state = {**state, "files": file_record(folder),  # what load() verifies before trusting the folder
+                 "save_s": round(time.perf_counter() - started, 3)}  # the grace a stop signal needs (train/preemption.py)
         tmp = folder / (COMPLETE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, folder / COMPLETE)
@@ -216,6 +223,19 @@ def _test_hook(name: str, step: int) -> None:
     """Fault injection for the resume tests: SIGKILL this process at a given step."""
     if os.environ.get(name) == str(step):
         os.kill(os.getpid(), 9)
+
+
+def rank_fault(step: int) -> None:
+    """Fault injection for the dead/hung-rank tests: ``MMOE_TEST_RANK_FAULT=kill:RANK:STEP`` (SIGKILL) or
+    ``hang:RANK:STEP`` (sleep for an hour) on that rank in the middle of that optimizer step."""
+    spec = os.environ.get("MMOE_TEST_RANK_FAULT")
+    if not spec:
+        return
+    what, who, when = spec.split(":")
+    if int(who) == D.rank() and int(when) == step:
+        if what == "kill":
+            os.kill(os.getpid(), 9)
+        time.sleep(3600)
 
 
 def fault_flag(name: str) -> int | None:

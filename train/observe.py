@@ -87,13 +87,16 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log({**metrics, STEP_METRIC: step})
 
-    def finish(self, exit_code: int = 0) -> str | None:
-        """Close the run (once); returns where an offline W&B run was written (to sync it later)."""
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> str | None:
+        """Close the run (once); returns where an offline W&B run was written (to sync it later). A
+        preempted run is marked so in W&B (resumable, not crashed)."""
         if not self.enabled or self.jsonl.closed:
             return None
         self.jsonl.close()
         if self.wandb is None:
             return None
+        if preempted:
+            self.wandb.mark_preempting()
         folder = getattr(self.wandb, "dir", None)
         offline = self.wandb.settings.mode == "offline" if hasattr(self.wandb, "settings") else False
         self.wandb.finish(exit_code=exit_code)

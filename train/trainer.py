@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from train import checkpointing as ckpt
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
 from train.observe import MetricsWindow, RankLog, RunLog
+from train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, clear_record, describe, write_rate_mb_s, write_record
 from train.state import TrainState
 
 
@@ -143,7 +147,9 @@ class Trainer:
         import deepspeed
 
         D.share_cpu_threads()
-        D.init_process_group(use_deepspeed=True)
+        self.stops = StopRequests(cfg.train.stop_signals)
+        self.stops.install()  # first: a stop signal during set-up is honoured at the first step
+        D.init_process_group(use_deepspeed=True, timeout_s=cfg.train.collective_timeout_s)
         if not D.is_main():
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         self.device = D.device_for_rank()
@@ -178,6 +184,7 @@ class Trainer:
         self.grad_norm: float | None = None
         self.guard = optimizer  # the client optimizer inside DeepSpeed's wrappers: skips bad steps
         self._loss_finite = True  # every micro-batch of the current optimizer step had a finite loss
+        self._stop_code = 0  # a stop request agreed by every rank at the last step boundary (train/preemption.py)
         self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = TrainState()
         self.allow_data_change = allow_data_change
@@ -186,12 +193,14 @@ class Trainer:
         self._resume(resume)
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
+            clear_record(self.run_dir)
         r = self.resumed
         self.log = RunLog(cfg, self.run_dir, D.is_main(), resume_id=self.state.wandb_id,
                           keep_rows=r.get("metrics_rows") if r else 0, keep_step=self.state.step if r else None)
         self.state.wandb_id = self.log.wandb_id
         self.window = MetricsWindow()  # the training metrics since the last log row
         self.bar: tqdm | None = None  # progress bar of the optimizer steps (rank 0, on a terminal)
+        self._announce_grace()
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -199,9 +208,14 @@ class Trainer:
         try:
             self._train()
             return self._finish()
+        except Preempted:
+            self.log.finish(exit_code=PREEMPTED_EXIT_CODE, preempted=True)
+            raise
         except BaseException:
             self.log.finish(exit_code=1)  # close metrics.jsonl and the W&B run as failed
             raise
+        finally:
+            self.stops.restore()
 
     def _train(self) -> None:
         st = self.state
@@ -227,9 +241,14 @@ class Trainer:
                 evaluated = self._should_eval(epoch_done)
                 if evaluated:
                     self._evaluate_dev()
-                if self._should_save(evaluated):
+                saved = self._should_save(evaluated)
+                if saved:
                     self._save()
                     ckpt._test_hook("MMOE_TEST_KILL_AT_STEP", st.step)
+                if self._stop_code:
+                    self._preempt(saved)
+                if D.is_main() and ckpt.fault_flag("MMOE_TEST_SIGNAL_AT_STEP") == st.step:  # tests: a scheduler's signal
+                    os.kill(os.getpid(), signal.SIGUSR1)
             if epoch_done or (stepped and self._should_stop()):
                 return
 
@@ -337,10 +356,47 @@ class Trainer:
                     "pass --allow-data-change to continue on these anyway")
             self.console.warn(f"warning: resuming on other shards than {folder} was trained on (--allow-data-change)")
 
-    def _save(self) -> None:
-        ckpt.save(self.engine, self.ckpt_dir, self.state.step,
-                  {"trainer": self.state.state_dict(), "layout": self._layout(), "manifest_sha256": self.manifest_sha256,
-                   "metrics_rows": self.log.rows}, self.cfg.train.keep_checkpoints)
+    def _save(self) -> Path:
+        folder = ckpt.save(self.engine, self.ckpt_dir, self.state.step,
+                           {"trainer": self.state.state_dict(), "layout": self._layout(),
+                            "manifest_sha256": self.manifest_sha256, "metrics_rows": self.log.rows},
+                           self.cfg.train.keep_checkpoints)
+        if self._first_save:
+            self._first_save = False
+            seconds = json.loads((folder / ckpt.COMPLETE).read_text())["save_s"] if D.is_main() else 0.0
+            self.console.info(f"[preemption] the first checkpoint took {seconds:.2f}s: a stop signal needs that "
+                              "plus one optimizer step of grace")
+        return folder
+
+    # -- preemption -------------------------------------------------------------------------------
+    def _announce_grace(self) -> None:
+        """How long a stop signal needs before the scheduler's kill: one step plus one checkpoint, the
+        checkpoint from the resumed one's record or estimated from the state size and a write probe."""
+        self._first_save = self.resumed is None
+        names = self.stops.names()
+        if not D.is_main():
+            return
+        if self.resumed is not None and "save_s" in self.resumed:
+            cost = f"the checkpoint resumed from took {self.resumed['save_s']:.2f}s to write"
+        else:
+            n_bytes = 3 * sum(p.numel() * p.element_size() for p in self.engine.module.parameters())  # weights, 2 moments
+            rate = write_rate_mb_s(self.ckpt_dir)
+            cost = (f"a checkpoint holds about {n_bytes / 2**20:.1f} MiB per rank, about {n_bytes / 2**20 / rate:.2f}s at "
+                    f"the {rate:.0f} MiB/s measured here")
+        self.console.info(f"[preemption] {names}: every rank stops at the next optimizer step, writes a checkpoint and "
+                          f"exits {PREEMPTED_EXIT_CODE}; {cost}; allow that plus one step (SLURM: #SBATCH --signal)")
+
+    def _preempt(self, saved: bool) -> None:
+        """The ranks agreed to stop after this step: a complete checkpoint, the record, then Preempted."""
+        st, reason = self.state, describe(self._stop_code)
+        folder = ckpt.checkpoint_folder(self.ckpt_dir, st.step) if saved else self._save()
+        waited = time.monotonic() - self.stops.received_at if self.stops.received_at is not None else None
+        if D.is_main():
+            write_record(self.run_dir, st.step, reason, folder, waited)
+        D.barrier()
+        self.console.warn(f"[preemption] {reason}: stopped after step {st.step}, complete checkpoint {folder}; exiting "
+                          f"with {PREEMPTED_EXIT_CODE} (continue with --resume auto)")
+        raise Preempted(st.step, reason, folder)
 
     # -- one micro-batch, one optimizer step -----------------------------------------------------
     def _train_micro_batch(self, batch: dict) -> bool:
@@ -357,6 +413,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], object]:
         scores, moe_log = self.engine(_to(batch["mentions"], self.device), _to(batch["entities"], self.device))
+        ckpt.rank_fault(self.engine.global_steps + 1)  # tests: a rank that dies or hangs mid-step
         loss, parts = contrastive_loss(scores, batch["gold_ids"].to(self.device), batch["candidate_ids"].to(self.device),
                                        self.cfg.loss, moe_log, row_weight=batch["weight"].to(self.device))
         if ckpt.fault_flag("MMOE_TEST_NAN_LOSS_AT_STEP") == self.engine.global_steps + 1:  # fault injection (tests)
@@ -366,7 +423,7 @@ class Trainer:
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():
             self.grad_norm = self._grad_norm_before_step()
-            self._loss_finite = self._all_ranks(self._loss_finite)
+            self._loss_finite, self._stop_code = self._agree(self._loss_finite, self.stops.local_code())
             self.guard.skip_next, self.guard.skipped_last = not self._loss_finite, False
         self.engine.step()
         return parts, moe_log
@@ -381,13 +438,14 @@ class Trainer:
         self.bar.update(1)
         self.window.end_step(applied=self._check_step(self.window.step_means()))
 
-    def _all_ranks(self, ok: bool) -> bool:
-        """True when ``ok`` holds on every rank."""
+    def _agree(self, ok: bool, stop_code: int) -> tuple[bool, int]:
+        """One reduction per optimizer step: whether ``ok`` (a finite loss) holds on every rank, and the
+        largest stop code of any rank (0: nobody was asked to stop)."""
         if D.world() == 1:
-            return ok
-        t = torch.tensor([0.0 if ok else 1.0], device=self.device)
-        dist.all_reduce(t)
-        return t.item() == 0
+            return ok, stop_code
+        t = torch.tensor([0.0 if ok else 1.0, float(stop_code)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t[0].item() == 0, int(t[1].item())
 
     def _check_step(self, step_parts: dict[str, float]) -> bool:
         """After an optimizer step: True if it was applied. A bad step (non-finite loss or gradient

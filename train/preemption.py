@@ -1,0 +1,146 @@
+"""Preemption: a scheduler's stop signal becomes a checkpoint at the next optimizer step and a distinct exit.
+
+Every rank installs handlers for ``train.stop_signals`` (SIGTERM and SIGUSR1 by default) that only note
+the signal. At each optimizer-step boundary the ranks already all-reduce one flag (the bad-step guard);
+the stop request rides in the same reduction, so all ranks agree on the same step, finish it, write a
+complete checkpoint and exit with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL: "try again"); rank 0 leaves
+``<run>/preempted.json`` saying where. ``--resume auto`` continues from that checkpoint with no step lost.
+
+Launchers in between: the deepspeed launcher, on SIGTERM or SIGINT, sends SIGTERM to its whole process
+tree (ranks and DataLoader workers) and SIGKILL 30 s later; torchrun's agent sends SIGTERM to its workers.
+The grace a job needs (one step plus one checkpoint) is printed at start. A rank whose launcher dies
+(``kill`` of the ``deepspeed`` command alone used to leave the ranks training, racing the next job)
+treats that as a stop request too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL
+PREEMPTED_FILE = "preempted.json"
+LAUNCHER_GONE = 1000  # stop code for "a launcher process above this rank died" (signal numbers are < 100)
+_LAUNCHER_MARKS = ("deepspeed", "torch.distributed.run", "torchrun", "torch.distributed.launch")
+
+
+class Preempted(Exception):
+    """Training stopped on a stop request after writing a complete checkpoint."""
+
+    def __init__(self, step: int, reason: str, checkpoint: Path) -> None:
+        super().__init__(f"preempted ({reason}) at step {step}: complete checkpoint {checkpoint}; "
+                         f"continue with --resume auto (exit code {PREEMPTED_EXIT_CODE})")
+        self.step, self.reason, self.checkpoint = step, reason, checkpoint
+
+
+def describe(code: int) -> str:
+    """The stop code agreed by the ranks, in words."""
+    if code >= LAUNCHER_GONE:
+        return "a launcher process died"
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped (os.kill(pid, 0) succeeds on zombies)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def launcher_ancestors(pid: int | None = None) -> list[int]:
+    """The chain of launcher processes above this one (deepspeed runner and per-node launcher,
+    torchrun), nearest first; stops at the first ancestor that is not a launcher (a shell, pytest,
+    srun), so a plain ``python launch/train.py`` watches nothing."""
+    chain, pid = [], os.getppid() if pid is None else pid
+    while pid > 1 and any(mark in _cmdline(pid) for mark in _LAUNCHER_MARKS):
+        chain.append(pid)
+        pid = _parent(pid)
+    return chain
+
+
+class StopRequests:
+    """This rank's stop request: a received stop signal, or a dead launcher above it."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.signals = [signal.Signals[n] for n in names]
+        self.code = 0  # the first stop signal received (its number), 0 = none
+        self.received_at: float | None = None
+        self.watched = launcher_ancestors()
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Install the handlers (main thread only). Forked DataLoader workers inherit them, so a
+        launcher's SIGTERM to the whole tree does not kill a worker under a rank that is finishing."""
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._note)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _note(self, signum: int, frame) -> None:
+        if not self.code:
+            self.code, self.received_at = signum, time.monotonic()
+
+    def local_code(self) -> int:
+        """This rank's stop code: the signal number, LAUNCHER_GONE, or 0."""
+        if not self.code and self.watched and not all(_alive(p) for p in self.watched):
+            self.code, self.received_at = LAUNCHER_GONE, time.monotonic()
+        return self.code
+
+    def names(self) -> str:
+        return "/".join(s.name for s in self.signals)
+
+
+def write_record(run_dir: Path, step: int, reason: str, checkpoint: Path, seconds: float | None) -> None:
+    """``<run>/preempted.json``: what a job script reads to decide to re-queue (rank 0)."""
+    record = {"step": step, "signal": reason, "checkpoint": str(checkpoint), "exit_code": PREEMPTED_EXIT_CODE,
+              "signal_to_checkpoint_s": None if seconds is None else round(seconds, 3), "time": time.time()}
+    tmp = run_dir / (PREEMPTED_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, run_dir / PREEMPTED_FILE)
+
+
+def clear_record(run_dir: Path) -> None:
+    """A new attempt starts: an earlier attempt's record no longer describes the run."""
+    (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+
+
+def write_rate_mb_s(folder: Path, size_mb: int = 32) -> float:
+    """The write rate of ``folder`` (written and fsynced, then removed): the grace estimate's basis."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe-{os.getpid()}"
+    block = os.urandom(1 << 20)
+    start = time.perf_counter()
+    try:
+        with open(probe, "wb") as fh:
+            for _ in range(size_mb):
+                fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return size_mb / max(time.perf_counter() - start, 1e-6)
+    finally:
+        probe.unlink(missing_ok=True)
