@@ -30,6 +30,7 @@ import math
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,7 @@ class TrainStream(IterableDataset):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.store = EntityStore(self.root)
         self.epoch, self.start_batch = 0, 0
+        self.done: list[dict] = []  # earlier segments of the current epoch (set_position)
         self.negatives: np.ndarray | None = None
         self.n_hard, self.strategy = 0, "top"
 
@@ -248,34 +250,95 @@ class TrainStream(IterableDataset):
             picked += [int(x) for x in row[: self.n_hard]]
         return list(dict.fromkeys(picked))  # each entity once, first-come order
 
+    # -- the epoch plan ----------------------------------------------------------------------------
+    # An epoch may be trained in segments with different layouts (world size, batch size, workers): a
+    # run resumed on other hardware in the middle of an epoch continues it over the samples the earlier
+    # segments did not consume. Segment 0 covers the epoch's N positions; segment s+1 the sorted
+    # positions that segments 0..s left, split over its ranks and workers the same way. Which samples a
+    # segment consumed follows from replaying its shuffle buffers on positions (the buffer's draws depend
+    # only on how many items it holds), so nothing but the segments' layouts needs to be saved.
+
+    def _universe(self) -> list[int] | None:
+        """The epoch positions the current segment covers, sorted; None: the whole epoch (segment 0)."""
+        key = (self.epoch, json.dumps(self.done, sort_keys=True))
+        if getattr(self, "_universe_key", None) != key:
+            universe = None
+            for s, seg in enumerate(self.done):
+                taken = self._consumed(s, universe, seg)
+                universe = [p for p in (range(self.shards.total) if universe is None else universe) if p not in taken]
+            self._universe_key, self._universe_value = key, universe
+        return self._universe_value
+
+    def segment_size(self) -> int:
+        """Samples (without padding) the current segment of the epoch covers."""
+        universe = self._universe()
+        return self.shards.total if universe is None else len(universe)
+
+    def _rng(self, rank: int, worker: int, segment: int) -> np.random.Generator:
+        parts = [self.seed, self.epoch, rank, worker] + ([segment] if segment else [])  # segment 0: as ever
+        return np.random.default_rng(parts)
+
+    def _consumed(self, s: int, universe: list[int] | None, seg: dict) -> set[int]:
+        """The real epoch positions segment ``s`` (layout ``seg``, ``seg["batches"]`` batches per rank) consumed."""
+        m = self.shards.total if universe is None else len(universe)
+        world, size, workers = seg["world"], seg["batch_size"], max(1, seg["num_workers"])
+        per_rank = math.ceil(m / world)
+        blocks = worker_batch_blocks(per_rank, size, workers)
+        done = consumed_per_worker([math.ceil((b - a) / size) for a, b in blocks], seg["batches"])
+        taken: set[int] = set()
+        for rank in range(world):
+            for w, (a, b) in enumerate(blocks):
+                items = ((j - m if j >= m else j, j >= m) for j in range(rank * per_rank + a, rank * per_rank + b))
+                rng = self._rng(rank, w, s)
+                for j, pad in islice(shuffled(items, seg.get("shuffle_buffer", self.shuffle_buffer), rng), done[w] * size):
+                    if not pad:
+                        taken.add(j if universe is None else universe[j])
+        return taken
+
     @property
     def samples_per_rank(self) -> int:
-        return math.ceil(self.shards.total / self.world)
+        """Samples each rank gets in the current segment of the epoch (padding included)."""
+        return math.ceil(self.segment_size() / self.world)
 
     def batches_per_epoch(self) -> int:
-        """Batches each rank gets per epoch (the same on every rank)."""
+        """Batches each rank gets in the current segment of the epoch (the whole epoch unless it was
+        started with another layout); the same on every rank."""
         return sum(self._worker_batches())
+
+    def full_epoch_batches(self) -> int:
+        """Batches each rank gets in an epoch trained with this layout from its start."""
+        blocks = worker_batch_blocks(math.ceil(self.shards.total / self.world), self.batch_size, max(1, self.num_workers))
+        return sum(math.ceil((b - a) / self.batch_size) for a, b in blocks)
 
     def _worker_batches(self) -> list[int]:
         blocks = worker_batch_blocks(self.samples_per_rank, self.batch_size, max(1, self.num_workers))
         return [math.ceil((b - a) / self.batch_size) for a, b in blocks]
 
-    def set_position(self, epoch: int, batches_done: int = 0) -> None:
-        """Start the next iteration at ``epoch`` after ``batches_done`` batches of it."""
+    def set_position(self, epoch: int, batches_done: int = 0, done_segments: list[dict] | tuple = ()) -> None:
+        """Start the next iteration at ``epoch`` after ``batches_done`` batches of its current segment;
+        ``done_segments``: the layouts and batch counts of the epoch's earlier segments (oldest first)."""
+        self.epoch, self.done = epoch, [dict(seg) for seg in done_segments]
         if not 0 <= batches_done <= self.batches_per_epoch():
             raise ValueError(f"batches_done={batches_done} outside 0..{self.batches_per_epoch()}")
-        self.epoch, self.start_batch = epoch, batches_done
+        self.start_batch = batches_done
 
     def _rank_samples(self, order: list[int], start: int, stop: int) -> Iterator[tuple[dict, bool]]:
-        """Positions [start, stop) of this rank's range; positions past N wrap as padding."""
-        n = self.shards.total
+        """Positions [start, stop) of this rank's range of the segment; positions past its size wrap as padding."""
+        universe, m = self._universe(), self.segment_size()
         base = self.rank * self.samples_per_rank
         lo, hi = base + start, base + stop
-        for sample in read_positions(self.shards, order, min(lo, n), min(hi, n)):
-            yield sample, False
-        if hi > n:
-            for sample in read_positions(self.shards, order, max(lo, n) - n, hi - n):
-                yield sample, True
+        for a, b, pad in ((min(lo, m), min(hi, m), False), (max(lo, m) - m, hi - m, True)):
+            if a >= b:
+                continue
+            if universe is None:
+                for sample in read_positions(self.shards, order, a, b):
+                    yield sample, pad
+                continue
+            wanted = universe[a:b]  # sorted epoch positions: one sequential read over their span
+            keep = set(wanted)
+            for pos, sample in enumerate(read_positions(self.shards, order, wanted[0], wanted[-1] + 1), start=wanted[0]):
+                if pos in keep:
+                    yield sample, pad
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -289,7 +352,7 @@ class TrainStream(IterableDataset):
         order = list(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.counts)))
         start, stop = worker_batch_blocks(self.samples_per_rank, self.batch_size, n_workers)[worker]
         skip = consumed_per_worker(self._worker_batches(), self.start_batch)[worker]
-        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        rng = self._rng(self.rank, worker, len(self.done))
         stream = shuffled(self._rank_samples(order, start, stop), self.shuffle_buffer, rng)
         batch: list[tuple[dict, bool]] = []
         k = 0

@@ -135,3 +135,43 @@ def test_train_fraction_first_takes_the_first_mentions_in_file_order(tiny_shards
     ds = TrainStream(tiny_shards, collator, 8, seed=5, world=1, rank=0, fraction=0.3, fraction_mode="first")
     seen = torch.cat([b["mentions"]["index"][b["weight"] > 0] for b in make_loader(ds, 0)]).tolist()
     assert sorted(seen) == list(range(take))
+
+
+def _real_ids(batches) -> list[int]:
+    return [i for b in batches for i in b["mentions"]["index"][b["weight"] > 0].tolist()]
+
+
+@pytest.mark.parametrize("new_world,new_workers", [(1, 0), (1, 2), (3, 2)])
+def test_an_epoch_interrupted_on_one_world_continues_on_another_over_exactly_the_unconsumed_samples(
+        tiny_shards, collator, new_world, new_workers):
+    """Resume on other hardware: 2 ranks x 2 workers consumed 5 batches each; the rest of the epoch on
+    ``new_world`` ranks holds every other mention exactly once, and every rank gets the same batch count."""
+    n = ShardSet.from_manifest(tiny_shards, "train").total
+    old = {"world": 2, "batch_size": 8, "num_workers": 2, "batches": 5, "shuffle_buffer": 16}
+    consumed = []
+    for rank in range(2):
+        _, batches = epoch_batches(tiny_shards, collator, world=2, rank=rank, workers=2, batch_size=8, epoch=1)
+        consumed += _real_ids(batches[:5])
+    assert len(consumed) == len(set(consumed)) == 80
+    rest, counts = [], []
+    for rank in range(new_world):
+        ds = TrainStream(tiny_shards, collator, 8, world=new_world, rank=rank, num_workers=new_workers, shuffle_buffer=16)
+        ds.set_position(1, 0, [old])
+        batches = list(make_loader(ds, new_workers))
+        assert len(batches) == ds.batches_per_epoch()
+        counts.append(len(batches))
+        rest += _real_ids(batches)
+    assert len(set(counts)) == 1
+    assert sorted(rest) == sorted(set(range(n)) - set(consumed)) and len(rest) == len(set(rest))
+
+    # A second change inside the same epoch (1 rank, 3 batches, then 2 ranks) still covers each mention once.
+    one = {"world": 1, "batch_size": 8, "num_workers": 0, "batches": 3, "shuffle_buffer": 16}
+    ds = TrainStream(tiny_shards, collator, 8, world=1, rank=0, num_workers=0, shuffle_buffer=16)
+    ds.set_position(1, 0, [old])
+    middle = _real_ids(list(make_loader(ds, 0))[:3])
+    last = []
+    for rank in range(2):
+        ds = TrainStream(tiny_shards, collator, 8, world=2, rank=rank, num_workers=2, shuffle_buffer=16)
+        ds.set_position(1, 0, [old, one])
+        last += _real_ids(list(make_loader(ds, 2)))
+    assert sorted(consumed + middle + last) == list(range(n))

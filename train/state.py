@@ -22,6 +22,10 @@ class TrainState:
     negatives_file: str | None = None  # the hard-negatives table attached to the stream
     negatives_epoch: int = -1  # the epoch negatives were last mined at
     bad_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    # Earlier parts of the current epoch trained with another layout (world size, batch size, workers,
+    # shuffle buffer) and their batch counts, oldest first: a run resumed on other hardware continues the
+    # epoch over the samples they did not consume (data_shards/stream.py, "the epoch plan").
+    epoch_segments: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._unknown: dict[str, Any] = {}  # keys of a saved state this version does not know: written back as read

@@ -171,7 +171,8 @@ class Trainer:
         self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
                                   rank=D.rank(), num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                                   fraction=cfg.data.train_fraction, fraction_mode=cfg.data.train_fraction_mode)
-        self.batches_per_epoch = self.stream.batches_per_epoch()
+        self.batches_per_epoch = self.stream.full_epoch_batches()  # of an epoch started with this layout
+        self.epoch_batches = self.batches_per_epoch  # of the current epoch (fewer when it began on other hardware)
         steps_by_epochs = cfg.train.epochs * self.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
         self.precision = resolve_precision(cfg.train.precision)
@@ -230,10 +231,11 @@ class Trainer:
     def _train_epoch(self) -> None:
         """From the data position to the end of the epoch, or until training stops."""
         st = self.state
-        self.stream.set_position(st.epoch, st.batch)
+        self.stream.set_position(st.epoch, st.batch, st.epoch_segments)
+        self.epoch_batches = self.stream.batches_per_epoch()
         for batch in make_loader(self.stream, self.cfg.data.num_workers):
             stepped = self._train_micro_batch(batch)
-            epoch_done = st.batch == self.batches_per_epoch
+            epoch_done = st.batch == self.epoch_batches
             if stepped:
                 self._end_step(epoch_done)
                 if self._should_log():
@@ -334,18 +336,47 @@ class Trainer:
         self.resumed = saved
         st = self.state
         self.console.warn(f"resumed from {folder} at step {st.step} (epoch {st.epoch}, batch {st.batch})")
+        self._replan(saved["layout"])
+        if os.environ.get("MMOE_TEST_DUMP_LOADED"):  # tests: the state right after loading, to compare with the files
+            torch.save({"module": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       self.run_dir / f"loaded-rank{D.rank()}.pt")
+
+    def _replan(self, was: dict) -> None:
+        """A checkpoint of another layout: the interrupted epoch goes on over the samples it had not consumed."""
+        now, st = self._layout(), self.state
+        changed = [f"{k} {was.get(k, now[k])} -> {now[k]}" for k in self.REPLANNED if was.get(k, now[k]) != now[k]]
+        if not changed:
+            return
+        if st.batch > 0:
+            st.epoch_segments.append({**{k: was.get(k, now[k]) for k in self.REPLANNED}, "batches": st.batch})
+            st.batch = 0
+        self.stream.set_position(st.epoch, 0, st.epoch_segments)
+        self.console.warn(f"resumed on another layout ({', '.join(changed)}): epoch {st.epoch} continues over the "
+                          f"{self.stream.segment_size()} samples not yet consumed in "
+                          f"{self.stream.batches_per_epoch()} batches per rank; later epochs follow this layout's plan")
+
+    # The data plan's keys a resumed run may change: the rest of the epoch is re-planned over the samples
+    # not yet consumed (data_shards/stream.py). Any other layout key must stay as it was.
+    REPLANNED = ("world", "batch_size", "num_workers", "shuffle_buffer")
 
     def _layout(self) -> dict:
         return {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
-                "train_fraction": self.cfg.data.train_fraction}
+                "shuffle_buffer": self.cfg.data.shuffle_buffer, "train_fraction": self.cfg.data.train_fraction}
 
     def _check_compatible(self, folder: Path, saved: dict) -> None:
-        """The data position continues exactly only with the same layout and the same shards."""
-        now = self._layout()
+        """The data position continues exactly only with the same shards and subset; world size, batch size,
+        workers and shuffle buffer may change (the epoch is re-planned). DeepSpeed cannot re-partition ZeRO
+        optimizer state for another world size."""
+        now, was = self._layout(), saved["layout"]
         for key, value in now.items():
-            if saved["layout"][key] != value:
-                raise RunSetupError(f"checkpoint {folder} was written with {key}={saved['layout'][key]}, this run has "
+            if key in was and key not in self.REPLANNED and was[key] != value:
+                raise RunSetupError(f"checkpoint {folder} was written with {key}={was[key]}, this run has "
                                    f"{value}: the data position cannot be continued exactly; use the same setting")
+        if was["world"] != now["world"] and self.cfg.train.zero_stage > 0:
+            raise RunSetupError(
+                f"checkpoint {folder} was written by {was['world']} processes with ZeRO stage {self.cfg.train.zero_stage}, "
+                f"this run has {now['world']}: its optimizer state is partitioned by the old world size. Resume on "
+                f"{was['world']} processes, or use train.zero_stage=0 (its optimizer state is whole on every rank)")
         was = saved.get("manifest_sha256")
         if was and was != self.manifest_sha256:
             if not self.allow_data_change:
@@ -434,7 +465,7 @@ class Trainer:
         st = self.state
         st.step = self.engine.global_steps
         if epoch_done:
-            st.epoch, st.batch = st.epoch + 1, 0
+            st.epoch, st.batch, st.epoch_segments = st.epoch + 1, 0, []
         self.bar.update(1)
         self.window.end_step(applied=self._check_step(self.window.step_means()))
 
@@ -517,7 +548,7 @@ class Trainer:
             metrics["train/grad_norm"] = float(norm)
         metrics["train/bad_steps"] = st.bad_steps
         metrics["train/samples_per_s"] = samples_per_s
-        metrics["train/epoch"] = st.epoch + st.batch / self.batches_per_epoch
+        metrics["train/epoch"] = st.epoch + self._epoch_fraction()
         metrics.update(self._expert_load(w.loads))
         self.log.log(st.step, metrics)
         self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sps=f"{samples_per_s:.0f}")
@@ -525,6 +556,14 @@ class Trainer:
             self.console.info(f"[train] step {st.step}/{self.total_steps} epoch {metrics['train/epoch']:.2f} "
                               f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} {samples_per_s:.0f} samples/s")
         w.reset()
+
+    def _epoch_fraction(self) -> float:
+        """How much of the current epoch is done, its earlier segments (other layouts) included."""
+        st = self.state
+        if not st.epoch_segments:
+            return st.batch / self.batches_per_epoch
+        share = self.stream.segment_size() / self.stream.shards.total  # of the epoch, left when this segment began
+        return 1.0 - share * (1.0 - st.batch / max(1, self.epoch_batches))
 
     def _expert_load(self, loads: dict[str, list]) -> dict[str, float]:
         """Fraction of routes per expert and dropped tokens, per MoE layer, over all ranks.
