@@ -22,6 +22,25 @@ that disagrees with the KB, text that is not valid Unicode and an empty split ar
 name the records. With --desc-from, the split files come
 from that folder (the output of ``python -m data_shards.dme``, same file names, DME descriptions);
 the KB, qid2id and images still come from --root.
+
+Conversion in parts, on several machines (e.g. a SLURM array job, one index per task; every
+machine sees the filesystem that holds --out):
+
+    python -m data_shards.convert ARGS --num-jobs N --job-index I   # each I in 0..N-1, in any order, at once or not
+    python -m data_shards.convert ARGS --num-jobs N --merge         # once, after all N: writes --out
+
+Every job reads and checks the dataset's JSON and runs the image pre-checks as a one-job
+conversion does, but decodes only its own shards' images: the conversion's shards (KB, train,
+dev, test, in that order) are dealt round robin, job I taking every N-th from the I-th, so a
+shard's name and bytes never depend on N. A job writes its shards and a record (entries with
+sha256, image statistics, KB index rows, settings, sha256 of the JSON inputs) to its own folder in
+.OUT.parts/ beside --out (data_shards/parts.py); a re-run replaces it; --out is not touched. The
+merge, given the same ARGS (--workers aside), refuses missing parts (naming their indices), parts
+made with other settings, --num-jobs or inputs, and shards that differ from their record; it
+applies --max-missing to the whole KB and each whole split, then writes kb/index.npy, the
+tokenizer copy and the manifest and swaps the output into --out like a one-job conversion: the
+same files, byte for byte (the images themselves are not fingerprinted: leave them alone between
+the jobs and the merge). It removes .OUT.parts/ when done.
 """
 
 from __future__ import annotations
@@ -35,16 +54,17 @@ import os
 import shutil
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data_shards import reader
+from data_shards import parts, reader
 from data_shards.images import confined, prepare_image
 from data_shards.reader import SPLITS, DatasetFormatError, Entity, KBNotSorted, Mention
 
@@ -272,9 +292,20 @@ def _checked_kb(root: Path, qid2id: dict[str, int], threshold: float) -> Iterabl
         return sorted_kb
 
 
+def _shard_name(group: str, k: int) -> str:
+    return f"{group}/{group}-{k:06d}.tar"
+
+
 def _jobs(group: str, items: Iterable, out: Path, s: ConvertSettings, folder: Path, source: str) -> Iterator[tuple]:
     for i, chunk in enumerate(_chunks(items, s.shard_size)):
-        yield group, out / group / f"{group}-{i:06d}.tar", chunk, s.image_size, s.jpeg_quality, folder, source
+        yield group, out / _shard_name(group, i), chunk, s.image_size, s.jpeg_quality, folder, source
+
+
+def _kb_rows(path: Path, first_id: int, samples: int) -> list[list[int]]:
+    """[json offset, json size, jpg offset, jpg size] of each entity of one KB shard ((0, 0): no image)."""
+    offsets = _member_offsets(path)
+    keys = (f"{entity_id:09d}" for entity_id in range(first_id, first_id + samples))
+    return [[*offsets[f"{key}.json"], *offsets.get(f"{key}.jpg", (0, 0))] for key in keys]
 
 
 class _KBIndex:
@@ -285,14 +316,14 @@ class _KBIndex:
         self.next_id, self.shard_no = 0, 0
 
     def add_shard(self, rec: dict) -> None:
-        offsets = _member_offsets(Path(rec["path"]))
-        for _ in range(rec["samples"]):
-            if self.next_id >= len(self.rows):
-                raise DatasetFormatError(f"kb_entity.json has more entities than qid2id.json ({len(self.rows)})")
-            key = f"{self.next_id:09d}"
-            j_off, j_size = offsets[f"{key}.json"]
-            p_off, p_size = offsets.get(f"{key}.jpg", (0, 0))
-            self.rows[self.next_id] = (self.shard_no, j_off, j_size, p_off, p_size)
+        self.add_rows(_kb_rows(Path(rec["path"]), self.next_id, rec["samples"]))
+
+    def add_rows(self, rows: list[list[int]]) -> None:
+        """The next KB shard's rows (``_kb_rows``); shards come in order."""
+        if self.next_id + len(rows) > len(self.rows):
+            raise DatasetFormatError(f"kb_entity.json has more entities than qid2id.json ({len(self.rows)})")
+        for row in rows:
+            self.rows[self.next_id] = (self.shard_no, *row)
             self.next_id += 1
         self.shard_no += 1
 
@@ -364,19 +395,89 @@ def convert(dataset: str | reader.DatasetLayout, root: Path, out: Path, settings
     s = settings or ConvertSettings()
     root, out = Path(root), Path(out).resolve()  # resolved: a symlinked --out is rebuilt where it points
     _check_out(root, out)
+    return _build_and_swap(out, lambda build: _convert_into(dataset, root, build, s))
+
+
+def _build_and_swap(out: Path, build_into: Callable[[Path], dict]) -> dict:
+    """Run ``build_into`` on a fresh hidden sibling of ``out`` and swap the result in (never a half-built ``out``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(out)
     build = _sibling(out, "building")
     shutil.rmtree(build, ignore_errors=True)
     try:
-        manifest = _convert_into(dataset, root, build, s)
+        manifest = build_into(build)
         _swap_in(build, out)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return manifest
 
 
-def _convert_into(dataset: str | reader.DatasetLayout, root: Path, out: Path, s: ConvertSettings) -> dict:
+class _Shard(NamedTuple):
+    group: str
+    index: int  # within its group
+    name: str  # relative to the output folder
+    samples: int
+
+
+@dataclass
+class _Plan:
+    """What a conversion writes, known from the JSON files alone (read and checked, images
+    pre-checked, none decoded). A one-job conversion, each job of a conversion in parts and the
+    merge all start from it, so they agree on every shard, count and message."""
+
+    lay: reader.DatasetLayout
+    root: Path
+    qid2id: dict[str, int]
+    splits: dict[str, reader.SplitRecords]
+    image_dir: Path
+    entities: Iterable[Entity]  # may be a one-pass stream: shard_jobs() once per plan
+    what: dict[str, str]  # group (kb, then the splits) -> its name in messages
+
+    def layout(self, s: ConvertSettings) -> list[_Shard]:
+        """Every shard, in the order a one-job conversion writes them."""
+        sizes = {"kb": len(self.qid2id)} | {sp: len(r.mentions) for sp, r in self.splits.items()}
+        return [_Shard(g, k, _shard_name(g, k), min(s.shard_size, n - k * s.shard_size))
+                for g, n in sizes.items() for k in range(-(-n // s.shard_size))]
+
+    def shard_jobs(self, out: Path, s: ConvertSettings) -> Iterator[tuple]:
+        """``_write_shard``'s jobs, in ``layout`` order, writing under ``out``."""
+        jobs = [_jobs("kb", self.entities, out, s, self.root / "kb_image", "kb_entity.json")]
+        jobs += [_jobs(sp, enumerate(r.mentions), out, s, self.image_dir, r.path.name) for sp, r in self.splits.items()]
+        return itertools.chain(*jobs)
+
+    def make_dirs(self, out: Path) -> None:
+        for group in self.what:
+            (out / group).mkdir(parents=True, exist_ok=True)
+
+    def inputs(self) -> dict[str, Path]:
+        """The JSON files the shards are made from (fingerprinted in each part); images are not."""
+        files = {"kb_entity.json": reader.kb_path(self.root), "qid2id.json": self.root / "qid2id.json"}
+        return files | {f"{sp} split ({r.path.name})": r.path for sp, r in self.splits.items()}
+
+    def manifest_head(self, s: ConvertSettings) -> dict:
+        """The manifest's fields that do not depend on the images."""
+        splits, lay = self.splits, self.lay
+        return {
+            "format_version": FORMAT_VERSION,
+            "dataset": lay.name,
+            "source": {"root": str(self.root.resolve()), "kb": "kb_entity.json", "qid2id": "qid2id.json",
+                       "split_files": lay.split_files[0] if len(lay.split_files) == 1 else list(lay.split_files),
+                       "splits": {sp: r.path.name for sp, r in splits.items()},
+                       "mention_images": self.image_dir.name, "kb_images": "kb_image",
+                       "desc_from": str(Path(s.desc_dir).resolve()) if s.desc_dir else None},
+            "settings": _settings_record(s),
+            "counts": {"entities": len(self.qid2id)} | {sp: len(r.mentions) for sp, r in splits.items()},
+            "skipped": {sp: {"nil": r.skipped_nil, "unknown_answer": r.skipped_unknown, "unknown_examples": r.unknown_examples}
+                        for sp, r in splits.items()},
+        }
+
+
+def _settings_record(s: ConvertSettings) -> dict:
+    """The settings that shape the output (not the worker count; the DME folder by its files' contents)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items() if k not in ("workers", "desc_dir")}
+
+
+def _plan(dataset: str | reader.DatasetLayout, root: Path, s: ConvertSettings) -> _Plan:
     lay = reader.layout(dataset)
     qid2id = reader.read_qid2id(root)
     # Read every split first: format errors surface before any image work.
@@ -396,41 +497,37 @@ def _convert_into(dataset: str | reader.DatasetLayout, root: Path, out: Path, s:
     what = {"kb": "KB (kb_entity.json)"} | {sp: f"{sp} split ({r.path.name})" for sp, r in splits.items()}
     for sp, records in splits.items():
         _precheck(([m.image_path] if m.image_path else [] for m in records.mentions), what[sp], s.max_missing, image_dir)
-    for group in ["kb", *splits]:
-        (out / group).mkdir(parents=True, exist_ok=True)
-    jobs = [_jobs("kb", entities, out, s, root / "kb_image", "kb_entity.json")]
-    jobs += [_jobs(sp, enumerate(r.mentions), out, s, image_dir, r.path.name) for sp, r in splits.items()]
-    total = -(-len(qid2id) // s.shard_size) + sum(-(-len(r.mentions) // s.shard_size) for r in splits.values())
-    shards: dict[str, list[dict]] = {g: [] for g in what}
-    stats = {g: ImageStats() for g in what}
-    kb_index = _KBIndex(len(qid2id))
-    for rec in _run(itertools.chain(*jobs), s.workers, total):
+    return _Plan(lay, root, qid2id, splits, image_dir, entities, what)
+
+
+def _convert_into(dataset: str | reader.DatasetLayout, root: Path, out: Path, s: ConvertSettings) -> dict:
+    plan = _plan(dataset, root, s)
+    plan.make_dirs(out)
+    shards: dict[str, list[dict]] = {g: [] for g in plan.what}
+    stats = {g: ImageStats() for g in plan.what}
+    kb_index = _KBIndex(len(plan.qid2id))
+    for rec in _run(plan.shard_jobs(out, s), s.workers, len(plan.layout(s))):
         group = rec["group"]
         stats[group].merge(ImageStats(**rec["stats"]))
         shards[group].append(_shard_entry(rec, out))
         if group == "kb":
             kb_index.add_shard(rec)
-    index_sha256 = kb_index.save(out / "kb")
+    return _finish(plan, out, s, shards, stats, kb_index)
+
+
+def _check_images(plan: _Plan, stats: dict[str, ImageStats], s: ConvertSettings) -> None:
     for group, st in stats.items():
-        st.check(what[group], s.max_missing)
-    manifest: dict = {
-        "format_version": FORMAT_VERSION,
-        "dataset": lay.name,
-        "source": {"root": str(root.resolve()), "kb": "kb_entity.json", "qid2id": "qid2id.json",
-                   "split_files": lay.split_files[0] if len(lay.split_files) == 1 else list(lay.split_files),
-                   "splits": {sp: r.path.name for sp, r in splits.items()},
-                   "mention_images": image_dir.name, "kb_images": "kb_image",
-                   "desc_from": str(Path(s.desc_dir).resolve()) if s.desc_dir else None},
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()
-                     if k not in ("workers", "desc_dir")},
-        "counts": {"entities": len(qid2id)} | {sp: len(r.mentions) for sp, r in splits.items()},
-        "skipped": {sp: {"nil": r.skipped_nil, "unknown_answer": r.skipped_unknown, "unknown_examples": r.unknown_examples}
-                    for sp, r in splits.items()},
-        "images": {g: asdict(st) for g, st in stats.items()},
-        "shards": shards,
-        "entity_index": "kb/index.npy",
-        "entity_index_sha256": index_sha256,
-    }
+        st.check(plan.what[group], s.max_missing)
+
+
+def _finish(plan: _Plan, out: Path, s: ConvertSettings, shards: dict[str, list[dict]], stats: dict[str, ImageStats],
+            kb_index: _KBIndex) -> dict:
+    """What a conversion writes once its shards are in ``out``: the KB index, the tokenizer copy, the manifest (last)."""
+    index_sha256 = kb_index.save(out / "kb")
+    _check_images(plan, stats, s)
+    manifest = plan.manifest_head(s) | {"images": {g: asdict(st) for g, st in stats.items()}, "shards": shards,
+                                        "entity_index": "kb/index.npy", "entity_index_sha256": index_sha256}
+    root = plan.root
     if (root / "tokenizer").is_dir():  # a dataset that ships its own tokenizer (the synthetic benchmark)
         shutil.copytree(root / "tokenizer", out / "tokenizer")
         manifest["tokenizer"] = "tokenizer"
@@ -440,8 +537,105 @@ def _convert_into(dataset: str | reader.DatasetLayout, root: Path, out: Path, s:
     return manifest
 
 
+# ----------------------------------------------------------------------------------------------
+# Conversion in parts: jobs write their shards to a staging folder, one merge writes --out.
+
+
+def _part_identity(plan: _Plan, s: ConvertSettings, num_jobs: int) -> dict:
+    """What every part and the merge must share (data_shards.parts.check_parts compares it)."""
+    return {"num_jobs": num_jobs, "dataset": plan.lay.name, "settings": _settings_record(s),
+            "inputs": parts.input_digests(plan.inputs())}
+
+
+def convert_part(dataset: str | reader.DatasetLayout, root: Path, out: Path, settings: ConvertSettings | None = None, *,
+                 num_jobs: int, job_index: int) -> dict:
+    """Job ``job_index`` of a conversion in ``num_jobs`` parts: reads and checks the dataset as
+    ``convert`` does, but decodes only the images of its own shards (every ``num_jobs``-th of the
+    conversion's shards, from the ``job_index``-th) and writes them with its record to the staging
+    folder beside ``out`` (``data_shards.parts``); ``out`` itself is not touched. A re-run of an
+    index replaces that part. Returns the record; ``merge_parts`` writes ``out`` once all are done."""
+    s = settings or ConvertSettings()
+    parts.check_job_args(num_jobs, job_index)
+    root, out = Path(root), Path(out).resolve()
+    _check_out(root, out)
+    plan = _plan(dataset, root, s)
+    part = parts.part_dir(parts.staging_dir(out), job_index)
+    build = parts.building_dir(part)
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    try:
+        record = _part_into(plan, build, s, num_jobs, job_index)
+        _swap_in(build, part)  # renames only: the merge sees the old part or the new one, never a mixture
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return record
+
+
+def _part_into(plan: _Plan, build: Path, s: ConvertSettings, num_jobs: int, job_index: int) -> dict:
+    plan.make_dirs(build)
+    mine = [sh for seq, sh in enumerate(plan.layout(s)) if parts.owner(seq, num_jobs) == job_index]
+    # The other shards' jobs are built too (lists of records: cheap) but never run: no image of theirs is opened.
+    jobs = (job for seq, job in enumerate(plan.shard_jobs(build, s)) if parts.owner(seq, num_jobs) == job_index)
+    entries = []
+    for shard, rec in zip(mine, _run(jobs, s.workers, len(mine)), strict=True):
+        entry = _shard_entry(rec, build) | {"stats": rec["stats"]}
+        if shard.group == "kb":  # the KB index rows of this shard, so the merge need not read it
+            entry["kb_rows"] = _kb_rows(Path(rec["path"]), shard.index * s.shard_size, rec["samples"])
+        entries.append(entry)
+    record = parts.new_record(_part_identity(plan, s, num_jobs), job_index, entries)
+    parts.write_record(build, record)
+    return record
+
+
+def merge_parts(dataset: str | reader.DatasetLayout, root: Path, out: Path, settings: ConvertSettings | None = None, *,
+                num_jobs: int) -> dict:
+    """Merge the ``num_jobs`` parts of ``convert_part`` into ``out``: byte for byte what ``convert``
+    writes with the same dataset and settings (``workers`` aside), swapped in the same way. Refuses
+    (``parts.PartsError``) missing parts, parts made otherwise, and shards that differ from their
+    part's record; the --max-missing check applies to the whole KB and splits, as in ``convert``.
+    A failed merge leaves ``out`` and the parts as they were; a successful one removes the parts."""
+    s = settings or ConvertSettings()
+    parts.check_job_args(num_jobs)
+    root, out = Path(root), Path(out).resolve()
+    _check_out(root, out)
+    plan = _plan(dataset, root, s)  # the jobs' reading and pre-checks: the same counts, names and errors
+    staging = parts.staging_dir(out)
+    found = parts.read_parts(staging)
+    parts.check_parts(found, _part_identity(plan, s, num_jobs), staging)
+    layout = plan.layout(s)
+    entries = parts.ordered_entries(found, [(sh.name, sh.samples) for sh in layout], num_jobs, staging)
+    stats = {g: ImageStats() for g in plan.what}
+    for shard, entry in zip(layout, entries, strict=True):  # in shard order: the same examples as one job keeps
+        stats[shard.group].merge(ImageStats(**entry["stats"]))
+    _check_images(plan, stats, s)  # the whole KB and splits, before any shard is linked
+    manifest = _build_and_swap(out, lambda build: _merge_into(plan, layout, entries, stats, build, s))
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _merge_into(plan: _Plan, layout: list[_Shard], entries: list[dict], stats: dict[str, ImageStats], out: Path,
+                s: ConvertSettings) -> dict:
+    plan.make_dirs(out)
+    shards: dict[str, list[dict]] = {g: [] for g in plan.what}
+    kb_index = _KBIndex(len(plan.qid2id))
+    for shard, entry in zip(layout, entries, strict=True):
+        digest = parts.place(entry, out / shard.name)
+        shards[shard.group].append({"name": shard.name, "samples": entry["samples"], "sha256": digest, "bytes": entry["bytes"]})
+        if shard.group == "kb":
+            kb_index.add_rows(entry["kb_rows"])
+    return _finish(plan, out, s, shards, stats, kb_index)
+
+
+_PARTS_HELP = """conversion in parts (e.g. a SLURM array job; every machine sees --out's folder):
+  python -m data_shards.convert ARGS --num-jobs N --job-index I   # each I in 0..N-1, any order, at once or not
+  python -m data_shards.convert ARGS --num-jobs N --merge         # once all N are done: writes --out
+The jobs and the merge take the same ARGS (--workers may differ). The parts go to .OUT.parts/ beside
+--out; the merge checks them, writes --out exactly as a one-job conversion would, and removes them."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert a MIMIC-format MEL dataset into webdataset shards.")
+    p = argparse.ArgumentParser(description="Convert a MIMIC-format MEL dataset into webdataset shards.", epilog=_PARTS_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="auto", choices=["auto", *sorted(reader.LAYOUTS)],
                    help="a known dataset, or auto: the one <prefix>_{train,dev,test}.json family in --root (default)")
     p.add_argument("--split-files", default=None, metavar="PATTERN",
@@ -458,16 +652,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     p.add_argument("--desc-from", type=Path, default=None,
                    help="read the split files from this folder (output of python -m data_shards.dme) instead of --root")
+    p.add_argument("--num-jobs", type=int, default=None, metavar="N", help="convert in N parts, then merge (see below)")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--job-index", type=int, default=None, metavar="I",
+                      help="write part I of N (its shards only) to the staging folder; --out is not touched")
+    step.add_argument("--merge", action="store_true", help="check the N parts and write --out from them")
     a = p.parse_args(argv)
+    if (a.job_index is not None or a.merge) != (a.num_jobs is not None):
+        p.error("--num-jobs N goes with --job-index I (one part) or --merge, and they with it")
     s = ConvertSettings(a.image_size, a.shard_size, a.jpeg_quality, a.workers, a.max_missing, a.skip_unknown_answers,
                         tuple(a.splits), str(a.desc_from) if a.desc_from else None)
     try:
         lay = reader.resolve_layout(a.dataset, a.root, a.split_files, a.dataset_name)
-        m = convert(lay, a.root, a.out, s)
+        if a.job_index is not None:
+            rec = convert_part(lay, a.root, a.out, s, num_jobs=a.num_jobs, job_index=a.job_index)
+        else:
+            m = merge_parts(lay, a.root, a.out, s, num_jobs=a.num_jobs) if a.merge else convert(lay, a.root, a.out, s)
     except (TooManyMissingImages, DatasetFormatError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
+    if a.job_index is not None:
+        part = parts.part_dir(parts.staging_dir(a.out.resolve()), a.job_index)
+        print(f"wrote part {a.job_index} of {a.num_jobs} ({len(rec['shards'])} shards) to {part}; once all {a.num_jobs} "
+              "are written, run the same command with --merge instead of --job-index")
+        return
     counts = ", ".join(f"{k} {v}" for k, v in m["counts"].items())
-    print(f"wrote {a.out}/manifest.json: dataset {m['dataset']} ({m['source']['split_files']}), {counts}")
+    merged = f" (merged from {a.num_jobs} parts)" if a.merge else ""
+    print(f"wrote {a.out}/manifest.json{merged}: dataset {m['dataset']} ({m['source']['split_files']}), {counts}")
     for group, st in m["images"].items():
         print(f"  images {group}: {st['present']} present, {st['none']} none listed, {st['missing']} missing, "
               f"{st['unreadable']} unreadable, {st.get('refused', 0)} refused")
