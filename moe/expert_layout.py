@@ -80,3 +80,27 @@ def ds_keys(state: Mapping[str, Tensor], prefix: str) -> list[str]:
     """The DeepSpeed-layout keys (gate and experts) under ``prefix``, without the prefix."""
     return [k[len(prefix):] for k in state if k.startswith(prefix) and (k[len(prefix):] in (DS_GATE, DS_GATE_BIAS)
                                                                        or _DS_EXPERT_KEY.match(k[len(prefix):]))]
+
+
+_DS_EXPERT_IN_KEY = re.compile(r"((?:^|\.)deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\.)")
+
+
+def shift_expert_id(key: str, offset: int) -> str:
+    """A DeepSpeed-layout key with its expert number moved by ``offset`` (local id -> global id); other keys as they are."""
+    return _DS_EXPERT_IN_KEY.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}", key, count=1)
+
+
+def ds_prefixes(state: Mapping[str, Tensor]) -> list[str]:
+    """The module prefixes (``name.``) under which ``state`` holds DeepSpeed-layout MoE keys."""
+    return sorted({k[: k.index("deepspeed_moe.")] for k in state if "deepspeed_moe." in k})
+
+
+def all_to_local(state: Mapping[str, Tensor], num_experts: int) -> dict[str, Tensor]:
+    """A whole model's tensors with every DeepSpeed MoE layer (all experts, global ids) in the local layout.
+    Works for any tensor keyed like the parameters (weights, or an optimizer's moments of them)."""
+    out = dict(state)
+    for prefix in ds_prefixes(out):
+        names = ds_keys(out, prefix)
+        for k, v in deepspeed_to_local(take_prefixed(out, prefix, names), num_experts).items():
+            out[prefix + k] = v
+    return out

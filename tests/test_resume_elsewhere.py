@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import statistics
 
+import pytest
 import torch
 
 from tests.test_preemption import BASE, deepspeed_launcher
@@ -52,3 +54,47 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_its_exact_state_an
     after = range(at + 2, 25)
     mean_got, mean_ref = statistics.fmean(got[k] for k in after), statistics.fmean(ref[k] for k in after)
     assert abs(mean_got - mean_ref) < 0.25 * mean_ref, (mean_got, mean_ref)
+
+
+def _same(a, b, path: str = "") -> list[str]:
+    """Where two loaded checkpoint files differ (tensors bit for bit, everything else by value)."""
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b) else [path]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return [path + " (keys)"]
+        return [d for k in a if k not in ("ds_config", "ds_version") for d in _same(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [path + " (length)"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _same(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+@pytest.mark.parametrize("middle", [("deepspeed", 1), ("local", 1)])
+def test_expert_parallel_ep_size_2_to_another_layout_and_back_is_bit_identical(tiny_shards, tmp_path, middle):
+    """A DeepSpeed-MoE checkpoint with ep_size 2 resumed with ep_size 1 (or the local backend), which writes it in
+    that layout at once (the run is at its last step), then resumed with ep_size 2 again: every weight, Adam
+    moment, step count, learning rate and schedule of every checkpoint file equals the original's."""
+    args = BASE + ["--set", "train.max_steps=3", "--set", "model.matcher.moe.backend=deepspeed"]
+    first = train(args + ["--set", "train.run_name=a", "--set", "model.matcher.moe.ep_size=2"], tmp_path, tiny_shards,
+                  launcher=deepspeed_launcher())
+    assert first.returncode == 0, first.stderr[-3000:]
+    backend, ep = middle
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    there = train(args + ["--set", "train.run_name=b", "--set", f"model.matcher.moe.backend={backend}",
+                          "--set", f"model.matcher.moe.ep_size={ep}", "--resume", "auto"], tmp_path, tiny_shards,
+                  launcher=deepspeed_launcher())
+    assert there.returncode == 0, there.stderr[-3000:]
+    assert (f"MoE layout backend=deepspeed, ep_size=2 -> backend={backend}, ep_size={ep} (weights, Adam moments and steps"
+            in there.stderr)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    back = train(args + ["--set", "train.run_name=c", "--set", "model.matcher.moe.ep_size=2", "--resume", "auto"], tmp_path,
+                 tiny_shards, launcher=deepspeed_launcher())
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert f"backend={backend}, ep_size={ep} -> backend=deepspeed, ep_size=2" in back.stderr
+    a, c = tmp_path / "a" / "checkpoints" / "step-0000003", tmp_path / "c" / "checkpoints" / "step-0000003"
+    files = sorted(p.name for p in a.glob("*.pt") if not p.name.startswith("rng"))
+    assert len(files) == 1 + 12 + 2 and files == sorted(p.name for p in c.glob("*.pt") if not p.name.startswith("rng"))
+    for name in files:
+        assert _same(load_weights_only(a / name), load_weights_only(c / name)) == [], name

@@ -11,9 +11,10 @@ folder), written atomically by rank 0 after every rank has finished writing. A f
 from, and removed. A complete folder whose files no longer match their record (truncated, garbled,
 missing) is damaged: ``--resume auto`` falls back to the previous complete checkpoint.
 
-A checkpoint resumes with the MoE layout it was written with. Any checkpoint converts to a
-one-process export in the local layout (for eval.evaluate, or to start a run with another
-backend or ep_size from its weights)::
+A checkpoint resumes on another number of processes (the interrupted epoch is re-planned) and on
+another MoE layout, backend or ep_size, optimizer state included (train/relayout.py, which reads
+``optim-params-rank<r>.json``: the parameter behind each optimizer-state index). Any checkpoint
+also converts to a one-process export in the local layout (for eval.evaluate)::
 
     python -m train.checkpointing export runs/NAME/checkpoints/step-0000120 OUT [--config runs/NAME/config.yaml]
 """
@@ -123,8 +124,9 @@ def load_rng(folder: Path) -> None:
         torch.cuda.set_rng_state(p["cuda"])
 
 
-def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Save a complete, resumable checkpoint (collective: every rank calls it)."""
+def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, write_extra=None) -> Path:
+    """Save a complete, resumable checkpoint (collective: every rank calls it). ``write_extra(folder)``, called
+    on every rank after DeepSpeed's files, adds files of ours (recorded and verified like the others)."""
     started = time.perf_counter()
     tag = tag_for(step)
     folder = ckpt_dir / tag
@@ -133,6 +135,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) ->
     D.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     save_rng(folder)
+    if write_extra is not None:
+        write_extra(folder)
     if D.is_main():
         (folder / MOE_LAYOUT).write_text(json.dumps(moe_layout(engine.module)))
     if os.environ.get("MMOE_TEST_DUMP_STATE"):  # tests: every rank's own weights, to compare ranks

@@ -29,6 +29,7 @@ from model.factory import make_collator, resolve_tokenizer
 from model.mmoe import BATCH_KEYS, MMoEModel, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
 from train import checkpointing as ckpt
+from train import relayout
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
 from train.observe import MetricsWindow, RankLog, RunLog
@@ -314,13 +315,12 @@ class Trainer:
         for i, folder in enumerate(candidates):
             problem = ckpt.damage(folder)
             if problem is None:
-                try:  # first: its message says how to convert the checkpoint
-                    ckpt.check_moe_layout(folder, self.engine.module)
-                except ckpt.MoELayoutMismatch as err:
-                    raise RunSetupError(str(err)) from None
                 self._check_compatible(folder, json.loads((folder / ckpt.COMPLETE).read_text()))
+                other_layout = relayout.layout_differs(folder, self.engine.module)
                 try:
-                    saved = ckpt.load(self.engine, folder)
+                    saved = self._load_checkpoint(folder, other_layout)
+                except relayout.RelayoutError as err:
+                    raise RunSetupError(str(err)) from None
                 except Exception as err:  # e.g. a damaged checkpoint written before files were recorded
                     problem = f"it cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             if problem is None:
@@ -332,6 +332,7 @@ class Trainer:
         else:
             raise RunSetupError(f"no loadable checkpoint in {self.ckpt_dir if resume == 'auto' else resume}: "
                                + "; ".join(failures))
+        D.barrier()  # every rank has read the folder before any rank may rewrite it (a save at the same step)
         self.state.load_state_dict(saved["trainer"])
         self.resumed = saved
         st = self.state
@@ -358,6 +359,14 @@ class Trainer:
     # The data plan's keys a resumed run may change: the rest of the epoch is re-planned over the samples
     # not yet consumed (data_shards/stream.py). Any other layout key must stay as it was.
     REPLANNED = ("world", "batch_size", "num_workers", "shuffle_buffer")
+
+    def _load_checkpoint(self, folder: Path, other_layout: dict | None) -> dict:
+        """DeepSpeed's own load for a checkpoint of this run's MoE layout; our conversion for another one."""
+        if other_layout is None:
+            return ckpt.load(self.engine, folder)
+        what = relayout.load_relayout(self.engine, self.guard, folder, other_layout)
+        self.console.warn(f"converted checkpoint {folder}: {what}")
+        return json.loads((folder / ckpt.COMPLETE).read_text())
 
     def _layout(self) -> dict:
         return {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
@@ -391,7 +400,8 @@ class Trainer:
         folder = ckpt.save(self.engine, self.ckpt_dir, self.state.step,
                            {"trainer": self.state.state_dict(), "layout": self._layout(),
                             "manifest_sha256": self.manifest_sha256, "metrics_rows": self.log.rows},
-                           self.cfg.train.keep_checkpoints)
+                           self.cfg.train.keep_checkpoints,
+                           write_extra=lambda f: relayout.save_param_names(self.engine.module, self.guard, f))
         if self._first_save:
             self._first_save = False
             seconds = json.loads((folder / ckpt.COMPLETE).read_text())["save_s"] if D.is_main() else 0.0

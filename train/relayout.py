@@ -1,0 +1,173 @@
+"""Resume a checkpoint on another MoE layout: DeepSpeed expert parallelism with another ep_size, or the
+other backend (DeepSpeed MoE <-> local switch layers), optimizer state included.
+
+DeepSpeed cannot do this for its native MoE layers (its universal checkpoint fails on them, DeepSpeed
+issue #5716), but our checkpoints hold what is needed: the weights of every expert under its global id
+(``layer_{l}_expert_{e}_mp_rank_00_model_states.pt``), the optimizer state of each expert-parallel rank
+(``expp_rank_{r}_mp_rank_00_optim_states.pt``; ``mp_rank_00_model_states.pt`` for the local backend),
+and, written by every rank, ``optim-params-rank{r}.json``: the parameter name behind each index of that
+rank's optimizer state, experts under their global ids. Both the weights and the Adam moments (which have
+the weights' shapes) are brought to the local layout (moe/expert_layout.py), then handed to the new
+layout exactly as a local-layout state dict is loaded: each rank keeps its own experts. Nothing is
+recomputed, so a conversion there and back is bit-identical.
+
+Supported where the client optimizer holds the model's own fp32 parameters (ZeRO stage 0, fp32: our CPU
+runs); bf16/fp16 master weights and ZeRO partitions are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from model import distributed as D
+from moe.expert_layout import all_to_local, local_to_deepspeed, shift_expert_id
+from moe.expert_parallel import deepspeed_layers, moe_layout
+from train.checkpointing import MOE_LAYOUT, load_rng, load_weights_only
+
+PARAM_NAMES = "optim-params-rank{rank}.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class RelayoutError(RuntimeError):
+    """The checkpoint cannot be moved to this run's MoE layout; the message says why."""
+
+
+def optimizer_param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str] | None:
+    """The parameter name of each optimizer-state index (the order of ``optimizer.param_groups``), DeepSpeed
+    experts under their global ids; None when the optimizer holds other tensors than the module's parameters
+    (a bf16/fp16 master copy, ZeRO partitions)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    offsets = {name + ".": layer.local_expert_ids().start for name, layer in deepspeed_layers(module)}
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                return None
+            name = names[id(p)]
+            prefix = next((q for q in offsets if name.startswith(q)), None)
+            out.append(shift_expert_id(name, offsets[prefix]) if prefix else name)
+    return out
+
+
+def save_param_names(module: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank: ``optim-params-rank{r}.json`` (nothing when the optimizer is not over the module's parameters)."""
+    names = optimizer_param_names(module, optimizer)
+    if names is not None:
+        (folder / PARAM_NAMES.format(rank=D.rank())).write_text(json.dumps(names))
+
+
+def layout_differs(folder: Path, module: nn.Module) -> dict | None:
+    """The checkpoint's MoE layout when it differs from the module's, else None."""
+    path = folder / MOE_LAYOUT
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved != moe_layout(module) else None
+
+
+def _saved_states(folder: Path, layout: dict) -> list[tuple[list[str], dict]]:
+    """(parameter names, torch optimizer state dict) of each expert-parallel rank of the checkpoint."""
+    if layout["backend"] == "deepspeed":
+        files = [folder / f"expp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(layout["ep_size"])]
+        states = [load_weights_only(f)["optimizer"] for f in files]
+    else:
+        states = [load_weights_only(folder / "mp_rank_00_model_states.pt")["optimizer"]]
+    out = []
+    for r, state in enumerate(states):  # global rank r has expert-parallel rank r (DeepSpeed's group order)
+        names_file = folder / PARAM_NAMES.format(rank=r)
+        if not names_file.is_file():
+            raise RelayoutError(f"checkpoint {folder} has no {names_file.name} (written before checkpoints recorded the "
+                                "optimizer's parameter names, or by a bf16/ZeRO run): its optimizer state cannot be moved "
+                                f"to another MoE layout. Export its weights instead: python -m train.checkpointing export "
+                                f"{folder} OUT")
+        names = json.loads(names_file.read_text())
+        if state is None or len(names) != sum(len(g["params"]) for g in state["param_groups"]):
+            raise RelayoutError(f"checkpoint {folder}: the optimizer state of expert-parallel rank {r} does not match "
+                                f"{names_file.name}")
+        out.append((names, state))
+    return out
+
+
+def _local_weights(folder: Path) -> dict[str, Tensor]:
+    state = load_weights_only(folder / "mp_rank_00_model_states.pt")["module"]
+    for expert_file in sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(load_weights_only(expert_file))
+    return state
+
+
+def _local_moments(saved: list[tuple[list[str], dict]], num_experts: int) -> tuple[dict[str, dict[str, Tensor]], Tensor]:
+    """Each moment of every parameter in the local layout, and the (common) Adam step count."""
+    per_name: dict[str, dict[str, Tensor]] = {}
+    steps = set()
+    for names, state in saved:
+        for index, name in enumerate(names):
+            entry = state["state"].get(index)
+            if entry is None:
+                continue  # a parameter that never had a gradient (frozen): no state, as in a fresh optimizer
+            per_name.setdefault(name, {m: entry[m] for m in MOMENTS})
+            steps.add(float(entry["step"]))
+    if len(steps) > 1:
+        raise RelayoutError(f"the checkpoint's parameters were stepped a different number of times ({sorted(steps)})")
+    moments = {m: all_to_local({n: v[m] for n, v in per_name.items()}, num_experts) for m in MOMENTS}
+    step = torch.tensor(steps.pop() if steps else 0.0)
+    return {n: {m: moments[m][n] for m in MOMENTS} for n in moments[MOMENTS[0]]}, step
+
+
+def _for_module(local: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
+    """Local-layout tensors keyed like ``module``'s own parameters: each DeepSpeed layer gets its local experts."""
+    out = dict(local)
+    for name, layer in deepspeed_layers(module):
+        prefix = name + "."
+        mine = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix) and k[len(prefix):] in
+                ("wg.weight", "wg.bias", "w1", "b1", "w2", "b2")}
+        if mine:
+            out.update({prefix + k: v for k, v in local_to_deepspeed(mine, layer.local_expert_ids()).items()})
+    return out
+
+
+def load_relayout(engine, optimizer: torch.optim.Optimizer, folder: Path, layout: dict) -> str:
+    """Load ``folder`` (written with MoE ``layout``) into ``engine`` of another layout: weights, Adam moments and
+    steps, learning rates, schedule, step counters, RNG. ``optimizer`` is the client optimizer inside DeepSpeed.
+    Returns what was converted, in words."""
+    module = engine.module
+    if optimizer_param_names(module, optimizer) is None or engine.zero_optimization():
+        raise RelayoutError(f"checkpoint {folder} holds its experts as {layout['backend']} with ep_size={layout['ep_size']}; "
+                            "moving optimizer state to another MoE layout needs ZeRO stage 0 in fp32 (this run has "
+                            "bf16/fp16 master weights or ZeRO partitions). Resume with the checkpoint's layout, or "
+                            "export its weights: python -m train.checkpointing export")
+    saved = _saved_states(folder, layout)
+    num_experts = layout["num_experts"]
+    module.load_state_dict(all_to_local(_local_weights(folder), num_experts))  # each rank keeps its own experts
+    moments, step = _local_moments(saved, num_experts)
+    targets = {m: _for_module({n: v[m] for n, v in moments.items()}, module) for m in MOMENTS}
+    names = {id(p): n for n, p in module.named_parameters()}
+    saved_groups = {g.get("name"): g for _, state in saved for g in state["param_groups"]}
+    for group in optimizer.param_groups:
+        # A group the checkpoint lacks is a new home of expert weights (DeepSpeed's per-ep_size groups, or back
+        # in the matcher's groups): experts belong to the matcher, so it takes the matcher group's rate.
+        source = saved_groups.get(group.get("name")) or saved_groups["matcher_no_decay" if group.get("weight_decay") == 0
+                                                                      else "matcher"]
+        for key in ("lr", "initial_lr"):
+            if key in source:
+                group[key] = source[key]
+        for p in group["params"]:
+            name = names[id(p)]
+            if name not in targets[MOMENTS[0]]:
+                continue
+            state = {m: targets[m][name].to(p.device, p.dtype).clone() for m in MOMENTS}
+            if any(state[m].shape != p.shape for m in MOMENTS):
+                raise RelayoutError(f"checkpoint {folder}: the optimizer state of {name} has shape "
+                                    f"{tuple(state[MOMENTS[0]].shape)}, the parameter {tuple(p.shape)}")
+            optimizer.state[p] = {"step": step.clone(), **state}
+    model_file = load_weights_only(folder / "mp_rank_00_model_states.pt")
+    engine.lr_scheduler.load_state_dict(model_file["lr_scheduler"])
+    engine.global_steps, engine.global_samples = model_file["global_steps"], model_file["global_samples"]
+    engine.skipped_steps = model_file["skipped_steps"]
+    load_rng(folder)
+    now = moe_layout(module)
+    return (f"MoE layout backend={layout['backend']}, ep_size={layout['ep_size']} -> backend={now['backend']}, "
+            f"ep_size={now['ep_size']} (weights, Adam moments and steps, learning rates, schedule)")
