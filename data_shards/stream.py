@@ -24,9 +24,11 @@ exhausted workers) continues the original sequence exactly.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
+import multiprocessing
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -432,9 +434,26 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing SIGTERMs its daemonic children (DataLoader workers) and joins them;
+    a worker ignores SIGTERM (above), so one still alive then (a loader whose iterator an exception kept)
+    would hang the exit: end them first. atexit runs this before multiprocessing's own exit handler (LIFO)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_reaper_installed = False
+
+
 def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     """DataLoader over a stream that yields whole batches. With CUDA the batches land in pinned
     memory, so their copies to the GPU overlap compute (the callers use non_blocking)."""
+    global _reaper_installed
+    if num_workers and not _reaper_installed:
+        atexit.register(_kill_workers_at_exit)
+        _reaper_installed = True
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       multiprocessing_context="fork" if num_workers else None, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_ignore_stop_signals if num_workers else None)
+

@@ -3,7 +3,6 @@ stopping on MRR, resumable checkpoints, best-model export, test evaluation and l
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,16 +28,12 @@ from model.factory import make_collator, resolve_tokenizer
 from model.mmoe import BATCH_KEYS, MMoEModel, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
 from train import checkpointing as ckpt
-from train import relayout
+from train.checkpoint_manager import CheckpointManager, RunSetupError  # noqa: F401 (RunSetupError: re-exported)
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
 from train.observe import MetricsWindow, RankLog, RunLog
 from train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, clear_record, describe, write_rate_mb_s, write_record
 from train.state import TrainState
-
-
-class RunSetupError(RuntimeError):
-    """The run cannot start as asked (reported without a traceback by launch/train.py)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -189,10 +184,9 @@ class Trainer:
         self._stop_code = 0  # a stop request agreed by every rank at the last step boundary (train/preemption.py)
         self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = TrainState()
-        self.allow_data_change = allow_data_change
-        self.manifest_sha256 = manifest_hash(cfg.data.shards)
-        self.resumed: dict | None = None  # complete.json of the checkpoint resumed from
-        self._resume(resume)
+        self.checkpoints = CheckpointManager(self.engine, optimizer, self.stream, cfg, self.ckpt_dir, self.console,
+                                             manifest_hash(cfg.data.shards), allow_data_change)
+        self.resumed = self.checkpoints.resume(resume, self.state)  # complete.json of the checkpoint resumed from
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
             clear_record(self.run_dir)
@@ -287,133 +281,13 @@ class Trainer:
             except ShardError as err:
                 raise RunSetupError(str(err)) from None
 
-    # -- resume ---------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
-        removed = ckpt.remove_incomplete(self.ckpt_dir)
-        if removed:
-            self.console.warn(f"removed incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
-        if resume == "none":
-            if ckpt.latest_complete(self.ckpt_dir) is not None:
-                raise RunSetupError(f"{self.run_dir} already holds checkpoints of an earlier run: pass --resume auto to "
-                                   "continue it, or choose another train.run_name (or delete the folder) to start afresh")
-            return
-        if resume == "auto":
-            candidates = ckpt.complete_checkpoints(self.ckpt_dir)[::-1]  # newest first
-            if not candidates:
-                self.console.warn(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh")
-                return
-        else:
-            folder = Path(resume)
-            if not folder.is_dir():
-                raise RunSetupError(f"--resume {resume}: no such folder; pass a checkpoint folder "
-                                   f"({self.ckpt_dir}/step-N) or --resume auto")
-            if not (folder / ckpt.COMPLETE).is_file():
-                raise RunSetupError(f"--resume {resume}: not a complete checkpoint (no {ckpt.COMPLETE}; a checkpoint "
-                                   f"folder is {self.ckpt_dir}/step-N, written completely)")
-            candidates = [folder]
-        failures = []
-        for i, folder in enumerate(candidates):
-            problem = ckpt.damage(folder)
-            if problem is None:
-                self._check_compatible(folder, json.loads((folder / ckpt.COMPLETE).read_text()))
-                other_layout = relayout.layout_differs(folder, self.engine.module)
-                try:
-                    saved = self._load_checkpoint(folder, other_layout)
-                except relayout.RelayoutError as err:
-                    raise RunSetupError(str(err)) from None
-                except Exception as err:  # e.g. a damaged checkpoint written before files were recorded
-                    problem = f"it cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-            if problem is None:
-                break
-            failures.append(f"{folder.name}: {problem}")
-            more = i + 1 < len(candidates)
-            self.console.warn(f"checkpoint {folder} is damaged: {problem}"
-                              + ("; falling back to the previous complete checkpoint" if more else ""))
-        else:
-            raise RunSetupError(f"no loadable checkpoint in {self.ckpt_dir if resume == 'auto' else resume}: "
-                               + "; ".join(failures))
-        D.barrier()  # every rank has read the folder before any rank may rewrite it (a save at the same step)
-        self.state.load_state_dict(saved["trainer"])
-        self.resumed = saved
-        st = self.state
-        self.console.warn(f"resumed from {folder} at step {st.step} (epoch {st.epoch}, batch {st.batch})")
-        self._replan(saved["layout"])
-        if os.environ.get("MMOE_TEST_DUMP_LOADED"):  # tests: the state right after loading, to compare with the files
-            torch.save({"module": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       self.run_dir / f"loaded-rank{D.rank()}.pt")
-
-    def _replan(self, was: dict) -> None:
-        """A checkpoint of another layout: the interrupted epoch goes on over the samples it had not consumed."""
-        now, st = self._layout(), self.state
-        changed = [f"{k} {was.get(k, now[k])} -> {now[k]}" for k in self.REPLANNED if was.get(k, now[k]) != now[k]]
-        if not changed:
-            return
-        if st.batch > 0:
-            st.epoch_segments.append({**{k: was.get(k, now[k]) for k in self.REPLANNED}, "batches": st.batch})
-            st.batch = 0
-        self.stream.set_position(st.epoch, 0, st.epoch_segments)
-        self.console.warn(f"resumed on another layout ({', '.join(changed)}): epoch {st.epoch} continues over the "
-                          f"{self.stream.segment_size()} samples not yet consumed in "
-                          f"{self.stream.batches_per_epoch()} batches per rank; later epochs follow this layout's plan")
-
-    # The data plan's keys a resumed run may change: the rest of the epoch is re-planned over the samples
-    # not yet consumed (data_shards/stream.py). Any other layout key must stay as it was.
-    REPLANNED = ("world", "batch_size", "num_workers", "shuffle_buffer")
-
-    def _load_checkpoint(self, folder: Path, other_layout: dict | None) -> dict:
-        """DeepSpeed's own load for a checkpoint of this run's MoE layout; our conversion for another one."""
-        if other_layout is None:
-            return ckpt.load(self.engine, folder)
-        what = relayout.load_relayout(self.engine, self.guard, folder, other_layout)
-        self.console.warn(f"converted checkpoint {folder}: {what}")
-        return json.loads((folder / ckpt.COMPLETE).read_text())
-
-    def _layout(self) -> dict:
-        return {"world": D.world(), "batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers,
-                "shuffle_buffer": self.cfg.data.shuffle_buffer, "train_fraction": self.cfg.data.train_fraction}
-
-    def _check_compatible(self, folder: Path, saved: dict) -> None:
-        """The data position continues exactly only with the same shards and subset; world size, batch size,
-        workers and shuffle buffer may change (the epoch is re-planned). DeepSpeed cannot re-partition ZeRO
-        optimizer state for another world size."""
-        now, was = self._layout(), saved["layout"]
-        for key, value in now.items():
-            if key in was and key not in self.REPLANNED and was[key] != value:
-                raise RunSetupError(f"checkpoint {folder} was written with {key}={was[key]}, this run has "
-                                   f"{value}: the data position cannot be continued exactly; use the same setting")
-        if was["world"] != now["world"] and self.cfg.train.zero_stage > 0:
-            raise RunSetupError(
-                f"checkpoint {folder} was written by {was['world']} processes with ZeRO stage {self.cfg.train.zero_stage}, "
-                f"this run has {now['world']}: its optimizer state is partitioned by the old world size. Resume on "
-                f"{was['world']} processes, or use train.zero_stage=0 (its optimizer state is whole on every rank)")
-        was = saved.get("manifest_sha256")
-        if was and was != self.manifest_sha256:
-            if not self.allow_data_change:
-                raise RunSetupError(
-                    f"checkpoint {folder} was trained on shards whose manifest.json has sha256 {was[:12]}..., but "
-                    f"{self.cfg.data.shards}/manifest.json has {self.manifest_sha256[:12]}... (re-converted or other "
-                    "data): its data position and mined negatives refer to the old shards. Resume on those shards, or "
-                    "pass --allow-data-change to continue on these anyway")
-            self.console.warn(f"warning: resuming on other shards than {folder} was trained on (--allow-data-change)")
-
     def _save(self) -> Path:
-        folder = ckpt.save(self.engine, self.ckpt_dir, self.state.step,
-                           {"trainer": self.state.state_dict(), "layout": self._layout(),
-                            "manifest_sha256": self.manifest_sha256, "metrics_rows": self.log.rows},
-                           self.cfg.train.keep_checkpoints,
-                           write_extra=lambda f: relayout.save_param_names(self.engine.module, self.guard, f))
-        if self._first_save:
-            self._first_save = False
-            seconds = json.loads((folder / ckpt.COMPLETE).read_text())["save_s"] if D.is_main() else 0.0
-            self.console.info(f"[preemption] the first checkpoint took {seconds:.2f}s: a stop signal needs that "
-                              "plus one optimizer step of grace")
-        return folder
+        return self.checkpoints.save(self.state, self.log.rows)
 
     # -- preemption -------------------------------------------------------------------------------
     def _announce_grace(self) -> None:
         """How long a stop signal needs before the scheduler's kill: one step plus one checkpoint, the
         checkpoint from the resumed one's record or estimated from the state size and a write probe."""
-        self._first_save = self.resumed is None
         names = self.stops.names()
         if not D.is_main():
             return
@@ -421,7 +295,7 @@ class Trainer:
             cost = f"the checkpoint resumed from took {self.resumed['save_s']:.2f}s to write"
         else:
             n_bytes = 3 * sum(p.numel() * p.element_size() for p in self.engine.module.parameters())  # weights, 2 moments
-            rate = write_rate_mb_s(self.ckpt_dir)
+            rate = write_rate_mb_s(self.run_dir)
             cost = (f"a checkpoint holds about {n_bytes / 2**20:.1f} MiB per rank, about {n_bytes / 2**20 / rate:.2f}s at "
                     f"the {rate:.0f} MiB/s measured here")
         self.console.info(f"[preemption] {names}: every rank stops at the next optimizer step, writes a checkpoint and "

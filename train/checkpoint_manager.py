@@ -1,0 +1,176 @@
+"""The run's checkpoints, in one room: save, verify, fall back, convert and load every stateful part
+(DeepSpeed's engine: weights, optimizer, schedule; the ``TrainState``: data position, best-so-far, negatives,
+epoch segments; the metrics row count; the RNG). The files and their checks live in train/checkpointing.py,
+the conversion to another MoE layout in train/relayout.py, the re-planning of an epoch in data_shards/stream.py.
+
+What may differ between the checkpoint and the resumed run:
+- world size, batch size, DataLoader workers, shuffle buffer: the interrupted epoch continues over the samples
+  not yet consumed (not with ZeRO stage > 0, whose optimizer partitions follow the world size);
+- the MoE backend or ep_size: weights and optimizer state are converted;
+- the shards (another manifest) only with --allow-data-change; the training subset never.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from data_shards.stream import TrainStream
+from model import distributed as D
+from model.config import Config
+from train import checkpointing as ckpt
+from train import relayout
+from train.observe import RankLog
+from train.state import TrainState
+
+
+class RunSetupError(RuntimeError):
+    """The run cannot start as asked (reported without a traceback by launch/train.py)."""
+
+
+# The data plan's keys a resumed run may change: the rest of the epoch is re-planned over the samples not
+# yet consumed (data_shards/stream.py). Any other layout key must stay as it was.
+REPLANNED = ("world", "batch_size", "num_workers", "shuffle_buffer")
+
+
+class CheckpointManager:
+    def __init__(self, engine, optimizer: torch.optim.Optimizer, stream: TrainStream, cfg: Config, ckpt_dir: Path,
+                 console: RankLog, manifest_sha256: str, allow_data_change: bool = False) -> None:
+        """``optimizer``: the client optimizer inside DeepSpeed's wrappers (its state is what a layout
+        conversion moves)."""
+        self.engine, self.optimizer, self.stream, self.cfg = engine, optimizer, stream, cfg
+        self.ckpt_dir, self.console = ckpt_dir, console
+        self.manifest_sha256, self.allow_data_change = manifest_sha256, allow_data_change
+        self.first_save = True  # the first save of this process prints how long it took (the grace a stop needs)
+
+    def layout(self) -> dict:
+        d = self.cfg.data
+        return {"world": D.world(), "batch_size": d.batch_size, "num_workers": d.num_workers,
+                "shuffle_buffer": d.shuffle_buffer, "train_fraction": d.train_fraction}
+
+    # -- save -------------------------------------------------------------------------------------
+    def save(self, state: TrainState, metrics_rows: int) -> Path:
+        """A complete checkpoint of the current step (collective)."""
+        folder = ckpt.save(self.engine, self.ckpt_dir, state.step,
+                           {"trainer": state.state_dict(), "layout": self.layout(),
+                            "manifest_sha256": self.manifest_sha256, "metrics_rows": metrics_rows},
+                           self.cfg.train.keep_checkpoints,
+                           write_extra=lambda f: relayout.save_param_names(self.engine.module, self.optimizer, f))
+        if self.first_save:
+            self.first_save = False
+            seconds = json.loads((folder / ckpt.COMPLETE).read_text())["save_s"] if D.is_main() else 0.0
+            self.console.info(f"[preemption] the first checkpoint took {seconds:.2f}s: a stop signal needs that "
+                              "plus one optimizer step of grace")
+        return folder
+
+    # -- resume -----------------------------------------------------------------------------------
+    def resume(self, resume: str, state: TrainState) -> dict | None:
+        """``--resume`` none | auto | a folder: loads the newest loadable checkpoint into the engine and
+        ``state``; returns its complete.json (None: a fresh start). Damaged checkpoints are reported and
+        skipped (auto falls back to the previous one)."""
+        removed = ckpt.remove_incomplete(self.ckpt_dir)
+        if removed:
+            self.console.warn(f"removed incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
+        candidates = self._candidates(resume)
+        if not candidates:
+            return None
+        failures = []
+        for i, folder in enumerate(candidates):
+            problem = ckpt.damage(folder)
+            if problem is None:
+                self._check_compatible(folder, json.loads((folder / ckpt.COMPLETE).read_text()))
+                try:
+                    saved = self._load(folder)
+                except relayout.RelayoutError as err:
+                    raise RunSetupError(str(err)) from None
+                except Exception as err:  # e.g. a damaged checkpoint written before files were recorded
+                    problem = f"it cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            if problem is None:
+                break
+            failures.append(f"{folder.name}: {problem}")
+            more = i + 1 < len(candidates)
+            self.console.warn(f"checkpoint {folder} is damaged: {problem}"
+                              + ("; falling back to the previous complete checkpoint" if more else ""))
+        else:
+            raise RunSetupError(f"no loadable checkpoint in {self.ckpt_dir if resume == 'auto' else resume}: "
+                                + "; ".join(failures))
+        D.barrier()  # every rank has read the folder before any rank may rewrite it (a save at the same step)
+        state.load_state_dict(saved["trainer"])
+        self.first_save = False
+        self.console.warn(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, batch {state.batch})")
+        self._replan(saved["layout"], state)
+        if os.environ.get("MMOE_TEST_DUMP_LOADED"):  # tests: the state right after loading, to compare with the files
+            torch.save({"module": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       self.ckpt_dir.parent / f"loaded-rank{D.rank()}.pt")
+        return saved
+
+    def _candidates(self, resume: str) -> list[Path]:
+        """The checkpoints to try, newest first."""
+        if resume == "none":
+            if ckpt.latest_complete(self.ckpt_dir) is not None:
+                raise RunSetupError(f"{self.ckpt_dir.parent} already holds checkpoints of an earlier run: pass --resume auto "
+                                    "to continue it, or choose another train.run_name (or delete the folder) to start afresh")
+            return []
+        if resume == "auto":
+            found = ckpt.complete_checkpoints(self.ckpt_dir)[::-1]
+            if not found:
+                self.console.warn(f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh")
+            return found
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise RunSetupError(f"--resume {resume}: no such folder; pass a checkpoint folder "
+                                f"({self.ckpt_dir}/step-N) or --resume auto")
+        if not (folder / ckpt.COMPLETE).is_file():
+            raise RunSetupError(f"--resume {resume}: not a complete checkpoint (no {ckpt.COMPLETE}; a checkpoint "
+                                f"folder is {self.ckpt_dir}/step-N, written completely)")
+        return [folder]
+
+    def _load(self, folder: Path) -> dict:
+        """DeepSpeed's own load for a checkpoint of this run's MoE layout; our conversion for another one."""
+        other = relayout.layout_differs(folder, self.engine.module)
+        if other is None:
+            return ckpt.load(self.engine, folder)
+        what = relayout.load_relayout(self.engine, self.optimizer, folder, other)
+        self.console.warn(f"converted checkpoint {folder}: {what}")
+        return json.loads((folder / ckpt.COMPLETE).read_text())
+
+    def _check_compatible(self, folder: Path, saved: dict) -> None:
+        """The data position continues exactly only with the same shards and subset; world size, batch size,
+        workers and shuffle buffer may change (the epoch is re-planned). DeepSpeed cannot re-partition ZeRO
+        optimizer state for another world size."""
+        now, was = self.layout(), saved["layout"]
+        for key, value in now.items():
+            if key in was and key not in REPLANNED and was[key] != value:
+                raise RunSetupError(f"checkpoint {folder} was written with {key}={was[key]}, this run has "
+                                    f"{value}: the data position cannot be continued exactly; use the same setting")
+        if was["world"] != now["world"] and self.cfg.train.zero_stage > 0:
+            raise RunSetupError(
+                f"checkpoint {folder} was written by {was['world']} processes with ZeRO stage {self.cfg.train.zero_stage}, "
+                f"this run has {now['world']}: its optimizer state is partitioned by the old world size. Resume on "
+                f"{was['world']} processes, or use train.zero_stage=0 (its optimizer state is whole on every rank)")
+        sha = saved.get("manifest_sha256")
+        if sha and sha != self.manifest_sha256:
+            if not self.allow_data_change:
+                raise RunSetupError(
+                    f"checkpoint {folder} was trained on shards whose manifest.json has sha256 {sha[:12]}..., but "
+                    f"{self.cfg.data.shards}/manifest.json has {self.manifest_sha256[:12]}... (re-converted or other "
+                    "data): its data position and mined negatives refer to the old shards. Resume on those shards, or "
+                    "pass --allow-data-change to continue on these anyway")
+            self.console.warn(f"warning: resuming on other shards than {folder} was trained on (--allow-data-change)")
+
+    def _replan(self, was: dict, state: TrainState) -> None:
+        """A checkpoint of another data layout: the interrupted epoch goes on over the samples it had not consumed."""
+        now = self.layout()
+        changed = [f"{k} {was.get(k, now[k])} -> {now[k]}" for k in REPLANNED if was.get(k, now[k]) != now[k]]
+        if not changed:
+            return
+        if state.batch > 0:
+            state.epoch_segments.append({**{k: was.get(k, now[k]) for k in REPLANNED}, "batches": state.batch})
+            state.batch = 0
+        self.stream.set_position(state.epoch, 0, state.epoch_segments)
+        self.console.warn(f"resumed on another layout ({', '.join(changed)}): epoch {state.epoch} continues over the "
+                          f"{self.stream.segment_size()} samples not yet consumed in "
+                          f"{self.stream.batches_per_epoch()} batches per rank; later epochs follow this layout's plan")
