@@ -24,7 +24,8 @@ from pathlib import Path
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL
 PREEMPTED_FILE = "preempted.json"
 LAUNCHER_GONE = 1000  # stop code for "a launcher process above this rank died" (signal numbers are < 100)
-_LAUNCHER_MARKS = ("deepspeed", "torch.distributed.run", "torchrun", "torch.distributed.launch")
+_LAUNCHER_PROGRAMS = ("deepspeed", "torchrun")  # launcher scripts, by file name
+_LAUNCHER_MODULES = ("deepspeed.launcher.launch", "torch.distributed.run", "torch.distributed.launch")  # python -m ...
 
 
 class Preempted(Exception):
@@ -46,11 +47,14 @@ def describe(code: int) -> str:
         return f"signal {code}"
 
 
-def _cmdline(pid: int) -> str:
+def _is_launcher(pid: int) -> bool:
+    """By the first words of its command line (``python -u -m deepspeed.launcher.launch ...``, ``.../bin/deepspeed``,
+    ``torchrun``), so that a script merely given launcher options as arguments is not taken for one."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:4]
     except OSError:
-        return ""
+        return False
+    return any(Path(a).name in _LAUNCHER_PROGRAMS or a in _LAUNCHER_MODULES for a in argv)
 
 
 def _parent(pid: int) -> int:
@@ -74,7 +78,7 @@ def launcher_ancestors(pid: int | None = None) -> list[int]:
     torchrun), nearest first; stops at the first ancestor that is not a launcher (a shell, pytest,
     srun), so a plain ``python launch/train.py`` watches nothing."""
     chain, pid = [], os.getppid() if pid is None else pid
-    while pid > 1 and any(mark in _cmdline(pid) for mark in _LAUNCHER_MARKS):
+    while pid > 1 and _is_launcher(pid):
         chain.append(pid)
         pid = _parent(pid)
     return chain
