@@ -232,6 +232,8 @@ class TrainStream(IterableDataset):
         self.store = EntityStore(self.root)
         self.epoch, self.start_batch = 0, 0
         self.done: list[dict] = []  # earlier segments of the current epoch (set_position)
+        self._universe_key: tuple | None = None  # the (epoch, segments) the cached universe below belongs to
+        self._universe_value: list[int] | None = None
         self.negatives: np.ndarray | None = None
         self.n_hard, self.strategy = 0, "top"
 
@@ -263,7 +265,7 @@ class TrainStream(IterableDataset):
     def _universe(self) -> list[int] | None:
         """The epoch positions the current segment covers, sorted; None: the whole epoch (segment 0)."""
         key = (self.epoch, json.dumps(self.done, sort_keys=True))
-        if getattr(self, "_universe_key", None) != key:
+        if self._universe_key != key:
             universe = None
             for s, seg in enumerate(self.done):
                 taken = self._consumed(s, universe, seg)

@@ -57,20 +57,23 @@ def _is_launcher(pid: int) -> bool:
     return any(Path(a).name in _LAUNCHER_PROGRAMS or a in _LAUNCHER_MODULES for a in argv)
 
 
-def _parent(pid: int) -> int:
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent, ...); [] for no such process."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if len(fields) > 1 else 0
 
 
 def _alive(pid: int) -> bool:
     """Running, and not a zombie waiting to be reaped (os.kill(pid, 0) succeeds on zombies)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def launcher_ancestors(pid: int | None = None) -> list[int]:

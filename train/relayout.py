@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from model import distributed as D
-from moe.expert_layout import all_to_local, local_to_deepspeed, shift_expert_id
+from moe.expert_layout import LOCAL_KEYS, all_to_local, local_to_deepspeed, shift_expert_id
 from moe.expert_parallel import deepspeed_layers, moe_layout
 from train.checkpointing import MOE_LAYOUT, load_rng, load_weights_only
 
@@ -122,8 +122,7 @@ def _for_module(local: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor
     out = dict(local)
     for name, layer in deepspeed_layers(module):
         prefix = name + "."
-        mine = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix) and k[len(prefix):] in
-                ("wg.weight", "wg.bias", "w1", "b1", "w2", "b2")}
+        mine = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix) and k[len(prefix):] in LOCAL_KEYS}
         if mine:
             out.update({prefix + k: v for k, v in local_to_deepspeed(mine, layer.local_expert_ids()).items()})
     return out
