@@ -68,11 +68,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 raise ConfigError(f"{key}: expected float, got str {value!r}") from None
             if not math.isfinite(number):
-                raise ConfigError(f"{key}: expected a finite float, got str {value!r}")
+                raise ConfigError(f"{key}: must be a finite number, got str {value!r}")
             return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .inf / .nan: no setting reads them as "unbounded" or "unset"
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")

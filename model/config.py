@@ -6,6 +6,7 @@ are parsed as YAML scalars.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,20 @@ class EvalConfig:
             raise ConfigError(f"eval.cache_dtype: expected one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
 
 
+# A run name is one folder under train.out_dir: a single path component of sane characters and length
+# (launch/seeds.py appends -seed<S> and -seeds, which stays far below the file systems' 255 bytes).
+RUN_NAME_MAX = 100
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str, key: str = "train.run_name") -> None:
+    """ConfigError unless ``name`` is letters, digits and . _ -, starts with a letter or digit, at most RUN_NAME_MAX long."""
+    if len(name) > RUN_NAME_MAX or not _RUN_NAME.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:40] + f"... ({len(name)} characters)"
+        raise ConfigError(f"{key}: {shown!r} is not a run name: use letters, digits and . _ - only, starting with a letter "
+                          f"or digit, at most {RUN_NAME_MAX} characters (the run is the folder train.out_dir/NAME)")
+
+
 # Signals a trainer may take as a stop request (SIGKILL and SIGSTOP cannot be caught). SIGINT is not a default:
 # Ctrl-C stays an immediate stop unless it is listed.
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGXCPU")
@@ -137,6 +152,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        check_run_name(self.run_name)
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"train.zero_stage: expected 0, 1 or 2, got {self.zero_stage}")
         for name in self.stop_signals:
@@ -237,8 +253,10 @@ def check_ranges(cfg: Config) -> None:
         for part in key.split("."):
             value = getattr(value, part)
         for i, v in enumerate(value if isinstance(value, list) else [value]):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            if not math.isfinite(v):  # set in code (YAML values are refused while parsing)
+                raise ConfigError(f"{where}: must be a finite number, got {v!r}")
             if not _in_range(v, low, high, kind):
-                where = f"{key}[{i}]" if isinstance(value, list) else key
                 raise ConfigError(f"{where}: must be {_describe(low, high, kind)}, got {v!r}")
     moe, tiny, t = cfg.model.matcher.moe, cfg.model.tiny_clip, cfg.train
     if moe.top_k > moe.num_experts:
