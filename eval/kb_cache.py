@@ -9,10 +9,12 @@ token vector or one global vector) symmetrically with its own fp32 scale, stored
 ``NAME@scale``; every stored tensor keeps the entity row as its first dimension, so ``slice``,
 ``select`` and ``cat`` work on a compressed cache unchanged.
 
-:func:`save_kb_cache` writes a flat dict of tensors plus metadata atomically;
-:func:`load_kb_cache` memory-maps it (tensors are paged in when read, so a multi-gigabyte cache
-opens in well under a second) and returns None, with one line on stderr, for a file that is missing,
-damaged, of another version or of another :func:`cache_key`.
+:func:`save_kb_cache` writes a flat dict of tensors plus metadata atomically, with a sha256 digest of
+every tensor's raw bytes (one per block of :data:`DIGEST_BLOCK` bytes); :func:`load_kb_cache`
+memory-maps it, checks every digest at open (this reads the whole file once, which scoring does
+anyway; blocks are hashed on several threads) and returns None, with one line on stderr, for a file
+that is missing, damaged (unreadable, or bytes that differ from their digest), of another version or
+of another :func:`cache_key`: the caller then encodes the KB again, never scores a damaged cache.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,13 +36,16 @@ from moe.features import SideCache
 from moe.matcher import MMoEMatcher
 
 __all__ = ["CACHE_DTYPES", "CACHE_VERSION", "CacheValueError", "cache_bytes", "cache_device", "cache_dtype_of",
-           "cache_key", "cache_path", "compress", "expand", "index_vectors", "load_kb_cache", "save_kb_cache"]
+           "cache_key", "cache_path", "compress", "expand", "index_vectors", "load_kb_cache", "save_kb_cache",
+           "tensor_digests"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tensor digests (version 1 files have none and are rebuilt)
 SCALE = "@scale"  # suffix of an int8 tensor's scale; the matcher's keys are "unit.field", never with "@"
 SIDE, META = "side.", "meta."
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 CHUNK_ELEMENTS = 1 << 20  # rows are converted in chunks of about this many values: small temporaries, reused
+DIGEST = META + "sha256"  # {stored tensor name: [sha256 hex of each DIGEST_BLOCK bytes of its data]}, as JSON text
+DIGEST_BLOCK = 64 << 20  # bytes per digest: blocks are hashed in parallel (hashlib releases the GIL)
 
 
 class CacheValueError(ValueError):
@@ -206,13 +212,41 @@ def _read_text(t: object) -> str | None:
     return bytes(t.tolist()).decode(errors="replace")
 
 
+def _raw_bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (memory-mapped or not), without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _block_sha256(job: tuple[memoryview, int]) -> str:
+    data, start = job
+    return hashlib.sha256(data[start:start + DIGEST_BLOCK]).hexdigest()
+
+
+def tensor_digests(data: dict[str, Tensor], threads: int | None = None) -> dict[str, list[str]]:
+    """sha256 hex of each DIGEST_BLOCK bytes of each tensor in ``data`` (contiguous, on the CPU)."""
+    names, jobs = [], []
+    for name, t in data.items():
+        raw = _raw_bytes(t)
+        for start in range(0, max(len(raw), 1), DIGEST_BLOCK):  # an empty tensor: one digest of no bytes
+            names.append(name)
+            jobs.append((raw, start))
+    threads = threads or max(1, min(torch.get_num_threads(), 8))
+    with ThreadPoolExecutor(threads) as pool:
+        hexes = list(pool.map(_block_sha256, jobs))
+    out: dict[str, list[str]] = {name: [] for name in data}
+    for name, h in zip(names, hexes, strict=True):
+        out[name].append(h)
+    return out
+
+
 def save_kb_cache(path: str | Path, cache: SideCache, key: str) -> None:
-    """Save ``cache`` under ``key``: written to a temporary name in the same folder, then renamed, so
-    the final name never holds a half-written file."""
+    """Save ``cache`` under ``key`` with the digests of its tensors: written to a temporary name in the
+    same folder, then renamed, so the final name never holds a half-written file."""
     path = Path(path)
     data = {SIDE + k: v.detach().cpu().contiguous() for k, v in cache.tensors.items()}
     data.update({META + "version": torch.tensor(CACHE_VERSION), META + "key": _text(key),
                  META + "rows": torch.tensor(len(cache), dtype=torch.int64), META + "dtype": _text(cache_dtype_of(cache))})
+    data[DIGEST] = _text(json.dumps(tensor_digests(data), sort_keys=True))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(data, tmp)
@@ -221,10 +255,29 @@ def save_kb_cache(path: str | Path, cache: SideCache, key: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_kb_cache(path: str | Path, key: str, warn: bool = True) -> SideCache | None:
+def digest_mismatch(data: dict[str, Tensor]) -> str | None:
+    """Why the tensors of a loaded cache do not match their saved digests (a damaged file), or None."""
+    try:
+        saved = json.loads(_read_text(data.get(DIGEST)) or "")
+    except ValueError:
+        return "no readable tensor digest"
+    tensors = {k: v for k, v in data.items() if k != DIGEST}
+    if not isinstance(saved, dict) or set(saved) != set(tensors):
+        return "the tensor digest does not list the file's tensors"
+    for name, blocks in tensor_digests(tensors).items():
+        want = saved[name]
+        if blocks != want:
+            where = (f"block {next(i for i, (a, b) in enumerate(zip(blocks, want, strict=True)) if a != b)}"
+                     if len(blocks) == len(want) else "the number of blocks")
+            return f"tensor {name!r} differs from its sha256 digest ({where} of {DIGEST_BLOCK >> 20} MiB): the file is damaged"
+    return None
+
+
+def load_kb_cache(path: str | Path, key: str, warn: bool = True, verify: bool = True) -> SideCache | None:
     """The cache saved at ``path`` under ``key``, memory-mapped; None (with ``warn``, one line on stderr
-    saying why) if the file is missing, unreadable or damaged, of another version or of another key.
-    Never raises: a bad cache is rebuilt."""
+    saying why) if the file is missing, unreadable or damaged (with ``verify``: a tensor whose bytes
+    differ from their digest), of another version or of another key. Never raises: a bad cache is
+    rebuilt. ``verify=False`` only measures what the check costs (bench/bench_kb_cache.py)."""
     path = Path(path)
 
     def _reject(path: Path, why: str) -> None:
@@ -248,6 +301,10 @@ def load_kb_cache(path: str | Path, key: str, warn: bool = True) -> SideCache | 
         return None
     if _read_text(data.get(META + "key")) != key:
         _reject(path, "built for another KB, model, config or cache dtype (key differs)")
+        return None
+    why = digest_mismatch(data) if verify else None
+    if why:
+        _reject(path, why)
         return None
     side = {k[len(SIDE):]: v for k, v in data.items() if k.startswith(SIDE)}
     try:

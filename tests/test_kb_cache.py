@@ -1,6 +1,7 @@
 """The compact entity cache (eval/kb_cache.py): round trips, block access, saved files, the key, and
 rank agreement with the fp32 cache on the tiny synthetic benchmark."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from eval.encode import encode_kb, encode_split
 from eval.evaluate import kb_cache_location
+from eval.evaluate import main as evaluate_main
 from eval.kb_cache import (
     SCALE,
     CacheValueError,
@@ -164,6 +166,64 @@ def test_bad_cache_files_give_none_and_say_why(matcher, tmp_path, capsys):
     assert load_kb_cache(tmp_path / "v99.pt", "a" * 64) is None
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and "unreadable" in err[0] and "unreadable" in err[1] and "version 99" in err[2]
+
+
+def flip_tensor_bytes(path: Path, key: str = "side.text.glob") -> None:
+    """Invert the middle half of the bytes of tensor ``key`` inside a saved torch file, in place (same
+    size; torch.save stores each tensor's bytes uncompressed, found here by their content)."""
+    blob = torch.load(path, weights_only=True)[key].reshape(-1).view(torch.uint8).numpy().tobytes()
+    raw = bytearray(path.read_bytes())
+    at = raw.index(blob)
+    assert raw.find(blob, at + 1) == -1  # the tensor's bytes occur once: these are its bytes
+    for i in range(at + len(blob) // 4, at + 3 * len(blob) // 4):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_tensor_bytes_are_refused_naming_the_file_and_tensor(matcher, tmp_path, capsys):
+    small = compress(entity_cache(matcher), "int8")
+    path = tmp_path / "kb_cache-x.pt"
+    save_kb_cache(path, small, "k" * 64)
+    size = path.stat().st_size
+    flip_tensor_bytes(path)
+    assert path.stat().st_size == size
+    damaged = load_kb_cache(path, "k" * 64, verify=False)  # what an unchecked load would score
+    assert damaged is not None and not all(torch.equal(damaged[k], small[k]) for k in small.tensors)
+    capsys.readouterr()
+    assert load_kb_cache(path, "k" * 64) is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "differs from its sha256 digest" in err[0], err
+    # A file without digests (as this format's version 1 wrote them) is rebuilt too.
+    save_kb_cache(path, small, "k" * 64)
+    data = torch.load(path, weights_only=True)
+    del data["meta.sha256"]
+    torch.save(data, tmp_path / "no_digest.pt")
+    assert load_kb_cache(tmp_path / "no_digest.pt", "k" * 64) is None
+    assert "no readable tensor digest" in capsys.readouterr().err
+
+
+def test_a_damaged_saved_cache_is_rebuilt_and_ranks_as_the_clean_one(tiny_export, tmp_path, capsys):
+    export = shutil.copytree(tiny_export, tmp_path / "best", ignore=shutil.ignore_patterns("kb_cache-*"))
+
+    def run(name):
+        evaluate_main(["--checkpoint", str(export), "--out", str(tmp_path / name), "--split", "dev",
+                       "--set", "eval.cache_dtype=int8"])
+        out = tmp_path / name
+        cache = json.loads((out / "results-dev.json").read_text())["kb_cache"]
+        return cache, [json.loads(line) for line in open(out / "per_mention-dev.jsonl")]
+
+    clean, clean_ranks = run("clean")
+    assert clean["state"] == "built"
+    path = Path(clean["path"])
+    flip_tensor_bytes(path)  # reused unchecked (the code before digests), this moved 42 of the 59 dev ranks
+    capsys.readouterr()
+    again, ranks = run("damaged")
+    assert again["state"] == "built" and again["path"] == str(path)  # not reused: encoded and saved again
+    assert ranks == clean_ranks
+    err = [line for line in capsys.readouterr().err.splitlines() if "KB cache" in line]
+    assert len(err) == 1 and str(path) in err[0] and "differs from its sha256 digest" in err[0]
+    third, _ = run("third")
+    assert third["state"] == "reused"  # the rebuilt file is whole
 
 
 def test_cache_dtype_is_validated_naming_key_and_choices():
