@@ -8,6 +8,7 @@ import socket
 import tarfile
 import threading
 import time
+from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
@@ -17,7 +18,7 @@ import pytest
 from data_shards.convert import main as convert_main
 from data_shards.dme import run as dme_run
 from data_shards.dme.backends import EmbeddingSelector, FirstSelector, LLMSelector, LLMUnreachable, Query, Selector, parse_choice
-from data_shards.dme.cache import ChoiceCache
+from data_shards.dme.cache import ChoiceCache, cache_key
 from data_shards.dme.candidates import CandidateSettings, CandidateTable, normalise
 from data_shards.dme.config import DMEConfig, DMEConfigError, EmbeddingSettings, LLMSettings, load_dme_config
 from data_shards.dme.run import enhance_records, run_dme
@@ -260,9 +261,32 @@ def test_llm_backend_parses_falls_back_and_cache_makes_a_rerun_free(tmp_path, fa
     assert body["model"] == "fake" and body["temperature"] == 0 and body["max_tokens"] == 16
     assert "1. " in body["messages"][-1]["content"] and "2. " in body["messages"][-1]["content"]
 
-    again, st2 = run()  # same mentions, sentences, candidates, model: all from the cache
-    assert server.requests == 4 and st2.cached == 4 and st2.asked == 0
+    again, st2 = run()  # same mentions, sentences, candidates, model: the decisions from the cache
+    assert st2.cached == 2 and st2.asked == 2 and server.requests == 6  # the two fallbacks were asked again
     assert [r["desc"] for r in again] == [r["desc"] for r in records] and dict(st2.undecided) == dict(st.undecided)
+    server.replies.update({"Mercury": "2", "Amazon": "Answer: 2"})  # the server is fixed
+    fixed, st3 = run()
+    assert st3.cached == 2 and st3.asked == 2 and st3.selected == 4 and not st3.undecided
+    assert [r["desc"] for r in fixed] == ["American basketball player", "capital of France", "chemical element", "river"]
+    _, st4 = run()
+    assert st4.cached == 4 and st4.asked == 0 and server.requests == 8  # now every answer is a decision: a free re-run
+
+
+def test_fallback_rows_of_an_older_cache_are_asked_again(tmp_path, fake_llm):
+    server = fake_llm({"Mercury": "1"})
+    table = CandidateTable.from_rows(LLM_ROWS)
+    cfg = _llm_cfg(server.base_url)
+    sel, cache = LLMSelector(cfg.llm), ChoiceCache(tmp_path / "c.sqlite")
+    records = _records("Mercury")
+    key = cache_key(sel.identity(), "Mercury", records[0]["sentence"], table.lookup("Mercury"))
+    cache.put_many([(key, None, "unparsable")])  # what the client stored before fallbacks were left out
+    try:
+        st = enhance_records(records, Path("x.json"), table, sel, cache, cfg)
+    finally:
+        sel.close()
+    assert st.asked == 1 and st.cached == 0 and server.requests == 1 and records[0]["desc"] == "planet"
+    assert cache.get_many([key]) == {key: (0, "")} and len(cache) == 1
+    cache.close()
 
 
 def test_llm_timeout_retries_then_falls_back_and_is_not_cached(tmp_path, fake_llm):
@@ -340,6 +364,21 @@ def test_first_backend_end_to_end_into_the_shards(tiny_raw, tmp_path):
     with tarfile.open(shards / manifest["shards"]["dev"][0]["name"]) as tf:
         metas = [json.load(tf.extractfile(m)) for m in tf.getmembers() if m.name.endswith(".json")]
     assert metas and all(m["desc"] == by_id[m["id"]] for m in metas)
+
+
+def test_a_rerun_against_a_fixed_server_asks_again_and_succeeds(tiny_raw, tmp_path, fake_llm, capsys):
+    server = fake_llm(defaultdict(lambda: "I cannot tell."))
+    args = ["--dataset", "synthetic", "--root", str(tiny_raw), "--backend", "llm", "--out", str(tmp_path / "dme"),
+            "--splits", "dev", "--quiet", "--set", f"llm.base_url={server.base_url}", "llm.model=fake"]
+    assert dme_run.main(args) == 3  # every query fell back: unparsable
+    first = server.requests
+    assert first > 0 and "fell back (unparsable" in capsys.readouterr().err
+    server.replies.clear()  # the server is fixed: every mention now gets "1"
+    server.replies.default_factory = lambda: "1"
+    assert dme_run.main(args) == 0
+    report = json.loads((tmp_path / "dme" / "dme_report.json").read_text())["splits"]["dev"]
+    assert server.requests == 2 * first and report["asked"] == first and report["cached"] == 0
+    assert report["selected"] == first and report["fallback_used"] == 0
 
 
 class _Flaky(Selector):

@@ -9,7 +9,8 @@
 A selector returns a :class:`Choice` per query: the chosen index, or ``None`` with the reason it
 could not decide (``unparsable``, ``out_of_range``, ``timeout``, ``connection_error``,
 ``http_<code>``, ``bad_response``, ``reply_too_large``, ``interrupted``); the runner then applies
-the configured fallback and counts it.
+the configured fallback and counts it. Only chosen indices are cached: every fallback is asked again
+on the next run.
 
 The LLM client bounds every request: ``llm.timeout_s`` is a wall-clock deadline from connection to
 the reply's last byte (a watchdog shuts the socket down, so a server trickling a byte a second
@@ -49,7 +50,7 @@ class Choice:
     index: int | None  # chosen candidate, or None
     reason: str = ""  # why no index ("" for a deliberate "no description", backend none)
     raw: str = ""  # the model's reply (llm), for the report's examples
-    cacheable: bool = True  # False for transport failures: a re-run should ask again
+    cacheable: bool = True  # False for every fallback (no index): a re-run asks again, e.g. a fixed server
 
 
 class LLMUnreachable(RuntimeError):
@@ -302,7 +303,8 @@ class LLMSelector(Selector):
             with self.lock:
                 self.succeeded += 1
             index, reason = parse_choice(text, len(q.candidates))
-            return Choice(index, reason, raw=text[:200])
+            # An unparsable or out-of-range reply is not an answer: cached, it would fall back forever
+            return Choice(index, reason, raw=text[:200], cacheable=index is not None)
         return Choice(None, failure.reason, raw=str(failure)[:200], cacheable=False)
 
     def select(self, queries: Sequence[Query]) -> list[Choice]:

@@ -1,7 +1,9 @@
 """On-disk cache of selections: SQLite, one row per (mention, sentence, candidate set, selector).
 
 Each batch of results is committed in one transaction, so an interrupted run keeps every finished
-batch and never a half-written one; a re-run asks the selector only about what is missing.
+batch and never a half-written one; a re-run asks the selector only about what is missing. Only
+decisions (a chosen candidate) are kept: a fallback row (no choice, as earlier versions stored
+unparsable and out-of-range replies) reads as missing, so a re-run against a fixed server asks again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def cache_key(selector_id: str, mention: str, sentence: str, candidates: Sequenc
 
 
 class ChoiceCache:
-    """key -> (chosen candidate index or None, reason). ``path=None`` keeps nothing (cache disabled)."""
+    """key -> (chosen candidate index, reason). ``path=None`` keeps nothing (cache disabled)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -40,7 +42,8 @@ class ChoiceCache:
         out: dict[str, tuple[int | None, str]] = {}
         for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             part = keys[i:i + 500]
-            rows = self.conn.execute(f"SELECT key, choice, reason FROM choices WHERE key IN ({','.join('?' * len(part))})", part)
+            rows = self.conn.execute(f"SELECT key, choice, reason FROM choices WHERE choice IS NOT NULL AND key IN "
+                                     f"({','.join('?' * len(part))})", part)
             out.update({k: (c, r) for k, c, r in rows})
         return out
 
@@ -53,7 +56,7 @@ class ChoiceCache:
     def __len__(self) -> int:
         if self.conn is None:
             return 0
-        return int(self.conn.execute("SELECT COUNT(*) FROM choices").fetchone()[0])
+        return int(self.conn.execute("SELECT COUNT(*) FROM choices WHERE choice IS NOT NULL").fetchone()[0])
 
     def close(self) -> None:
         if self.conn is not None:

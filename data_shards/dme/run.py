@@ -7,8 +7,8 @@ Reads the split files of ``--root`` (raw JSON lists; every field of every record
 included, is kept as it is except ``desc``), writes files of the same names into OUTDIR (each
 complete under a temporary name, then renamed) and ``OUTDIR/dme_report.json``. Selections are
 cached in ``OUTDIR/.dme_cache/choices.sqlite``: a re-run, or the rest of an interrupted run, only
-asks the selector about what is not cached yet. ``python -m data_shards.convert --desc-from OUTDIR``
-then builds shards with these descriptions.
+asks the selector about what is not cached yet (fallbacks are never cached: a re-run asks again).
+``python -m data_shards.convert --desc-from OUTDIR`` then builds shards with these descriptions.
 """
 
 from __future__ import annotations
