@@ -120,15 +120,31 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({yaml_problem(err)})") from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where (line, column), without the file's name."""
+    mark = getattr(err, "problem_mark", None)
+    if isinstance(err, yaml.MarkedYAMLError) and mark is not None:
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
 
 
 def load_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The mapping in ``path`` (empty without one) with the overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides or []:

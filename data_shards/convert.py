@@ -46,6 +46,8 @@ the jobs and the merge). It removes .OUT.parts/ when done.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -205,13 +207,18 @@ def _write_shard(job: tuple) -> dict:
     try:
         with open(tmp, "wb") as fh:
             writer = wds.TarWriter(fh, encoder=False, mtime=0)  # mtime=0: byte-identical re-runs
-            for item in items:
-                if group == "kb":
-                    sample, reason, used = _entity_sample(item, size, quality, folder, source)
-                else:
-                    sample, reason, used = _mention_sample(*item, size, quality, folder, source)
-                stats.add(reason, used)
-                writer.write(sample)
+            try:
+                for item in items:
+                    if group == "kb":
+                        sample, reason, used = _entity_sample(item, size, quality, folder, source)
+                    else:
+                        sample, reason, used = _mention_sample(*item, size, quality, folder, source)
+                    stats.add(reason, used)
+                    writer.write(sample)
+            except BaseException:  # a full disk, a bad record: mark the tar stream closed now, or its finaliser
+                with contextlib.suppress(OSError, ValueError):  # writes to the closed file later (a stray traceback)
+                    writer.close()
+                raise
             writer.close()
         data = tmp.read_bytes()
         os.replace(tmp, path)
@@ -633,6 +640,21 @@ The jobs and the merge take the same ARGS (--workers may differ). The parts go t
 --out; the merge checks them, writes --out exactly as a one-job conversion would, and removes them."""
 
 
+def _disk_full(err: OSError) -> bool:
+    if err.errno == errno.ENOSPC:
+        return True
+    # shutil.copytree (the tokenizer copy) collects its files' errors into one shutil.Error, errno unset
+    return isinstance(err, shutil.Error) and os.strerror(errno.ENOSPC) in str(err)
+
+
+def _os_error_line(err: OSError, out: Path) -> str:
+    """A failed write or read of the conversion on one line; a full disk names --out and says it is full."""
+    if _disk_full(err):
+        return (f"the disk holding {out.resolve().parent} is full (no space left on device) while converting into {out}: "
+                f"{out} was left as it was (no new manifest); free space or choose another --out, then run again")
+    return f"{err}: {out} was left as it was (no new manifest)"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Convert a MIMIC-format MEL dataset into webdataset shards.", epilog=_PARTS_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -670,6 +692,8 @@ def main(argv: list[str] | None = None) -> None:
             m = merge_parts(lay, a.root, a.out, s, num_jobs=a.num_jobs) if a.merge else convert(lay, a.root, a.out, s)
     except (TooManyMissingImages, DatasetFormatError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # the conversion was built aside and removed: --out is as it was
+        sys.exit(f"error: {_os_error_line(err, a.out)}")
     if a.job_index is not None:
         part = parts.part_dir(parts.staging_dir(a.out.resolve()), a.job_index)
         print(f"wrote part {a.job_index} of {a.num_jobs} ({len(rec['shards'])} shards) to {part}; once all {a.num_jobs} "

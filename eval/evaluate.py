@@ -21,11 +21,14 @@ dev evaluation keeps it in memory only.
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -49,7 +52,7 @@ from eval.metrics import NonFiniteScoreError, summarize
 from eval.ranking import autocast_for, exact_ranks, kb_index, recall_at, two_stage_ranks
 from eval.slices import evaluation_slices, slice_rows, slices_line, slices_markdown
 from model import distributed as D
-from model.config import Config, ConfigError, to_dict
+from model.config import Config, to_dict
 from model.export import load_export_for_command
 from model.factory import make_collator
 from model.mmoe import MMoEModel
@@ -284,27 +287,59 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     D.init_process_group()
+    out = a.out or Path(a.checkpoint)
+    try:
+        run(a, out)
+    except COMMAND_ERRORS as err:
+        line = error_line(err, out)
+    else:
+        D.shutdown()
+        return
+    exit_with(line)
+
+
+# What a command reports in one line (error_line) instead of a traceback; eval.link uses them too.
+# ConfigError, ExportError, DataMismatch, NonFiniteScoreError and CacheValueError are ValueErrors.
+COMMAND_ERRORS = (ValueError, KeyError, ShardError, OSError)
+
+
+def exit_with(line: str) -> NoReturn:
+    """Exit with ``line``; call it after the ``except`` block, once the exception is gone: its frames may
+    have held a DataLoader iterator, whose workers then end cleanly here rather than being killed at exit
+    (which makes torch print a traceback)."""
+    gc.collect()  # the frames of a traceback form cycles
+    sys.exit(line)
+
+
+def error_line(err: BaseException, out: Path | None = None) -> str:
+    """``err`` as the command's last words: the message alone (without the traceback of the DataLoader
+    worker that raised it), and a full disk said as such with the folder it hit (``out`` when the
+    error names no file)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = err.filename or out
+        return f"error: the disk is full (no space left writing {where}): free space there, or write elsewhere (--out)"
+    msg = str(err)
+    if "Original Traceback" in msg:  # torch re-raises a worker's error with its traceback before the message
+        msg = msg.rstrip().rsplit(f"{type(err).__name__}: ", 1)[-1]
+    return f"error: {msg}"
+
+
+def run(a: argparse.Namespace, out: Path) -> None:
+    """eval.evaluate's work once its arguments are parsed: load, verify, evaluate, write (rank 0)."""
     device = D.device_for_rank()
-    try:
-        settings = ([f"eval.mode={a.mode}"] if a.mode else []) + a.overrides
-        model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"),
-                                             allow_other_kb=a.allow_other_kb)
-        verify_eval_data(cfg, a.split)
-        cache_file, key = kb_cache_location(a.checkpoint, cfg, device) if cfg.eval.save_kb_cache else (None, None)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, ShardError) as err:
-        sys.exit(f"error: {err}")
+    settings = ([f"eval.mode={a.mode}"] if a.mode else []) + a.overrides
+    model, cfg = load_export_for_command(a.checkpoint, settings, a.config, sections=("data", "eval"),
+                                         allow_other_kb=a.allow_other_kb)
+    verify_eval_data(cfg, a.split)
+    cache_file, key = kb_cache_location(a.checkpoint, cfg, device) if cfg.eval.save_kb_cache else (None, None)
     model.to(device)
-    try:
-        result = evaluate_split(model, cfg, a.split, device, kb_cache_path=cache_file, cache_key=key)
-    except NonFiniteScoreError as err:
-        sys.exit(f"error: {err}")
+    result = evaluate_split(model, cfg, a.split, device, kb_cache_path=cache_file, cache_key=key)
     if D.is_main():
-        board = write_outputs(result, cfg, a.out or Path(a.checkpoint), a.checkpoint, a.name)
+        board = write_outputs(result, cfg, out, a.checkpoint, a.name)
         c = result.kb_cache
         print(f"entity cache {c['state']} ({c['dtype']}, {c['bytes'] / 2**20:.1f} MiB): {c['path'] or 'in memory only'}")
         print(one_line(result))
         print(board.read_text())
-    D.shutdown()
 
 
 if __name__ == "__main__":

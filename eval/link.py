@@ -32,7 +32,7 @@ from data_shards.images import prepare_image
 from data_shards.store import EntityStore
 from data_shards.stream import load_manifest, manifest_hash
 from eval.encode import encode_kb
-from eval.evaluate import kb_cache_location
+from eval.evaluate import COMMAND_ERRORS, error_line, exit_with, kb_cache_location
 from eval.kb_cache import CACHE_DTYPES, compress, expand, load_kb_cache, save_kb_cache
 from eval.metrics import NonFiniteScoreError
 from eval.ranking import autocast_for, kb_index, score_against_kb, search
@@ -52,10 +52,27 @@ class LinkResult:
 
 
 def check_image(image: str | Path) -> Path:
+    """``image`` as a path to a regular file; FileNotFoundError or ValueError says what it is instead."""
     path = Path(image)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"query image {path} not found (leave --image out to link without an image)")
+    if path.is_dir():
+        raise ValueError(f"query image {path} is a directory: pass an image file")
+    if not path.is_file():  # reading a FIFO would wait for a writer; a device never ends
+        raise ValueError(f"query image {path} is not a regular file (a FIFO, socket or device): pass an image file")
     return path
+
+
+def check_text(name: str, text: str) -> str:
+    """``text`` unless it holds characters UTF-8 cannot encode: arguments in another encoding reach
+    Python as lone surrogates (its surrogateescape), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        byte = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character {ord(bad):#06x}"
+        raise ValueError(f"{name} is not valid UTF-8 text ({byte} at character {err.start}): pass it in UTF-8") from None
+    return text
 
 
 class Linker:
@@ -108,6 +125,8 @@ class Linker:
 
     def query_batch(self, sentence: str, mention: str, image: str | Path | None = None, desc: str = "") -> dict:
         """The collated one-mention batch, prepared exactly as training data is."""
+        for name, text in (("sentence", sentence), ("mention", mention), ("desc", desc)):
+            check_text(name, text)
         jpg = None
         if image is not None:
             path = check_image(image)
@@ -195,12 +214,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="link against a KB other than the one the export was trained on (the tokenizer must still match)")
     a = p.parse_args(argv)
     try:
+        for flag in ("sentence", "mention", "desc"):  # before loading the model and encoding the KB
+            check_text(f"--{flag}", getattr(a, flag))
         if a.image is not None:
             check_image(a.image)
         linker = Linker(a.checkpoint, a.shards, a.device, a.allow_other_kb, a.cache_dtype)
         results = linker.query(a.sentence, a.mention, a.image, a.desc, a.top_k, a.mode)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+    except COMMAND_ERRORS as err:
+        line = error_line(err)
+    else:
+        line = None
+    if line is not None:
+        exit_with(line)  # outside the except block: see its docstring
     state = "reused" if linker.cache_reused else "built"
     where = linker.cache_file if linker.cache_reused or linker.cache_saved else "in memory only"
     print(f"KB {linker.shards} ({len(linker.kb)} entities), entity cache {state}: {where}")

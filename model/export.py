@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -93,6 +94,8 @@ def write_data_identity(folder: Path, cfg: Config) -> None:
 def check_data_identity(export: str | Path, cfg: Config, allow_other_kb: bool = False) -> None:
     """DataMismatch (a ValueError) when ``cfg``'s tokenizer or KB is not what ``export`` was trained on."""
     check_identity(export, data_tokenizer(cfg), cfg.data.shards, allow_other_kb)
+
+
 def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
@@ -112,17 +115,72 @@ def recover_export(out_dir: str | Path) -> None:
         old.rename(out_dir)
 
 
+class ExportError(ValueError):
+    """An export folder whose files cannot be read (truncated, garbled, from two models); the message names the file."""
+
+
+# What train/checkpointing.py writes into a training checkpoint (runs/NAME/checkpoints/step-N); model/ cannot import train/.
+TRAINING_CHECKPOINT_FILES = ("complete.json", "mp_rank_00_model_states.pt")
+REEXPORT = "restore it, or export the run again (python -m train.checkpointing export runs/NAME/checkpoints/step-N OUT)"
+
+
+def _not_an_export(path: Path) -> FileNotFoundError:
+    """Why ``path`` is no export, and what to pass instead."""
+    if not path.exists():
+        return FileNotFoundError(f"{path} does not exist: pass a model export (runs/NAME/best)")
+    if any((path / name).is_file() for name in TRAINING_CHECKPOINT_FILES):
+        return FileNotFoundError(
+            f"{path} is a training checkpoint (DeepSpeed state), not a model export: convert it with "
+            f"`python -m train.checkpointing export {path} OUT` (add --config runs/NAME/config.yaml when the run's config "
+            "is not two folders above it) and pass OUT, or pass the run's best export (runs/NAME/best)")
+    for best in (path / "best", path.parent / "best"):  # a run folder, or its checkpoints/ folder
+        if (best / EXPORT_WEIGHTS).is_file():
+            return FileNotFoundError(f"{path} holds no {EXPORT_WEIGHTS}: it is not a model export; pass {best}")
+    return FileNotFoundError(f"{path} holds no {EXPORT_WEIGHTS}: pass a model export (runs/NAME/best)")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def _export_cfg(path: Path) -> Config:
+    """The export's config.yaml, in the local layout; ExportError names the file when it is garbled."""
+    file = path / EXPORT_CONFIG
+    if not file.is_file():
+        raise ExportError(f"{path} holds {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}: the export is incomplete; {REEXPORT}")
+    try:
+        return export_config(load_config(file))  # exports hold the local layout
+    except ConfigError as err:  # garbled YAML or text, or keys and values this code does not accept
+        named = str(err) if str(err).startswith(str(file)) else f"{file}: {err}"
+        raise ExportError(f"{named}; the export config is damaged or from another version: {REEXPORT}") from None
+
+
+def _export_weights(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The export's tensors, read by safetensors (never unpickled); ExportError names a damaged file."""
+    file = path / EXPORT_WEIGHTS
+    try:
+        return load_file(str(file), device=str(map_location))
+    except SafetensorError as err:
+        raise ExportError(f"{file} is truncated or damaged ({_one_line(err)}); {REEXPORT}") from None
+
+
 def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMoEModel, Config]:
+    """The model and config of an export folder. FileNotFoundError: not an export (says what to pass);
+    ExportError: an export whose files are damaged or do not fit together."""
     path = Path(path)
     if not (path / EXPORT_WEIGHTS).is_file() and (_sibling(path, ".old") / EXPORT_WEIGHTS).is_file():
         path = _sibling(path, ".old")  # read during (or after a kill in) save_export's swap: the previous export
     if not (path / EXPORT_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path} holds no {EXPORT_WEIGHTS}: pass a model export (runs/NAME/best) or a checkpoint folder")
-    cfg = export_config(load_config(path / EXPORT_CONFIG))  # exports hold the local layout
+        raise _not_an_export(path)
+    cfg = _export_cfg(path)
     model = MMoEModel(cfg.model)
-    missing, unexpected = model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=str(map_location)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(_export_weights(path, map_location), strict=False)
+    except RuntimeError as err:  # shapes that differ from the config's
+        raise ExportError(f"{path / EXPORT_WEIGHTS} does not fit {path / EXPORT_CONFIG} ({_one_line(err)}); {REEXPORT}") from None
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ExportError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+                          f"{REEXPORT}")
     return model, cfg
 
 
@@ -133,11 +191,14 @@ def load_export_for_command(checkpoint: str | Path, settings: list[str], config:
     """An export for a command-line tool: ``config``'s ``sections`` replace the export's (the model
     section always comes from the export, since it must fit the weights), then ``settings``
     (``section.key=value``) apply. The data's tokenizer and KB are then checked against the ones the
-    export was trained on. Errors are ConfigError/FileNotFoundError/ValueError (DataMismatch)."""
+    export was trained on. Errors are ConfigError/FileNotFoundError/ValueError (ExportError, DataMismatch)."""
     model, cfg = load_export(checkpoint)
     data = to_dict(cfg)
     if config:
-        other = to_dict(load_config(config))
+        try:
+            other = to_dict(load_config(config))
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(err).startswith(str(config)) else f"{config}: {err}") from None
         for section in sections:
             data[section] = other[section]
     for assignment in settings:

@@ -1,0 +1,243 @@
+"""Commands end with one line that names the file and says what to do, never a traceback: damaged
+shards and exports, training checkpoints passed as exports, odd --image paths, arguments that are not
+UTF-8, and a disk that fills (a real, small tmpfs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_shards.convert import main as convert_main
+from data_shards.verify import verify
+from eval.evaluate import main as evaluate_main
+from eval.link import main as link_main
+from model.export import EXPORT_CONFIG, EXPORT_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCE, MENTION = "Kemor Fubrul was seen at the harbour", "Kemor Fubrul"
+
+
+def command(module: str, *args: str | bytes) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root; bytes arguments reach it as they are."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The failed command's stderr, which must be one line starting with 'error:'."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def exit_line(fn, argv: list[str]) -> str:
+    """The one-line message a command's main() exits with."""
+    with pytest.raises(SystemExit) as info:
+        fn(argv)
+    msg = str(info.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture
+def export_copy(tiny_export, tmp_path) -> Path:
+    out = tmp_path / "best"
+    shutil.copytree(tiny_export, out)
+    return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(kib)``: a tmpfs of that size (a disk that fills); skipped where mounting is not permitted."""
+    mounts: list[Path] = []
+
+    def mount(kib: int) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command: cannot make a small disk to fill")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a small tmpfs to fill (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.evaluate: a shard whose sample count differs from the manifest
+
+
+@pytest.fixture
+def miscounted_shards(tiny_shards, tmp_path) -> tuple[Path, str]:
+    """A copy of the shards whose manifest lists one sample fewer in the first test shard (sizes and
+    digests unchanged, so the checksum check passes and the stream finds the difference)."""
+    out = tmp_path / "shards"
+    shutil.copytree(tiny_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    first = manifest["shards"]["test"][0]
+    first["samples"] -= 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out, first["name"]
+
+
+def test_evaluate_names_a_shard_with_another_sample_count_in_one_line(miscounted_shards, tiny_export, tmp_path):
+    shards, name = miscounted_shards
+    args = ["--checkpoint", str(tiny_export), "--out", str(tmp_path / "res"), "--set", f"data.shards={shards}",
+            "--set", "eval.save_kb_cache=false"]
+    line = exit_line(evaluate_main, args)  # in this process: the stream read in the main process
+    assert line == (f"error: {shards / name} holds more than the 28 samples the manifest lists: it was replaced; "
+                    "convert the dataset again")
+    # as a command, read by a DataLoader worker: the worker's traceback is not repeated
+    assert one_error_line(command("eval.evaluate", *args, "--set", "eval.num_workers=1")) == line
+    assert not (tmp_path / "res" / "results-test.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged exports, and things that are not exports
+
+
+def test_a_truncated_weights_file_is_named_by_evaluate_and_link(export_copy):
+    weights = export_copy / EXPORT_WEIGHTS
+    os.truncate(weights, weights.stat().st_size // 2)
+    expected = rf"error: {weights} is truncated or damaged \(.*\); restore it, or export the run again"
+    line = exit_line(evaluate_main, ["--checkpoint", str(export_copy)])
+    assert re.fullmatch(expected + r".*", line), line
+    line = exit_line(link_main, ["--checkpoint", str(export_copy), "--sentence", SENTENCE, "--mention", MENTION])
+    assert re.fullmatch(expected + r".*", line), line
+
+
+@pytest.mark.parametrize("garbage, problem", [
+    ("model: [unclosed\n  : x: {", r"is not valid YAML: expected ',' or '\]', but got ':' at line 2, column 3"),
+    (b"\xff\xfe\x00garbage", r"is not UTF-8 text \(byte 0xff at offset 0\)"),
+    ("- a list\n", r"the top level must be a mapping"),
+])
+def test_a_garbled_export_config_is_named_in_one_line(export_copy, garbage, problem):
+    config = export_copy / EXPORT_CONFIG
+    config.write_bytes(garbage if isinstance(garbage, bytes) else garbage.encode())
+    for main, extra in ((evaluate_main, []), (link_main, ["--sentence", SENTENCE, "--mention", MENTION])):
+        line = exit_line(main, ["--checkpoint", str(export_copy), *extra])
+        assert re.match(rf"error: {config}:? {problem}.*restore it, or export the run again", line), line
+
+
+def test_a_pickle_posing_as_the_weights_is_refused_and_never_run(export_copy, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (export_copy / EXPORT_WEIGHTS).write_bytes(pickle.dumps({"w": Payload()}))
+    line = exit_line(evaluate_main, ["--checkpoint", str(export_copy)])
+    assert f"{export_copy / EXPORT_WEIGHTS} is truncated or damaged" in line
+    assert not marker.exists()
+
+
+def test_a_training_checkpoint_is_named_as_such_with_the_export_command(tmp_path, export_copy):
+    step = tmp_path / "runs" / "r" / "checkpoints" / "step-0000004"
+    step.mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "complete.json"):  # what train/checkpointing.py writes there
+        (step / name).write_bytes(b"")
+    line = exit_line(evaluate_main, ["--checkpoint", str(step)])
+    assert f"{step} is a training checkpoint (DeepSpeed state), not a model export" in line
+    assert f"`python -m train.checkpointing export {step} OUT`" in line and "pass OUT" in line
+    assert "pass a model export (runs/NAME/best) or a checkpoint folder" not in line
+    run = tmp_path / "runs" / "r"  # the run folder itself: its best export is named
+    shutil.copytree(export_copy, run / "best")
+    assert exit_line(evaluate_main, ["--checkpoint", str(run)]).endswith(f"it is not a model export; pass {run / 'best'}")
+    assert exit_line(evaluate_main, ["--checkpoint", str(tmp_path / "nowhere")]) == (
+        f"error: {tmp_path / 'nowhere'} does not exist: pass a model export (runs/NAME/best)")
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.link: arguments that are not UTF-8, an --image that is not a file
+
+
+def test_link_refuses_arguments_that_are_not_utf8_in_one_line(tiny_export):
+    base = ["--checkpoint", str(tiny_export), "--device", "cpu"]
+    proc = command("eval.link", *base, "--sentence", b"caf\xe9 at the harbour", "--mention", MENTION)  # Latin-1
+    assert one_error_line(proc) == "error: --sentence is not valid UTF-8 text (byte 0xe9 at character 3): pass it in UTF-8"
+    line = exit_line(link_main, [*base, "--sentence", SENTENCE, "--mention", MENTION, "--desc", "ok \udcff"])
+    assert line == "error: --desc is not valid UTF-8 text (byte 0xff at character 3): pass it in UTF-8"
+
+
+def test_link_says_what_an_image_path_is_when_it_is_not_a_file(tiny_export, tmp_path):
+    from eval.link import link
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    base = ["--checkpoint", str(tiny_export), "--sentence", SENTENCE, "--mention", MENTION, "--device", "cpu"]
+    assert exit_line(link_main, [*base, "--image", str(tmp_path)]) == (
+        f"error: query image {tmp_path} is a directory: pass an image file")
+    assert exit_line(link_main, [*base, "--image", str(fifo)]) == (
+        f"error: query image {fifo} is not a regular file (a FIFO, socket or device): pass an image file")
+    assert exit_line(link_main, [*base, "--image", str(tmp_path / "nope.jpg")]).endswith("nope.jpg not found (leave --image "
+                                                                                        "out to link without an image)")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        link(tiny_export, SENTENCE, MENTION, image=fifo, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# A disk that fills
+
+
+def _disk_kib(folder: Path) -> int:
+    """What ``folder``'s files take on a tmpfs (4 KiB pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4 for p in folder.rglob("*") if p.is_file())
+
+
+def _convert_args(tiny_shards: Path, out: Path) -> list[str]:
+    return ["--root", str(tiny_shards.parent / "raw"), "--out", str(out), "--image-size", "32", "--shard-size", "29"]
+
+
+def test_a_conversion_that_fills_the_disk_says_so_and_leaves_no_manifest(tiny_shards, small_disk):
+    disk = small_disk(_disk_kib(tiny_shards) // 2)
+    out = disk / "shards"
+    line = one_error_line(command("data_shards.convert", *_convert_args(tiny_shards, out), "--workers", "2"))
+    assert line == (f"error: the disk holding {disk} is full (no space left on device) while converting into {out}: {out} "
+                    "was left as it was (no new manifest); free space or choose another --out, then run again")
+    assert list(disk.iterdir()) == []  # no --out, no half-built folder beside it
+
+
+def test_a_reconversion_that_fills_the_disk_keeps_the_complete_one(tiny_shards, small_disk):
+    disk = small_disk(_disk_kib(tiny_shards) * 8 // 5)  # one conversion fits, a second beside it does not
+    out = disk / "shards"
+    convert_main(_convert_args(tiny_shards, out) + ["--workers", "1"])
+    manifest = (out / "manifest.json").read_bytes()
+    line = one_error_line(command("data_shards.convert", *_convert_args(tiny_shards, out), "--workers", "1"))
+    assert f"the disk holding {disk} is full" in line
+    assert (out / "manifest.json").read_bytes() == manifest and verify(out, progress=False) == []
+    assert [p.name for p in disk.iterdir()] == ["shards"]
+
+
+def test_evaluate_on_a_full_disk_names_the_output_folder(tiny_export, small_disk):
+    out = small_disk(4) / "res"  # one page: the per-mention file does not fit
+    line = exit_line(evaluate_main, ["--checkpoint", str(tiny_export), "--out", str(out), "--set", "eval.save_kb_cache=false"])
+    assert line == (f"error: the disk is full (no space left writing {out}): free space there, or write elsewhere (--out)")
+
+
+def test_weights_of_another_shape_than_the_config_are_named_in_one_line(export_copy):
+    import yaml
+
+    config = export_copy / EXPORT_CONFIG
+    data = yaml.safe_load(config.read_text())
+    data["model"]["matcher"]["hidden"] += 8  # the config of another model than the weights
+    config.write_text(yaml.safe_dump(data))
+    line = exit_line(evaluate_main, ["--checkpoint", str(export_copy)])
+    assert line.startswith(f"error: {export_copy / EXPORT_WEIGHTS} does not fit {config} (") and "size mismatch" in line
+    assert line.endswith("restore it, or export the run again (python -m train.checkpointing export "
+                         "runs/NAME/checkpoints/step-N OUT)")
