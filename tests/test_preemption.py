@@ -81,6 +81,42 @@ def test_a_signal_at_a_random_step_checkpoints_the_next_step_and_the_resumed_run
     assert not (tmp_path / "hit" / PREEMPTED_FILE).exists()  # the record describes the attempt that was stopped
 
 
+def dev_rows(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["dev/MRR"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "dev/MRR" in r}
+
+
+def test_a_stop_before_a_due_dev_evaluation_defers_it_to_the_resumed_run(tiny_shards, tmp_path):
+    """The stop is agreed at step 4, where a dev evaluation is due: the checkpoint comes first (the grace has no
+    room for an evaluation), and the resumed run evaluates before it trains on: the same dev and loss rows."""
+    args = BASE + ["--set", "train.max_steps=6", "--set", "train.eval_every_steps=4"]
+    straight = train(args + ["--set", "train.run_name=straight"], tmp_path, tiny_shards)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    hit = train(args + ["--set", "train.run_name=hit"], tmp_path, tiny_shards, env_extra={"MMOE_TEST_SIGNAL_AT_STEP": "3"})
+    assert hit.returncode == PREEMPTED_EXIT_CODE, hit.stderr[-3000:]
+    assert record(tmp_path / "hit")["step"] == 4 and dev_rows(tmp_path / "hit") == {}
+    resumed = train(args + ["--set", "train.run_name=hit", "--resume", "auto"], tmp_path, tiny_shards)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want = dev_rows(tmp_path / "straight")
+    assert 4 in want and dev_rows(tmp_path / "hit") == want
+    assert losses(tmp_path / "hit") == losses(tmp_path / "straight")
+
+
+def test_a_save_at_the_step_resumed_from_keeps_that_checkpoint_until_the_new_one_is_complete(tiny_shards, tmp_path):
+    """A finished run resumed again saves its last step once more; killed in the middle of that save, the
+    checkpoint it resumed from is still there, undamaged, and the next resume uses it."""
+    args = BASE + ["--set", "train.max_steps=3", "--set", "train.run_name=again"]
+    first = train(args, tmp_path, tiny_shards)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = tmp_path / "again" / "checkpoints" / "step-0000003"
+    killed = train(args + ["--resume", "auto"], tmp_path, tiny_shards, env_extra={"MMOE_TEST_KILL_DURING_SAVE": "3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (folder / "complete.json").is_file()
+    last = train(args + ["--resume", "auto"], tmp_path, tiny_shards)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert f"resumed from {folder} at step 3" in last.stderr and "damaged" not in last.stderr
+    assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == ["step-0000003"]
+
+
 def test_sigterm_to_a_whole_two_process_job_stops_every_rank_after_one_complete_checkpoint(tiny_shards, tmp_path):
     """What a scheduler does: SIGTERM to every process of the job (deepspeed runner, per-node launcher,
     both ranks, their DataLoader workers) at a random point; the launcher's SIGKILL would follow 30 s later."""

@@ -5,6 +5,7 @@ exactly the samples not yet consumed (the sample-level check: tests/test_stream.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import statistics
@@ -98,3 +99,59 @@ def test_expert_parallel_ep_size_2_to_another_layout_and_back_is_bit_identical(t
     assert len(files) == 1 + 12 + 2 and files == sorted(p.name for p in c.glob("*.pt") if not p.name.startswith("rng"))
     for name in files:
         assert _same(load_weights_only(a / name), load_weights_only(c / name)) == [], name
+
+
+def _whole(dumps: list[dict]) -> dict:
+    """One state from every rank's dump (train/checkpoint_manager.py, MMOE_TEST_DUMP_FULL): the weights and
+    counters of rank 0, each ZeRO group's fp32 weights and Adam moments joined over the ranks' partitions and
+    cut to the group's size (the partitions are padded to the world size)."""
+    whole = {k: dumps[0][k] for k in ("global_steps", "lr", "weights")}
+    for i, group in enumerate(dumps[0]["partitions"]):
+        for part in ("fp32", "exp_avg", "exp_avg_sq"):
+            pieces = [d["partitions"][i][part] for d in dumps]
+            assert all(p is not None for p in pieces), (i, part)  # every partition was stepped
+            whole[f"group{i}.{part}"] = torch.cat(pieces)[:group["numel"]]
+    return whole
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    if a.keys() != b.keys():
+        return [f"keys: {sorted(a.keys() ^ b.keys())}"]
+    out = [k for k in ("global_steps", "lr") if a[k] != b[k]]
+    out += [f"weights.{n}" for n in a["weights"] if not torch.equal(a["weights"][n], b["weights"][n])]
+    return out + [k for k in a if k.startswith("group") and not torch.equal(a[k], b[k])]
+
+
+def test_a_zero_1_checkpoint_moves_between_world_sizes_through_deepspeeds_universal_checkpoint(tiny_shards, tmp_path):
+    """ZeRO stage 1 partitions the optimizer state by the world size: 2 -> 1 -> 2 processes re-cut it through
+    DeepSpeed's universal checkpoint. Compared bit for bit: every parameter's weight, fp32 master weight and Adam
+    moments gathered whole, the step counter and the learning rates, as saved and right after loading."""
+    args = BASE + ["--set", "train.zero_stage=1", "--set", "train.run_name=z"]
+    dump = {"MMOE_TEST_DUMP_FULL": "1"}
+    at = random.Random().randint(2, 6)
+    two = train(args + ["--set", "train.max_steps=24"], tmp_path, tiny_shards, launcher=deepspeed_launcher(),
+                env_extra={**dump, "MMOE_TEST_SIGNAL_AT_STEP": str(at)})
+    assert two.returncode == PREEMPTED_EXIT_CODE, two.stderr[-3000:]
+    one = train(args + ["--set", f"train.max_steps={at + 4}", "--set", "train.grad_accum=2", "--resume", "auto"],
+                tmp_path, tiny_shards, env_extra=dump)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "optimizer partitions of 2 processes re-cut for 1 through DeepSpeed's universal checkpoint" in one.stderr
+    back = train(args + ["--set", f"train.max_steps={at + 6}", "--resume", "auto"], tmp_path, tiny_shards,
+                 launcher=deepspeed_launcher(), env_extra=dump)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "optimizer partitions of 1 processes re-cut for 2 through DeepSpeed's universal checkpoint" in back.stderr
+
+    run = tmp_path / "z"
+
+    def dumps(kind: str, tag: str, world: int) -> dict:
+        return _whole([torch.load(run / f"{kind}-{tag}-rank{r}.pt", weights_only=True) for r in range(world)])
+
+    for tag, saved_by, loaded_by in ((f"step-{at + 1:07d}", 2, 1), (f"step-{at + 4:07d}", 1, 2)):
+        saved, loaded = dumps("saved", tag, saved_by), dumps("loaded", tag, loaded_by)
+        assert len(saved["weights"]) > 50 and sum(k.startswith("group") for k in saved) >= 6
+        assert _differences(saved, loaded) == [], tag
+    w0, w1 = (torch.load(run / f"loaded-step-{at + 4:07d}-rank{r}.pt", weights_only=True)["weights"] for r in (0, 1))
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)  # both ranks of the 2-process resume hold the same weights
+    got = losses(run)
+    assert sorted(got) == list(range(1, at + 7)) and all(math.isfinite(v) for v in got.values())
+    assert not (run / "universal-tmp").exists()  # the scratch conversion is removed once loaded

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import free_port
 
@@ -84,23 +85,29 @@ def test_two_processes_with_the_deepspeed_launcher_train_save_and_resume(tiny_sh
     assert sorted(losses(tmp_path / "two"))[-1] == 6
 
 
-def test_resuming_with_another_subset_or_zero_partitioning_is_refused(tiny_shards, tmp_path):
-    """World size, batch size and workers may change on resume (tests/test_resume_elsewhere.py); the training
-    subset may not, nor the world size of a ZeRO-partitioned optimizer state."""
+def test_resuming_with_another_subset_zero_stage_or_native_moe_partitioning_is_refused(tiny_shards, tmp_path):
+    """World size, batch size and workers may change on resume (tests/test_resume_elsewhere.py, ZeRO included);
+    the training subset and the ZeRO stage may not, nor the world size of ZeRO-partitioned DeepSpeed MoE layers
+    (DeepSpeed's universal checkpoint cannot re-cut them)."""
     first = train(["--set", "train.run_name=w", "--set", "train.max_steps=2", "--set", "train.eval_every_epochs=0",
-                   "--set", "train.test_at_end=false", "--set", "train.zero_stage=1"], tmp_path, tiny_shards)
+                   "--set", "train.test_at_end=false", "--set", "train.zero_stage=1",
+                   "--set", "model.matcher.moe.backend=deepspeed"], tmp_path, tiny_shards)
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.copytree(tmp_path / "w", tmp_path / "w2")
     state_file = next((tmp_path / "w2" / "checkpoints").glob("*/complete.json"))
     state = json.loads(state_file.read_text())
     state["layout"]["world"] = 4
     state_file.write_text(json.dumps(state))
-    again = train(["--set", "train.run_name=w2", "--set", "train.max_steps=3", "--set", "train.zero_stage=1", "--resume", "auto"],
-                  tmp_path, tiny_shards)
+    again = train(["--set", "train.run_name=w2", "--set", "train.max_steps=3", "--set", "train.zero_stage=1",
+                   "--set", "model.matcher.moe.backend=deepspeed", "--resume", "auto"], tmp_path, tiny_shards)
     assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert "written by 4 processes with ZeRO stage 1, this run has 1" in again.stderr
-    subset = train(["--set", "train.run_name=w", "--set", "train.max_steps=3", "--set", "train.zero_stage=1",
-                    "--set", "data.train_fraction=0.5", "--resume", "auto"], tmp_path, tiny_shards)
+    assert "written by 4 processes with optimizer state partitioned by the world size (ZeRO stage 1" in again.stderr
+    assert "DeepSpeed issue #5716" in again.stderr
+    same = ["--set", "train.run_name=w", "--set", "train.max_steps=3", "--set", "model.matcher.moe.backend=deepspeed",
+            "--resume", "auto"]
+    stage = train(same + ["--set", "train.zero_stage=0"], tmp_path, tiny_shards)
+    assert stage.returncode != 0 and "written with zero_stage=1, this run has 0" in stage.stderr
+    subset = train(same + ["--set", "train.zero_stage=1", "--set", "data.train_fraction=0.5"], tmp_path, tiny_shards)
     assert subset.returncode != 0 and "train_fraction=1.0, this run has 0.5" in subset.stderr
     fresh = train(["--set", "train.run_name=w", "--set", "train.max_steps=3"], tmp_path, tiny_shards)
     assert fresh.returncode != 0 and "--resume auto" in fresh.stderr
@@ -135,14 +142,15 @@ def test_train_state_writes_the_json_checkpoints_have_always_held():
 
     fresh = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False,
              "wandb_id": None, "evals": [], "negatives_file": None, "negatives_epoch": -1, "bad_steps": 0,
-             "epoch_segments": []}
+             "epoch_segments": [], "eval_pending": False}
     assert json.dumps(TrainState().state_dict()) == json.dumps(fresh)
     saved = {**fresh, "step": 7, "evals": [{"step": 5, "epoch": 0, "MRR": 50.0, "H@1": 40.0}], "later_key": 1}
-    del saved["bad_steps"], saved["epoch_segments"]  # a checkpoint older than the keys keeps the defaults
+    del saved["bad_steps"], saved["epoch_segments"], saved["eval_pending"]  # older than the keys: the defaults
     state = TrainState()
     state.load_state_dict(json.loads(json.dumps(saved)))
     assert state.step == 7 and state.bad_steps == 0 and state.evals[0]["MRR"] == 50.0
-    assert state.state_dict() == {**saved, "bad_steps": 0, "epoch_segments": []}  # an unknown key is written back as read
+    # An unknown key is written back as read.
+    assert state.state_dict() == {**saved, "bad_steps": 0, "epoch_segments": [], "eval_pending": False}
 
 
 def test_metrics_window_averages_the_applied_steps_over_their_micro_batches():
@@ -161,3 +169,14 @@ def test_metrics_window_averages_the_applied_steps_over_their_micro_batches():
     assert w.loads["layer0"][0].tolist() == [2, 4] and int(w.loads["layer0"][1]) == 0
     w.reset()
     assert w.micro == 0 and w.samples == 0 and not w.loads
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU computes bf16 and fp16")
+@pytest.mark.parametrize("half", ["bf16", "fp16"])
+def test_half_precision_without_a_gpu_is_refused_by_name(half):
+    """DeepSpeed would cast the weights and fail later inside a LayerNorm ('mixed dtype (CPU)')."""
+    from train.trainer import RunSetupError, resolve_precision
+
+    assert resolve_precision("auto") == "fp32"
+    with pytest.raises(RunSetupError, match=f"train.precision={half} needs a GPU"):
+        resolve_precision(half)

@@ -5,8 +5,9 @@ the conversion to another MoE layout in train/relayout.py, the re-planning of an
 
 What may differ between the checkpoint and the resumed run:
 - world size, batch size, DataLoader workers, shuffle buffer: the interrupted epoch continues over the samples
-  not yet consumed (not with ZeRO stage > 0, whose optimizer partitions follow the world size);
-- the MoE backend or ep_size: weights and optimizer state are converted;
+  not yet consumed; optimizer state partitioned by the old world size (ZeRO 1/2, bf16) is re-cut through
+  DeepSpeed's universal checkpoint (train/universal.py; local MoE backend only);
+- the MoE backend or ep_size: weights and optimizer state are converted (ZeRO stage 0, fp32);
 - the shards (another manifest) only with --allow-data-change; the training subset never.
 """
 
@@ -22,7 +23,7 @@ from data_shards.stream import TrainStream
 from model import distributed as D
 from model.config import Config
 from train import checkpointing as ckpt
-from train import relayout
+from train import relayout, universal
 from train.observe import RankLog
 from train.state import TrainState
 
@@ -38,10 +39,11 @@ REPLANNED = ("world", "batch_size", "num_workers", "shuffle_buffer")
 
 class CheckpointManager:
     def __init__(self, engine, optimizer: torch.optim.Optimizer, stream: TrainStream, cfg: Config, ckpt_dir: Path,
-                 console: RankLog, manifest_sha256: str, allow_data_change: bool = False) -> None:
+                 console: RankLog, manifest_sha256: str, precision: str, allow_data_change: bool = False) -> None:
         """``optimizer``: the client optimizer inside DeepSpeed's wrappers (its state is what a layout
-        conversion moves)."""
+        conversion moves); ``precision``: the resolved one (fp32, bf16, fp16)."""
         self.engine, self.optimizer, self.stream, self.cfg = engine, optimizer, stream, cfg
+        self.precision = precision
         self.ckpt_dir, self.console = ckpt_dir, console
         self.manifest_sha256, self.allow_data_change = manifest_sha256, allow_data_change
         self.first_save = True  # the first save of this process prints how long it took (the grace a stop needs)
@@ -49,7 +51,8 @@ class CheckpointManager:
     def layout(self) -> dict:
         d = self.cfg.data
         return {"world": D.world(), "batch_size": d.batch_size, "num_workers": d.num_workers,
-                "shuffle_buffer": d.shuffle_buffer, "train_fraction": d.train_fraction}
+                "shuffle_buffer": d.shuffle_buffer, "train_fraction": d.train_fraction,
+                "zero_stage": self.cfg.train.zero_stage, "precision": self.precision}
 
     # -- save -------------------------------------------------------------------------------------
     def save(self, state: TrainState, metrics_rows: int) -> Path:
@@ -59,6 +62,8 @@ class CheckpointManager:
                             "manifest_sha256": self.manifest_sha256, "metrics_rows": metrics_rows},
                            self.cfg.train.keep_checkpoints,
                            write_extra=lambda f: relayout.save_param_names(self.engine.module, self.optimizer, f))
+        if os.environ.get("MMOE_TEST_DUMP_FULL"):  # tests: the whole state as saved, to compare with a resume
+            self._dump_full(self.ckpt_dir.parent / f"saved-{folder.name}-rank{D.rank()}.pt")
         if self.first_save:
             self.first_save = False
             seconds = json.loads((folder / ckpt.COMPLETE).read_text())["save_s"] if D.is_main() else 0.0
@@ -84,7 +89,7 @@ class CheckpointManager:
                 self._check_compatible(folder, json.loads((folder / ckpt.COMPLETE).read_text()))
                 try:
                     saved = self._load(folder)
-                except relayout.RelayoutError as err:
+                except (relayout.RelayoutError, universal.UniversalError) as err:
                     raise RunSetupError(str(err)) from None
                 except Exception as err:  # e.g. a damaged checkpoint written before files were recorded
                     problem = f"it cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
@@ -105,7 +110,23 @@ class CheckpointManager:
         if os.environ.get("MMOE_TEST_DUMP_LOADED"):  # tests: the state right after loading, to compare with the files
             torch.save({"module": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                        self.ckpt_dir.parent / f"loaded-rank{D.rank()}.pt")
+        if os.environ.get("MMOE_TEST_DUMP_FULL"):
+            self._dump_full(self.ckpt_dir.parent / f"loaded-{folder.name}-rank{D.rank()}.pt")
         return saved
+
+    def _dump_full(self, path: Path) -> None:
+        """Tests: this rank's share of the state. The weights (whole on every rank), the step counter and
+        learning rates, and, under ZeRO, each group's flat fp32 partition with its Adam moments and the group's
+        element count: the test joins the ranks' partitions to compare them across world sizes."""
+        out: dict = {"global_steps": self.engine.global_steps, "lr": [g["lr"] for g in self.optimizer.param_groups],
+                     "weights": {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}}
+        zero = self.engine.optimizer if self.engine.zero_optimization() else None
+        if zero is not None:
+            out["partitions"] = [
+                {"numel": sum(p.numel() for p in zero.bit16_groups[i]), "fp32": flat.detach().cpu(),
+                 **{m: zero.optimizer.state.get(flat, {}).get(m) for m in relayout.MOMENTS}}
+                for i, flat in enumerate(zero.single_partition_of_fp32_groups)]
+        torch.save(out, path)
 
     def _candidates(self, resume: str) -> list[Path]:
         """The checkpoints to try, newest first."""
@@ -131,26 +152,39 @@ class CheckpointManager:
     def _load(self, folder: Path) -> dict:
         """DeepSpeed's own load for a checkpoint of this run's MoE layout; our conversion for another one."""
         other = relayout.layout_differs(folder, self.engine.module)
+        saved = json.loads((folder / ckpt.COMPLETE).read_text())
+        if saved["layout"]["world"] != D.world() and universal.partitioned_files(folder):
+            if other is not None:
+                raise RunSetupError(f"checkpoint {folder} has optimizer partitions of {saved['layout']['world']} "
+                                    "processes and another MoE layout: change one at a time (the world size with the "
+                                    "checkpoint's MoE layout first, or the layout on the same world size in fp32 at "
+                                    "ZeRO stage 0)")
+            what = universal.load_universal(self.engine, folder, self.ckpt_dir.parent)
+            self.console.warn(f"converted checkpoint {folder}: {what}")
+            return saved
         if other is None:
             return ckpt.load(self.engine, folder)
         what = relayout.load_relayout(self.engine, self.optimizer, folder, other)
         self.console.warn(f"converted checkpoint {folder}: {what}")
-        return json.loads((folder / ckpt.COMPLETE).read_text())
+        return saved
 
     def _check_compatible(self, folder: Path, saved: dict) -> None:
-        """The data position continues exactly only with the same shards and subset; world size, batch size,
-        workers and shuffle buffer may change (the epoch is re-planned). DeepSpeed cannot re-partition ZeRO
-        optimizer state for another world size."""
+        """The data position continues exactly only with the same shards and subset, and the optimizer state
+        only with the same ZeRO stage and precision; world size, batch size, workers and shuffle buffer may
+        change (the epoch is re-planned). DeepSpeed's universal checkpoint does not know its native MoE layers."""
         now, was = self.layout(), saved["layout"]
         for key, value in now.items():
             if key in was and key not in REPLANNED and was[key] != value:
                 raise RunSetupError(f"checkpoint {folder} was written with {key}={was[key]}, this run has "
                                     f"{value}: the data position cannot be continued exactly; use the same setting")
-        if was["world"] != now["world"] and self.cfg.train.zero_stage > 0:
+        if (was["world"] != now["world"] and universal.partitioned_files(folder)
+                and self.cfg.model.matcher.moe.backend == "deepspeed"):
             raise RunSetupError(
-                f"checkpoint {folder} was written by {was['world']} processes with ZeRO stage {self.cfg.train.zero_stage}, "
-                f"this run has {now['world']}: its optimizer state is partitioned by the old world size. Resume on "
-                f"{was['world']} processes, or use train.zero_stage=0 (its optimizer state is whole on every rank)")
+                f"checkpoint {folder} was written by {was['world']} processes with optimizer state partitioned by the "
+                f"world size (ZeRO stage {was.get('zero_stage', '?')}, {was.get('precision', '?')}), this run has "
+                f"{now['world']}: DeepSpeed's universal checkpoint cannot re-cut its native MoE layers (DeepSpeed "
+                f"issue #5716). Resume on {was['world']} processes, or train with model.matcher.moe.backend=local "
+                "(re-cut here) or train.zero_stage=0 in fp32 (whole optimizer state on every rank)")
         sha = saved.get("manifest_sha256")
         if sha and sha != self.manifest_sha256:
             if not self.allow_data_change:

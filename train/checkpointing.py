@@ -128,7 +128,11 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
     """Save a complete, resumable checkpoint (collective: every rank calls it). ``write_extra(folder)``, called
     on every rank after DeepSpeed's files, adds files of ours (recorded and verified like the others)."""
     started = time.perf_counter()
-    tag = tag_for(step)
+    final = ckpt_dir / tag_for(step)
+    # A complete checkpoint of this step already there (the run resumed from it) stays until its successor is
+    # complete: the new one is written beside it and takes its name only then.
+    rewrite = (final / COMPLETE).is_file()
+    tag = tag_for(step) + ("-rewrite" if rewrite else "")
     folder = ckpt_dir / tag
     if D.is_main() and folder.exists():
         shutil.rmtree(folder)  # a stale incomplete folder from a killed run at the same step
@@ -149,10 +153,13 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
         tmp = folder / (COMPLETE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, folder / COMPLETE)
+        if rewrite:  # a crash in between leaves step-N-rewrite, complete, which sorts after step-N
+            shutil.rmtree(final)
+            os.rename(folder, final)
         for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
-    return folder
+    return final
 
 
 def _sha256(path: Path) -> str:
@@ -258,11 +265,10 @@ DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.u
                    "deepspeed.runtime.zero.config.ZeroStageEnum")
 
 
-def load_weights_only(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` of a DeepSpeed checkpoint file, with DEEPSPEED_TYPES allowed.
-
-    The file's globals are listed before anything is unpickled: one outside the allow-list (a crafted
-    file reaching for ``os.system``, say) is refused with its name, as is an unreadable file."""
+def check_safe_to_unpickle(path: Path) -> list[str]:
+    """The globals a torch checkpoint file needs, read without unpickling it; refuses (UnsafeCheckpointError)
+    one outside DEEPSPEED_TYPES, and an unreadable file (ValueError). For files that DeepSpeed's own tools
+    then load without ``weights_only``."""
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (RuntimeError, OSError, pickle.UnpicklingError) as err:
@@ -273,6 +279,15 @@ def load_weights_only(path: Path) -> Any:
             f"refusing to load {path}: it needs {', '.join(unsafe)}, outside the types a checkpoint holds (tensors, "
             f"containers, {', '.join(t.rsplit('.', 1)[1] for t in DEEPSPEED_TYPES)}); a crafted file can run code "
             "when unpickled")
+    return needed
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a DeepSpeed checkpoint file, with DEEPSPEED_TYPES allowed.
+
+    The file's globals are listed before anything is unpickled: one outside the allow-list (a crafted
+    file reaching for ``os.system``, say) is refused with its name, as is an unreadable file."""
+    needed = check_safe_to_unpickle(path)
     allowed = []
     for name in needed:  # imported only when the file needs them (DeepSpeed is a heavy import)
         module, _, attr = name.rpartition(".")

@@ -28,7 +28,7 @@ from model.factory import make_collator, resolve_tokenizer
 from model.mmoe import BATCH_KEYS, MMoEModel, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
 from train import checkpointing as ckpt
-from train.checkpoint_manager import CheckpointManager, RunSetupError  # noqa: F401 (RunSetupError: re-exported)
+from train.checkpoint_manager import CheckpointManager, RunSetupError
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
 from train.observe import MetricsWindow, RankLog, RunLog
@@ -71,6 +71,10 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def resolve_precision(requested: str) -> str:
+    if requested in ("bf16", "fp16") and not torch.cuda.is_available():
+        # Our layers compute in fp32 on CPUs (DESIGN: bf16 pays only with AMX); DeepSpeed would then fail deep in
+        # a LayerNorm with "mixed dtype (CPU)".
+        raise RunSetupError(f"train.precision={requested} needs a GPU; on CPUs train in fp32 (train.precision=auto)")
     if requested != "auto":
         return requested
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -185,7 +189,7 @@ class Trainer:
         self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.engine, optimizer, self.stream, cfg, self.ckpt_dir, self.console,
-                                             manifest_hash(cfg.data.shards), allow_data_change)
+                                             manifest_hash(cfg.data.shards), self.precision, allow_data_change)
         self.resumed = self.checkpoints.resume(resume, self.state)  # complete.json of the checkpoint resumed from
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
@@ -218,6 +222,9 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
                         disable=not D.is_main() or None, dynamic_ncols=True)
         self.window.reset()  # the first window's clock starts with training
+        if st.eval_pending:  # due at the step this run resumed from (its stop request came first)
+            self._evaluate_dev()
+            st.eval_pending = False
         while st.epoch < self.cfg.train.epochs and not self._should_stop():
             self._negatives_for_epoch()
             self._train_epoch()
@@ -236,6 +243,8 @@ class Trainer:
                 if self._should_log():
                     self._log_window()
                 evaluated = self._should_eval(epoch_done)
+                if evaluated and self._stop_code:  # a stop came first: evaluate after the resume, not in the grace
+                    st.eval_pending, evaluated = True, False
                 if evaluated:
                     self._evaluate_dev()
                 saved = self._should_save(evaluated)
