@@ -405,14 +405,17 @@ class OrderedStream(IterableDataset):
         return self.range[1] - self.range[0]
 
     def __iter__(self) -> Iterator[dict]:
+        """Batch i goes to worker i % workers: the DataLoader takes one batch from each worker in turn, so
+        batches then arrive in dataset order (the caches' row order). Every worker reads the rank's range
+        once and decodes only its own batches (the undecoded tar bytes of the others are skipped)."""
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         a, b = self.range
-        blocks = worker_batch_blocks(b - a, self.batch_size, n_workers)
-        start, stop = blocks[worker]
         order = list(range(len(self.shards.counts)))
         batch: list[dict] = []
-        for sample in read_positions(self.shards, order, a + start, a + stop):
+        for i, sample in enumerate(read_positions(self.shards, order, a, b)):
+            if (i // self.batch_size) % n_workers != worker:
+                continue
             batch.append(_decode(sample))
             if len(batch) == self.batch_size:
                 yield self._collate(batch)

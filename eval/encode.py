@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from data_shards.store import ShardError
 from data_shards.stream import OrderedStream, make_loader
 from eval.ranking import autocast_for
 from model import distributed as D
@@ -100,7 +101,7 @@ def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, 
     cache, ids = encode_side(model, make_loader(stream, num_workers), device, entity=True, bf16=bf16,
                              gather=split_work, total=len(stream), desc=desc, block=block)
     if not torch.equal(ids["entity_id"].cpu(), torch.arange(len(cache))):
-        raise RuntimeError(f"{shards}: KB cache rows are not in entity id order: the KB shards are inconsistent with the "
+        raise ShardError(f"{shards}: KB cache rows are not in entity id order: the KB shards are inconsistent with the "
                            "manifest; convert the dataset again")
     return cache
 

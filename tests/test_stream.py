@@ -86,14 +86,16 @@ def test_mid_epoch_resume_continues_the_exact_sequence(tiny_shards, collator, wo
         torch.testing.assert_close(rest[0]["mentions"]["pixel_values"], full[start]["mentions"]["pixel_values"])
 
 
-def test_ordered_streams_cover_kb_and_split_in_order_across_ranks(tiny_shards, collator):
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_ordered_streams_cover_kb_and_split_in_order_across_ranks(tiny_shards, collator, workers):
+    """In dataset order as they arrive, whatever the DataLoader workers (the caches' rows are taken in arrival
+    order: contiguous blocks per worker arrived interleaved and failed the KB's order check)."""
     kb_ids, mention_ids = [], []
     for rank in range(2):
-        kb_ids += [b["entity_id"] for b in make_loader(OrderedStream(tiny_shards, "kb", collator, 16, 2, rank), 2)]
-        mention_ids += [b["index"] for b in make_loader(OrderedStream(tiny_shards, "test", collator, 16, 2, rank), 2)]
-    kb_ids = torch.cat(kb_ids).sort().values
-    assert torch.equal(kb_ids, torch.arange(len(EntityStore(tiny_shards))))
-    assert torch.equal(torch.cat(mention_ids).sort().values, torch.arange(ShardSet.from_manifest(tiny_shards, "test").total))
+        kb_ids += [b["entity_id"] for b in make_loader(OrderedStream(tiny_shards, "kb", collator, 16, 2, rank), workers)]
+        mention_ids += [b["index"] for b in make_loader(OrderedStream(tiny_shards, "test", collator, 8, 2, rank), workers)]
+    assert torch.equal(torch.cat(kb_ids), torch.arange(len(EntityStore(tiny_shards))))
+    assert torch.equal(torch.cat(mention_ids), torch.arange(ShardSet.from_manifest(tiny_shards, "test").total))
 
 
 def test_collation_texts_images_and_desc_switch(tiny_shards, collator):
