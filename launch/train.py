@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", default="none", help="auto | none | a checkpoint folder (trusted: DeepSpeed unpickles it)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although data.shards holds other shards (another manifest) than the checkpoint was trained on")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although settings that decide the data plan or the model (data.seed, model.*) changed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds files, moving them aside to NAME.replaced-<time>/ first")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over a run folder locked by a run on another host (only when none of its processes lives)")
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="one run per seed (train.seed, data.seed, tiny_clip.seed) and a mean +- std leaderboard")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             except SeedsError as err:
                 sys.exit(f"error: {err}")
         else:
-            Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change).run()
+            Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change, overwrite=a.overwrite,
+                    break_lock=a.break_lock, allow_config_change=a.allow_config_change).run()
         D.shutdown()
     except Preempted as p:  # every rank stopped at the same step after a complete checkpoint
         if D.is_main():

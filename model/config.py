@@ -82,7 +82,8 @@ class EvalConfig:
     # and the mention side on batches of 20 mentions (its eval_batch_size).
     compat_entity_block: int = 6000
     compat_mention_batch: int = 20
-    verify_checksums: bool = True  # check the split's and the KB's shards against the manifest before evaluating
+    # The split's and the KB's shards checked against the manifest before evaluating (training: dev and KB).
+    verify_checksums: bool = True
     # The entity cache is stored in this dtype (int8: per-row scales) and expanded to fp32 per scored block.
     cache_dtype: str = "float32"
     # eval.evaluate / eval.link save the entity cache next to the checkpoint and reuse it while its key

@@ -21,7 +21,7 @@ import torch
 
 from data_shards.stream import TrainStream
 from model import distributed as D
-from model.config import Config
+from model.config import Config, to_dict
 from train import checkpointing as ckpt
 from train import relayout, universal
 from train.observe import RankLog
@@ -36,16 +36,38 @@ class RunSetupError(RuntimeError):
 # yet consumed (data_shards/stream.py). Any other layout key must stay as it was.
 REPLANNED = ("world", "batch_size", "num_workers", "shuffle_buffer")
 
+# Settings a resume keeps (saved in complete.json as "fixed"): the data plan's seed and make-up, and the model's
+# shape and behaviour, every model.* key but these (a path may move between machines; the seed only initialises
+# weights the checkpoint replaces; the MoE layout is converted).
+FIXED_DATA = ("data.seed", "data.train_fraction_mode", "data.mention_desc", "data.entity_desc")
+FREE_MODEL = ("model.clip_path", "model.tiny_clip.seed", "model.matcher.moe.backend", "model.matcher.moe.ep_size")
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def fixed_settings(cfg: Config) -> dict:
+    """The settings a resumed run must keep, flat (``section.key``: value)."""
+    data = _flat(to_dict(cfg.data), "data.")
+    model = {k: v for k, v in _flat(to_dict(cfg.model), "model.").items() if k not in FREE_MODEL}
+    return {**{k: data[k] for k in FIXED_DATA}, **model}
+
 
 class CheckpointManager:
     def __init__(self, engine, optimizer: torch.optim.Optimizer, stream: TrainStream, cfg: Config, ckpt_dir: Path,
-                 console: RankLog, manifest_sha256: str, precision: str, allow_data_change: bool = False) -> None:
+                 console: RankLog, manifest_sha256: str, precision: str, allow_data_change: bool = False,
+                 allow_config_change: bool = False) -> None:
         """``optimizer``: the client optimizer inside DeepSpeed's wrappers (its state is what a layout
         conversion moves); ``precision``: the resolved one (fp32, bf16, fp16)."""
         self.engine, self.optimizer, self.stream, self.cfg = engine, optimizer, stream, cfg
         self.precision = precision
         self.ckpt_dir, self.console = ckpt_dir, console
         self.manifest_sha256, self.allow_data_change = manifest_sha256, allow_data_change
+        self.allow_config_change = allow_config_change
         self.first_save = True  # the first save of this process prints how long it took (the grace a stop needs)
 
     def layout(self) -> dict:
@@ -58,7 +80,7 @@ class CheckpointManager:
     def save(self, state: TrainState, metrics_rows: int) -> Path:
         """A complete checkpoint of the current step (collective)."""
         folder = ckpt.save(self.engine, self.ckpt_dir, state.step,
-                           {"trainer": state.state_dict(), "layout": self.layout(),
+                           {"trainer": state.state_dict(), "layout": self.layout(), "fixed": fixed_settings(self.cfg),
                             "manifest_sha256": self.manifest_sha256, "metrics_rows": metrics_rows},
                            self.cfg.train.keep_checkpoints,
                            write_extra=lambda f: relayout.save_param_names(self.engine.module, self.optimizer, f))
@@ -76,9 +98,12 @@ class CheckpointManager:
         """``--resume`` none | auto | a folder: loads the newest loadable checkpoint into the engine and
         ``state``; returns its complete.json (None: a fresh start). Damaged checkpoints are reported and
         skipped (auto falls back to the previous one)."""
-        removed = ckpt.remove_incomplete(self.ckpt_dir)
+        removed, left = ckpt.remove_incomplete(self.ckpt_dir)
         if removed:
             self.console.warn(f"removed incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
+        if left:
+            self.console.warn(f"left alone in {self.ckpt_dir} (not checkpoints written by this trainer): "
+                              f"{', '.join(p.name for p in left)}")
         candidates = self._candidates(resume)
         if not candidates:
             return None
@@ -185,6 +210,17 @@ class CheckpointManager:
                 f"{now['world']}: DeepSpeed's universal checkpoint cannot re-cut its native MoE layers (DeepSpeed "
                 f"issue #5716). Resume on {was['world']} processes, or train with model.matcher.moe.backend=local "
                 "(re-cut here) or train.zero_stage=0 in fp32 (whole optimizer state on every rank)")
+        if "fixed" in saved:  # checkpoints written before the settings were recorded: not checked
+            now_fixed = fixed_settings(self.cfg)
+            changed = [f"{k} {saved['fixed'][k]!r} -> {now_fixed.get(k)!r}" for k in saved["fixed"]
+                       if now_fixed.get(k) != saved["fixed"][k]]
+            if changed and not self.allow_config_change:
+                raise RunSetupError(
+                    f"checkpoint {folder} was trained with other settings than this run's: {'; '.join(changed)}. These "
+                    "decide the data plan or the model, so the run would no longer continue the one trained: resume "
+                    "with the checkpoint's values, or pass --allow-config-change to continue with the new ones anyway")
+            if changed:
+                self.console.warn(f"warning: resuming with changed settings (--allow-config-change): {'; '.join(changed)}")
         sha = saved.get("manifest_sha256")
         if sha and sha != self.manifest_sha256:
             if not self.allow_data_change:

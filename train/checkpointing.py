@@ -46,6 +46,7 @@ from moe.expert_parallel import moe_layout
 
 COMPLETE = "complete.json"
 MOE_LAYOUT = "moe-layout.json"
+WRITTEN_BY_US = ".mmoe-checkpoint"  # written first into every checkpoint folder: cleanup removes only these
 
 
 class MoELayoutMismatch(RuntimeError):
@@ -134,8 +135,13 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
     rewrite = (final / COMPLETE).is_file()
     tag = tag_for(step) + ("-rewrite" if rewrite else "")
     folder = ckpt_dir / tag
-    if D.is_main() and folder.exists():
-        shutil.rmtree(folder)  # a stale incomplete folder from a killed run at the same step
+    if D.is_main():
+        if folder.exists():
+            if not (folder / WRITTEN_BY_US).is_file():
+                raise RuntimeError(f"{folder} exists and was not written by this project's trainer: move it away")
+            shutil.rmtree(folder)  # a stale incomplete folder from a killed run at the same step
+        folder.mkdir(parents=True)
+        (folder / WRITTEN_BY_US).write_text("a checkpoint folder written by MMoE's trainer (train/checkpointing.py)\n")
     D.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     save_rng(folder)
@@ -218,16 +224,21 @@ def load(engine, folder: Path) -> dict[str, Any]:
     return json.loads((folder / COMPLETE).read_text())
 
 
-def remove_incomplete(ckpt_dir: Path) -> list[Path]:
-    """Delete checkpoint folders whose writing never finished (rank 0)."""
-    removed = []
+def remove_incomplete(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Delete checkpoint folders whose writing never finished (rank 0): only ``step-*`` folders this project
+    marked when it began writing them. Returns (removed, left alone: other folders without complete.json)."""
+    removed, left = [], []
     if D.is_main() and ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            if p.is_dir() and not (p / COMPLETE).is_file():
+        for p in sorted(ckpt_dir.iterdir()):
+            if not p.is_dir() or (p / COMPLETE).is_file():
+                continue
+            if p.name.startswith("step-") and (p / WRITTEN_BY_US).is_file():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
+            else:
+                left.append(p)
     D.barrier()
-    return removed
+    return removed, left
 
 
 def _test_hook(name: str, step: int) -> None:

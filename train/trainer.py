@@ -3,6 +3,7 @@ stopping on MRR, resumable checkpoints, best-model export, test evaluation and l
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
 from train.observe import MetricsWindow, RankLog, RunLog
 from train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, clear_record, describe, write_rate_mb_s, write_record
+from train.run_folder import RunFolderError, RunFolderLock, mark, prepare_fresh
 from train.state import TrainState
 
 
@@ -143,7 +145,8 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "none", allow_data_change: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: str = "none", allow_data_change: bool = False, overwrite: bool = False,
+                 break_lock: bool = False, allow_config_change: bool = False) -> None:
         import deepspeed
 
         D.share_cpu_threads()
@@ -157,9 +160,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if D.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            recover_export(self.run_dir / "best")  # a kill in the middle of the last best-model swap
+        self.lock = RunFolderLock(self.run_dir)
+        self._claim_run_folder(resume, overwrite, break_lock)
         tokenizer = load_tokenizer(resolve_tokenizer(cfg))
         ep_size = cfg.model.matcher.moe.ep_size
         if D.world() % ep_size:
@@ -189,7 +191,8 @@ class Trainer:
         self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.engine, optimizer, self.stream, cfg, self.ckpt_dir, self.console,
-                                             manifest_hash(cfg.data.shards), self.precision, allow_data_change)
+                                             manifest_hash(cfg.data.shards), self.precision, allow_data_change,
+                                             allow_config_change)
         self.resumed = self.checkpoints.resume(resume, self.state)  # complete.json of the checkpoint resumed from
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
@@ -201,6 +204,29 @@ class Trainer:
         self.window = MetricsWindow()  # the training metrics since the last log row
         self.bar: tqdm | None = None  # progress bar of the optimizer steps (rank 0, on a terminal)
         self._announce_grace()
+
+    def _claim_run_folder(self, resume: str, overwrite: bool, break_lock: bool) -> None:
+        """Rank 0 takes the run folder's lock, checks that a fresh start destroys nothing (train/run_folder.py)
+        and finishes an interrupted best-model swap; every rank gets the verdict (collective)."""
+        verdict: list = [None]
+        if D.is_main():
+            try:
+                notes = [self.lock.acquire(break_lock)]
+                atexit.register(self.lock.release)
+                fresh = resume == "none" or (resume == "auto" and ckpt.latest_complete(self.ckpt_dir) is None)
+                if fresh:
+                    notes.append(prepare_fresh(self.run_dir, resume, overwrite))
+                mark(self.run_dir, self.run_dir.name)
+                recover_export(self.run_dir / "best")  # a kill in the middle of the last best-model swap
+                for note in filter(None, notes):
+                    self.console.warn(note)
+            except (RunFolderError, OSError) as err:
+                verdict[0] = str(err)
+        if D.world() > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            self.lock.release()
+            raise RunSetupError(verdict[0])
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -216,6 +242,7 @@ class Trainer:
             raise
         finally:
             self.stops.restore()
+            self.lock.release()
 
     def _train(self) -> None:
         st = self.state
@@ -277,18 +304,21 @@ class Trainer:
     # -- data checks ----------------------------------------------------------------------------
     @staticmethod
     def _check_data(cfg: Config) -> None:
-        """Refuse a missing or empty train/dev split by name, and (data.verify_checksums) shards that
-        differ from the manifest, before anything is trained."""
+        """Refuse a missing or empty train/dev split by name, and shards that differ from the manifest, before
+        anything is trained: the dev and KB shards (eval.verify_checksums, on by default: the dev numbers choose
+        the best model and stop training early), or every shard (data.verify_checksums)."""
         counts = load_manifest(cfg.data.shards)["counts"]
         for split in ("train", "dev"):
             if not counts.get(split):
                 state = "empty" if split in counts else "missing (not converted)"
                 raise RunSetupError(f"the {split} split of {cfg.data.shards} is {state}: training needs {split} mentions")
-        if cfg.data.verify_checksums:
-            try:
+        try:
+            if cfg.data.verify_checksums:
                 ev.verify_shards(cfg.data.shards, None, "data.verify_checksums")
-            except ShardError as err:
-                raise RunSetupError(str(err)) from None
+            elif cfg.eval.verify_checksums:
+                ev.verify_shards(cfg.data.shards, ["kb", "dev"], "set eval.verify_checksums=false to train anyway")
+        except ShardError as err:
+            raise RunSetupError(str(err)) from None
 
     def _save(self) -> Path:
         return self.checkpoints.save(self.state, self.log.rows)

@@ -1,0 +1,140 @@
+"""Run folders never lose a user's data: one run at a time (the lock), a fresh run destroys nothing it did not
+make, a resume keeps the settings that decide the data plan and the model, the dev and KB shards are checked
+before training (train/run_folder.py, train/checkpoint_manager.py, train/trainer.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_preemption import BASE, start, wait_for_rows
+from tests.test_trainer import ROOT, losses, train
+from train.run_folder import LOCK, RunFolderError, RunFolderLock
+
+
+def hold_lock(run_dir: Path, then: str) -> subprocess.Popen:
+    """Another process that takes the lock, then sleeps (``sleep``) or dies without releasing it (``die``)."""
+    code = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from train.run_folder import RunFolderLock; RunFolderLock(Path({str(run_dir)!r})).acquire(); "
+            "print('held', flush=True); " + ("time.sleep(120)" if then == "sleep" else "os._exit(0)"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_live_holder_is_named_a_dead_one_is_taken_over_another_host_needs_break_lock(tmp_path):
+    run = tmp_path / "r"
+    live = hold_lock(run, "sleep")
+    try:
+        with pytest.raises(RunFolderError, match=f"in use by another run \\(PID {live.pid} on {socket.gethostname()}"):
+            RunFolderLock(run).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    # The killed holder left its lock behind: a dead process on this host, taken over.
+    lock = RunFolderLock(run)
+    assert f"from a dead process: PID {live.pid}" in lock.acquire()
+    assert json.loads((run / LOCK).read_text())["pid"] != live.pid
+    lock.release()
+    assert not (run / LOCK).exists()
+
+    (run / LOCK).write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "yesterday"}))
+    with pytest.raises(RunFolderError, match="on another host \\(PID 4242 on node-17.*--break-lock"):
+        RunFolderLock(run).acquire()
+    assert "a run on another host (--break-lock): PID 4242 on node-17" in RunFolderLock(run).acquire(break_lock=True)
+
+
+def test_a_second_trainer_on_a_running_runs_folder_stops_at_once_naming_the_holder(tiny_shards, tmp_path):
+    first = start(BASE + ["--set", "train.max_steps=300", "--set", "train.run_name=shared"], tmp_path, tiny_shards,
+                  tmp_path / "first.log")
+    try:
+        wait_for_rows(tmp_path / "shared", 1, first)
+        rows = len(losses(tmp_path / "shared"))
+        started = time.monotonic()
+        second = train(BASE + ["--set", "train.max_steps=3", "--set", "train.run_name=shared", "--set", "train.seed=9",
+                               "--resume", "auto"], tmp_path, tiny_shards)
+        assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"{tmp_path / 'shared'} is in use by another run (PID" in second.stderr
+        assert time.monotonic() - started < 60
+        config = (tmp_path / "shared" / "config.yaml").read_text()
+        assert "seed: 9" not in config and len(losses(tmp_path / "shared")) >= rows  # nothing of the first run touched
+    finally:
+        first.kill()
+        first.wait()
+
+
+def victim_folder(out: Path) -> Path:
+    run = out / "victim"
+    (run / "checkpoints" / "my-model").mkdir(parents=True)
+    (run / "checkpoints" / "my-model" / "weights.bin").write_bytes(b"precious")
+    (run / "best").mkdir()
+    (run / "best" / "notes.txt").write_text("notes")
+    (run / "metrics.jsonl").write_text('{"step": 1, "mine": true}\n')
+    return run
+
+
+def test_a_fresh_run_refuses_a_folder_with_contents_and_overwrite_moves_them_aside(tiny_shards, tmp_path):
+    run = victim_folder(tmp_path)
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=victim"]
+    for resume in ("none", "auto"):  # auto: no checkpoint there, so it would start afresh too
+        proc = train(args + ["--resume", resume], tmp_path, tiny_shards)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert f"{run} is not empty (best/, checkpoints/, metrics.jsonl)" in proc.stderr and "--overwrite" in proc.stderr
+        assert (run / "checkpoints" / "my-model" / "weights.bin").read_bytes() == b"precious"
+        assert (run / "best" / "notes.txt").is_file() and "mine" in (run / "metrics.jsonl").read_text()
+    moved = train(args + ["--overwrite"], tmp_path, tiny_shards)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("victim.replaced-")]
+    assert len(aside) == 1 and f"moved the earlier contents of {run} to {aside[0]}" in moved.stderr
+    assert (aside[0] / "checkpoints" / "my-model" / "weights.bin").read_bytes() == b"precious"
+    assert (aside[0] / "best" / "notes.txt").read_text() == "notes"
+    assert sorted(losses(run)) == [1, 2] and not (run / LOCK).exists()  # the lock goes with the run
+
+
+def test_a_resume_leaves_folders_it_did_not_write_in_the_checkpoints_folder_alone(tiny_shards, tmp_path):
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=mine"]
+    assert train(args, tmp_path, tiny_shards).returncode == 0
+    theirs = tmp_path / "mine" / "checkpoints" / "my-model"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_bytes(b"precious")
+    again = train(args + ["--resume", "auto"], tmp_path, tiny_shards)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "left alone in" in again.stderr and (theirs / "weights.bin").read_bytes() == b"precious"
+
+
+def test_a_resume_with_another_data_seed_or_model_shape_is_refused_naming_each_key(tiny_shards, tmp_path):
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=kept"]
+    assert train(args, tmp_path, tiny_shards).returncode == 0
+    changed = ["--set", "train.max_steps=3", "--set", "data.seed=5", "--set", "model.matcher.moe.top_k=1",
+               "--resume", "auto"]
+    refused = train(args + changed, tmp_path, tiny_shards)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "data.seed 0 -> 5" in refused.stderr and "model.matcher.moe.top_k 2 -> 1" in refused.stderr
+    assert "seed: 5" not in (tmp_path / "kept" / "config.yaml").read_text()
+    # What the elastic resume re-plans may change (tests/test_resume_elsewhere.py): here the shuffle buffer.
+    replanned = train(args + ["--set", "train.max_steps=3", "--set", "data.shuffle_buffer=4", "--resume", "auto"],
+                      tmp_path, tiny_shards)
+    assert replanned.returncode == 0, replanned.stderr[-3000:]
+    forced = train(args + ["--set", "train.max_steps=4", "--set", "data.seed=5", "--resume", "auto",
+                           "--allow-config-change"], tmp_path, tiny_shards)
+    assert forced.returncode == 0 and "resuming with changed settings (--allow-config-change): data.seed 0 -> 5" in forced.stderr
+
+
+def test_a_tampered_dev_shard_is_refused_before_training(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    dev = sorted((shards / "dev").glob("*.tar"))[0]
+    data = bytearray(dev.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 tells
+    dev.write_bytes(bytes(data))
+    proc = train(BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=t"], tmp_path, shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert dev.name in proc.stderr and "eval.verify_checksums=false" in proc.stderr
+    assert not (tmp_path / "t" / "metrics.jsonl").exists()
