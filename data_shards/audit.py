@@ -1,9 +1,13 @@
 """Audit a MIMIC-format dataset for leaks between its splits and its KB, and optionally write a de-leaked copy.
 
     python -m data_shards.audit --root DIR [--dataset auto | --split-files 'NAME_{split}.json'] [--report PATH]
-                                [--hash-threshold 4] [--write-clean OUT [--clean-desc]]
+                                [--hash-threshold 4] [--write-clean OUT [--clean-desc]] [--skip-unknown-answers]
 
-Checks (nil mentions and answers missing from qid2id are counted, never checked):
+The dataset is read through the converter's reader and checks (``reader.read_dataset``): a dataset the
+converter refuses is refused here with the same message. Nil mentions are counted, never checked;
+answers missing from qid2id are refused, or with ``--skip-unknown-answers`` counted, as the converter does.
+
+Checks:
 * duplicate mentions across splits: a dev/test mention whose (sentence, mention, answer) equals a train
   mention's (test: or a dev mention's) exactly, or after normalisation (casefold, accents stripped,
   punctuation removed, spaces collapsed: ``near``);
@@ -19,7 +23,8 @@ is kept whole; nil records are kept; with ``--clean-desc`` a description copied 
 description is emptied instead of kept. OUT gets the split files as ``<name>-clean_{split}.json`` (so the
 converter names the dataset ``<name>-clean`` and the leaderboard never shows published numbers beside
 it), copies of the other top-level files, symbolic links to the image folders (``--copy-images`` copies
-them) and ``audit_report.json`` with the list of dropped mentions.
+them) and ``audit_report.json`` with the list of dropped mentions. OUT must be new, empty, or a clean copy
+this command wrote before (marked by ``reader.OWNER_FILE``; its contents are then replaced).
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +48,7 @@ from data_shards import reader
 from data_shards.dme.candidates import normalise
 from data_shards.reader import SPLITS, DatasetLayout
 
+COMMAND = "data_shards.audit"  # marks the clean copies it writes (reader.claim_output_folder)
 HASH_BITS = 256
 # Of 256 bits. On the synthetic demo, a resized and re-encoded copy of a KB image moves the hash by 0-20 bits
 # (99% <= 18), while a separate noisy render of the same object sits >= 22 bits from the gold's images and
@@ -60,6 +65,7 @@ class Record:
     sentence: str
     mention: str
     answer: str
+    gold_id: int  # the answer's KB row
     image: Path | None
     desc: str
 
@@ -105,33 +111,17 @@ class _ImageHashes:
         return self._cache[path]
 
 
-def read_records(root: Path, lay: DatasetLayout, split_root: Path | None = None) -> tuple[dict[str, list[Record]], dict]:
-    """Every non-nil record of every split with an answer in qid2id, and per-split counts."""
-    qid2id = reader.read_qid2id(root)
-    image_dir = reader.mention_image_dir(root, lay)
+def read_records(data: reader.Dataset) -> tuple[dict[str, list[Record]], dict]:
+    """Every mention to link of every split of ``data`` (read by ``reader.read_dataset``), and per-split counts."""
     out: dict[str, list[Record]] = {}
     counts: dict[str, dict] = {}
-    for split in SPLITS:
-        path = reader.split_path(split_root or root, lay, split)
-        recs, nil, unknown = [], 0, 0
-        for index, rec in reader.iter_json_array(path):
-            if not isinstance(rec, dict):
-                raise reader.DatasetFormatError(f"{path}: record {index} is not an object")
-            answer = str(rec.get("answer", ""))
-            if answer.lower() == "nil":
-                nil += 1
-                continue
-            if answer not in qid2id:
-                unknown += 1
-                continue
-            desc = rec.get("desc", "")
-            recs.append(Record(split, index, str(rec.get("id", index)), str(rec.get("sentence", "")),
-                               unquote(str(rec.get("mentions", ""))), answer,
-                               reader.mention_image_path(str(rec.get("imgPath", "") or ""), image_dir),
-                               desc if isinstance(desc, str) else ""))
+    for split, r in data.splits.items():
+        recs = [Record(split, m.record, m.id, m.sentence, m.mention, m.answer, m.gold_id, m.image_path, m.desc)
+                for m in r.mentions]
         out[split] = recs
-        counts[split] = {"file": path.name, "records": len(recs) + nil + unknown, "checked": len(recs), "nil": nil,
-                         "unknown_answer": unknown, "with_image": sum(r.image is not None for r in recs)}
+        counts[split] = {"file": r.path.name, "records": len(recs) + r.skipped_nil + r.skipped_unknown, "checked": len(recs),
+                         "nil": r.skipped_nil, "unknown_answer": r.skipped_unknown,
+                         "with_image": sum(rec.image is not None for rec in recs)}
     return out, counts
 
 
@@ -163,8 +153,8 @@ def _duplicates(splits: dict[str, list[Record]]) -> tuple[dict, dict[tuple[str, 
     return report, leaks
 
 
-def _image_leaks(splits: dict[str, list[Record]], kb: list[reader.Entity], qid2id: dict[str, int], threshold: int,
-                 seed: int, progress: bool) -> tuple[dict, dict[tuple[str, int], list[str]]]:
+def _image_leaks(splits: dict[str, list[Record]], kb: list[reader.Entity], threshold: int, seed: int, progress: bool
+                 ) -> tuple[dict, dict[tuple[str, int], list[str]]]:
     hashes = _ImageHashes()
     rng = np.random.default_rng(seed)
     with_images = np.array([i for i, e in enumerate(kb) if e.image_paths], dtype=np.int64)
@@ -184,7 +174,7 @@ def _image_leaks(splits: dict[str, list[Record]], kb: list[reader.Entity], qid2i
             if mine is None:
                 missing += 1
                 continue
-            gold = kb[qid2id[r.answer]]
+            gold = kb[r.gold_id]
             checked += 1
             best, how = None, ""
             for p in gold.image_paths:
@@ -220,7 +210,7 @@ def _image_leaks(splits: dict[str, list[Record]], kb: list[reader.Entity], qid2i
     return report, leaks
 
 
-def _desc_copies(splits: dict[str, list[Record]], kb: list[reader.Entity], qid2id: dict[str, int]) -> tuple[dict, set]:
+def _desc_copies(splits: dict[str, list[Record]], kb: list[reader.Entity]) -> tuple[dict, set]:
     report, copied = {}, set()
     kb_norm: dict[int, str] = {}
     for split, recs in splits.items():
@@ -230,7 +220,7 @@ def _desc_copies(splits: dict[str, list[Record]], kb: list[reader.Entity], qid2i
             if not r.desc.strip():
                 continue
             with_desc += 1
-            gid = qid2id[r.answer]
+            gid = r.gold_id
             if gid not in kb_norm:
                 kb_norm[gid] = normalise(kb[gid].desc)
             if kb_norm[gid] and normalise(r.desc) == kb_norm[gid]:
@@ -255,17 +245,17 @@ def _unseen(splits: dict[str, list[Record]]) -> dict:
     return out
 
 
-def audit(root: Path, lay: DatasetLayout, threshold: int = DEFAULT_THRESHOLD, seed: int = 0, progress: bool = True
-          ) -> tuple[dict, dict[tuple[str, int], list[str]], set]:
+def audit(root: Path, lay: DatasetLayout, threshold: int = DEFAULT_THRESHOLD, seed: int = 0, progress: bool = True,
+          skip_unknown_answers: bool = False) -> tuple[dict, dict[tuple[str, int], list[str]], set]:
     """The report, the leaking dev/test records {(split, file index): reasons} and the records whose
     description is copied from the gold's KB description."""
     root = Path(root)
-    splits, counts = read_records(root, lay)
-    kb = reader.read_kb(root)
-    qid2id = reader.read_qid2id(root)
+    data = reader.read_dataset(root, lay, SPLITS, skip_unknown_answers)
+    splits, counts = read_records(data)
+    kb = data.entities
     dup, dup_leaks = _duplicates(splits)
-    img, img_leaks = _image_leaks(splits, kb, qid2id, threshold, seed, progress)
-    desc, copied = _desc_copies(splits, kb, qid2id)
+    img, img_leaks = _image_leaks(splits, kb, threshold, seed, progress)
+    desc, copied = _desc_copies(splits, kb)
     leaks: dict[tuple[str, int], list[str]] = {}
     for part in (dup_leaks, img_leaks):
         for key, reasons in part.items():
@@ -311,18 +301,30 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _empty_own_folder(out: Path) -> None:
+    """Remove what an earlier clean copy wrote to ``out`` (links to image folders unlinked, never followed)."""
+    for entry in out.iterdir():
+        if entry.name == reader.OWNER_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def write_clean(root: Path, lay: DatasetLayout, out: Path, leaks: dict[tuple[str, int], list[str]], copied: set,
                 report: dict, clean_desc: bool = False, copy_images: bool = False) -> dict:
     """Write the de-leaked copy (policy: module docstring); returns what was dropped and changed."""
     root, out = Path(root), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
+    if reader.claim_output_folder(out, COMMAND):
+        _empty_own_folder(out)
     name = f"{lay.name}-clean"
     split_names = {reader.split_path(root, lay, sp).name for sp in SPLITS}
     families = {f"{p}_{sp}.json" for p, found in reader.split_families(root).items() for sp in found}
     for entry in sorted(root.iterdir()):
         if entry.name in split_names or entry.name in families or entry.name == "audit_report.json":
+            continue
+        if entry.resolve() == out.resolve():  # OUT inside the dataset folder: never copied into itself
             continue
         target = out / entry.name
         if entry.is_dir():
@@ -372,13 +374,18 @@ def main(argv: Iterable[str] | None = None) -> None:
     p.add_argument("--write-clean", type=Path, default=None, metavar="OUT", help="write a de-leaked copy of the dataset here")
     p.add_argument("--clean-desc", action="store_true", help="in the clean copy, empty descriptions copied from the gold's")
     p.add_argument("--copy-images", action="store_true", help="copy the image folders instead of linking them")
+    p.add_argument("--skip-unknown-answers", action="store_true",
+                   help="count mentions whose answer qid2id.json lacks instead of refusing the dataset (as the converter)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(list(argv) if argv is not None else None)
     if not 0 <= a.hash_threshold < HASH_BITS:
         sys.exit(f"error: --hash-threshold must lie in 0..{HASH_BITS - 1}")
     try:
         lay = reader.resolve_layout(a.dataset, a.root, a.split_files, a.dataset_name)
-        report, leaks, copied = audit(a.root, lay, a.hash_threshold, a.seed, progress=not a.quiet)
+        if a.write_clean:  # before the audit's minutes of image hashing
+            reader.check_output_folder(a.write_clean, COMMAND)
+        report, leaks, copied = audit(a.root, lay, a.hash_threshold, a.seed, progress=not a.quiet,
+                                      skip_unknown_answers=a.skip_unknown_answers)
         if a.write_clean:
             clean = write_clean(a.root, lay, a.write_clean, leaks, copied, report, a.clean_desc, a.copy_images)
     except (reader.DatasetFormatError, FileNotFoundError, FileExistsError, ValueError) as err:

@@ -259,42 +259,17 @@ def _shard_entry(rec: dict, out: Path) -> dict:
             "bytes": rec["bytes"]}
 
 
-def _check_kb_ids(entities: Iterable[Entity], qid2id: dict[str, int], kb_file: Path) -> Iterator[Entity]:
-    """Pass the entities through, checking that QIDs are unique and that qid2id maps each to its row."""
-    row_of: dict[str, int] = {}
-    n = 0
-    for ent in entities:
-        n += 1
-        if ent.qid in row_of:
-            raise DatasetFormatError(f"{kb_file}: QID {ent.qid!r} appears twice, at entity ids {row_of[ent.qid]} and {ent.id}: "
-                                     "every KB entity needs its own QID")
-        row_of[ent.qid] = ent.id
-        mapped = qid2id.get(ent.qid)
-        if isinstance(mapped, str) and mapped.isdigit():
-            mapped = int(mapped)
-        if mapped is None:
-            raise DatasetFormatError(f"{kb_file}: entity id {ent.id} has QID {ent.qid!r}, which qid2id.json does not map")
-        if mapped != ent.id:
-            raise DatasetFormatError(f"qid2id.json maps {ent.qid!r} to row {mapped!r}, but {kb_file.name} has it at entity id "
-                                     f"{ent.id}: the two files disagree (mentions would get the wrong gold entity)")
-        yield ent
-    if n != len(qid2id):
-        extra = sorted(set(qid2id) - set(row_of))[:5]
-        raise DatasetFormatError(f"qid2id.json maps {len(qid2id)} QIDs but {kb_file.name} has {n} entities "
-                                 f"(QIDs without an entity, e.g. {extra})")
-
-
 def _checked_kb(root: Path, qid2id: dict[str, int], threshold: float) -> Iterable[Entity]:
     """The KB in id order (streamed when the file is sorted), after the cheap image pre-check and
     the QID consistency check (both in one pass over the file)."""
     kb_file, folder = reader.kb_path(root), Path(root) / "kb_image"
     try:
-        checked = _check_kb_ids(reader.iter_kb(root), qid2id, kb_file)
+        checked = reader.check_kb_ids(reader.iter_kb(root), qid2id, kb_file)
         _precheck((e.image_paths for e in checked), "KB (kb_entity.json)", threshold, folder)
         return reader.iter_kb(root)
     except KBNotSorted:
         sorted_kb = reader.read_kb(root)
-        _precheck((e.image_paths for e in _check_kb_ids(sorted_kb, qid2id, kb_file)), "KB (kb_entity.json)", threshold,
+        _precheck((e.image_paths for e in reader.check_kb_ids(sorted_kb, qid2id, kb_file)), "KB (kb_entity.json)", threshold,
                   folder)
         return sorted_kb
 
@@ -489,11 +464,7 @@ def _plan(dataset: str | reader.DatasetLayout, root: Path, s: ConvertSettings) -
     qid2id = reader.read_qid2id(root)
     # Read every split first: format errors surface before any image work.
     split_root = Path(s.desc_dir) if s.desc_dir else root
-    splits = {sp: reader.read_split(split_root, lay, sp, qid2id, s.skip_unknown_answers) for sp in s.splits}
-    for sp, r in splits.items():
-        if not r.mentions:
-            raise DatasetFormatError(f"the {sp} split ({r.path}) has no mention to link ({r.skipped_nil} nil and "
-                                     f"{r.skipped_unknown} unknown answers skipped): nothing to train or evaluate on")
+    splits = reader.read_splits(split_root, lay, s.splits, qid2id, s.skip_unknown_answers)  # none empty, ids unique
     image_dir = reader.mention_image_dir(root, lay)
     if s.desc_dir:  # the mention images stay in the dataset folder
         for records in splits.values():

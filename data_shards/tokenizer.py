@@ -1,16 +1,19 @@
 """Word-level tokenizers for from-scratch runs (no pretrained CLIP, hence no CLIP tokenizer).
 
     python -m data_shards.tokenizer --root DIR --out DIR/tokenizer [--dataset auto | --split-files 'NAME_{split}.json']
-                                    [--min-freq 2] [--max-words 50000]
+                                    [--min-freq 2] [--max-words 50000] [--skip-unknown-answers]
 
-The vocabulary is every word of the KB (entity names and descriptions) and of the train split (sentences,
-mentions, descriptions), lower-cased and split on whitespace with punctuation isolated, the most frequent
-first (ties alphabetical), keeping words seen at least ``--min-freq`` times, at most ``--max-words``.
+The dataset is read through the converter's reader and checks (``reader.read_dataset``): a dataset the
+converter refuses is refused here with the same message. The vocabulary is every word of the KB (entity
+names and descriptions) and of the train split's mentions to link (sentences, mentions, descriptions; nil
+records are never trained on, so never counted), lower-cased and split on whitespace with punctuation
+isolated, the most frequent first (ties alphabetical), keeping words seen at least ``--min-freq`` times, at most ``--max-words``.
 Dev and test text is never read into it (their share of unknown words is reported instead). The folder is
 a ``PreTrainedTokenizerFast`` (``AutoTokenizer.from_pretrained`` loads it): pad 0, unk 1, ``[SEP]`` 2 (an
 ordinary token, the separator of the mention and entity texts), the words, then bos and eos as the last
 two ids (CLIP's order); every text is ``bos ... eos``. Put it at ``DIR/tokenizer`` and the converter copies
 it next to the shards, where training and evaluation find it (or point ``data.tokenizer`` at it).
+``--out`` must be new, empty, or a tokenizer folder this command wrote before (``reader.OWNER_FILE``).
 The synthetic benchmark writes its tokenizer with the same writer.
 """
 
@@ -22,7 +25,6 @@ import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import unquote
 
 from data_shards import reader
 from data_shards.reader import DatasetLayout
@@ -88,42 +90,47 @@ class WordCounter:
                 self.counts.update(self.words(text))
 
 
-def _split_texts(root: Path, lay: DatasetLayout, split: str) -> Iterable[str]:
-    for _, rec in reader.iter_json_array(reader.split_path(root, lay, split)):
-        if isinstance(rec, dict):
-            for key in ("sentence", "mentions", "desc"):
-                value = rec.get(key)
-                if isinstance(value, str):
-                    yield unquote(value) if key == "mentions" else value
+COMMAND = "data_shards.tokenizer"  # marks the folders it writes (reader.claim_output_folder)
 
 
-def dataset_vocabulary(root: Path, lay: DatasetLayout, min_freq: int = 1, max_words: int = 0) -> tuple[list[str], Counter]:
+def _split_texts(records: reader.SplitRecords) -> Iterable[str]:
+    for m in records.mentions:
+        yield from (m.sentence, m.mention, m.desc)
+
+
+def dataset_vocabulary(data: reader.Dataset, min_freq: int = 1, max_words: int = 0) -> tuple[list[str], Counter]:
     """Words of the KB and the train split, most frequent first (ties alphabetical), with their counts."""
     counter = WordCounter()
-    for ent in reader.read_kb(root):
+    for ent in data.entities:
         counter.add([ent.name, ent.desc])
-    counter.add(_split_texts(root, lay, "train"))
+    counter.add(_split_texts(data.splits["train"]))
     words = sorted((w for w, n in counter.counts.items() if n >= min_freq), key=lambda w: (-counter.counts[w], w))
     if max_words > 0:
         words = words[:max_words]
     return words, counter.counts
 
 
-def unknown_share(root: Path, lay: DatasetLayout, split: str, vocab: set[str]) -> float:
+def unknown_share(records: reader.SplitRecords, vocab: set[str]) -> float:
     """Share of a split's words (running text) that the vocabulary lacks."""
     counter = WordCounter()
-    counter.add(_split_texts(root, lay, split))
+    counter.add(_split_texts(records))
     total = sum(counter.counts.values())
     return sum(n for w, n in counter.counts.items() if w not in vocab) / total if total else 0.0
 
 
-def build(root: Path, lay: DatasetLayout, out: Path, min_freq: int = 1, max_words: int = 0) -> dict:
-    words, counts = dataset_vocabulary(root, lay, min_freq, max_words)
+def build(root: Path, lay: DatasetLayout, out: Path, min_freq: int = 1, max_words: int = 0,
+          skip_unknown_answers: bool = False) -> dict:
+    """Read and check the dataset, then write the tokenizer into ``out`` (refused before anything is written
+    when ``out`` is a non-empty folder this command did not create)."""
+    reader.check_output_folder(out, COMMAND)
+    data = reader.read_dataset(root, lay, reader.SPLITS, skip_unknown_answers)
+    words, counts = dataset_vocabulary(data, min_freq, max_words)
+    reader.claim_output_folder(out, COMMAND)
     size = write_word_tokenizer(out, words)
     vocab = set(words)
     report = {"dataset": lay.name, "vocab_size": size, "words": len(words), "distinct_words_seen": len(counts),
               "min_freq": min_freq, "max_words": max_words,
-              "unknown_share": {sp: unknown_share(root, lay, sp, vocab) for sp in ("dev", "test")}}
+              "unknown_share": {sp: unknown_share(data.splits[sp], vocab) for sp in ("dev", "test")}}
     (Path(out) / "build.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -137,11 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset-name", default=None)
     p.add_argument("--min-freq", type=int, default=1, help="keep words seen at least this often")
     p.add_argument("--max-words", type=int, default=0, help="keep at most this many words (0: all)")
+    p.add_argument("--skip-unknown-answers", action="store_true",
+                   help="skip mentions whose answer qid2id.json lacks instead of refusing the dataset (as the converter)")
     a = p.parse_args(argv)
     try:
         lay = reader.resolve_layout(a.dataset, a.root, a.split_files, a.dataset_name)
-        report = build(a.root, lay, a.out, a.min_freq, a.max_words)
-    except (reader.DatasetFormatError, FileNotFoundError, ValueError) as err:
+        report = build(a.root, lay, a.out, a.min_freq, a.max_words, a.skip_unknown_answers)
+    except (reader.DatasetFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
     unk = ", ".join(f"{sp} {v:.1%}" for sp, v in report["unknown_share"].items())
     print(f"wrote {a.out}: {report['vocab_size']} tokens ({report['words']} of {report['distinct_words_seen']} words of the "

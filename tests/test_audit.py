@@ -142,3 +142,22 @@ def test_cli_errors_are_clear(tmp_path):
         main(["--root", str(tmp_path), "--quiet"])
     with pytest.raises(SystemExit, match="--hash-threshold"):
         main(["--root", str(tmp_path), "--hash-threshold", "300"])
+
+
+def test_write_clean_writes_only_into_a_new_empty_or_own_folder(planted, tmp_path):
+    root, _ = planted
+    args = ["--root", str(root), "--report", str(tmp_path / "r.json"), "--quiet", "--write-clean"]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    listing = sorted(p.name for p in root.iterdir())
+    for out in (foreign, root):  # someone's folder, the dataset folder: refused before the audit runs
+        with pytest.raises(SystemExit, match=f"error: {out} is not empty and was not created by data_shards.audit"):
+            main(args + [str(out)])
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and sorted(p.name for p in root.iterdir()) == listing
+    assert not (tmp_path / "r.json").exists()
+    out = root / "clean"  # inside the dataset folder: allowed, never copied into itself
+    main(args + [str(out)])
+    main(args + [str(out), "--clean-desc"])  # its own folder: replaced (the image links unlinked, not followed)
+    assert (out / "kb_image").is_symlink() and any((root / "kb_image").iterdir()) and not (out / "clean").exists()
+    assert json.loads((out / "audit_report.json").read_text())["clean"]["descriptions_emptied"] == {"dev": 1}

@@ -2,6 +2,8 @@
 
 import json
 import tarfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -151,3 +153,78 @@ def test_convert_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     (tmp_path / "raw" / "kb_image").rename(tmp_path / "raw" / "kb_images_renamed")
     with pytest.raises(SystemExit, match="KB .*100.0%"):
         main(["--dataset", "wikimel", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "o"), "--image-size", "16"])
+
+
+# ----------------------------------------------------------------------------------------------
+# One reader: what the converter refuses, the audit and the tokenizer refuse with the same message
+
+
+def _edit(path: Path, change: Callable[[list], None]) -> None:
+    records = json.loads(path.read_text())
+    change(records)
+    path.write_text(json.dumps(records))
+
+
+def _swap_qid2id(root: Path) -> None:
+    qid2id = json.loads((root / "qid2id.json").read_text())
+    qid2id["Q300"], qid2id["Q400"] = qid2id["Q400"], qid2id["Q300"]
+    (root / "qid2id.json").write_text(json.dumps(qid2id))
+
+
+def _replace_bytes(path: Path, old: bytes, new: bytes) -> None:
+    assert old in path.read_bytes()
+    path.write_bytes(path.read_bytes().replace(old, new))
+
+
+TRAIN, DEV, TEST = "WIKIMEL_train.json", "WIKIMEL_dev.json", "WIKIMEL_test.json"
+REFUSED = {  # a fault planted into write_fixture's wikimel folder -> the message that names it
+    "qid2id swapped": (_swap_qid2id, r"maps 'Q300' to row 3, but kb_entity\.json has it at entity id 2"),
+    "duplicate QID": (lambda r: _edit(r / "kb_entity.json", lambda kb: kb[4].update(qid="Q200")),
+                      r"QID 'Q200' appears twice, at entity ids 1 and 4"),
+    "no sentence": (lambda r: _edit(r / TRAIN, lambda x: x[0].pop("sentence")), r"record 0 \(id 'm1'\) has no 'sentence'"),
+    "no answer": (lambda r: _edit(r / TEST, lambda x: x[0].pop("answer")), r"record 0 \(id 't1'\) has no 'answer'"),
+    "null imgPath": (lambda r: _edit(r / TRAIN, lambda x: x[1].update(imgPath=None)), r"'imgPath' has type NoneType"),
+    "integer sentence": (lambda r: _edit(r / TRAIN, lambda x: x[1].update(sentence=7)), r"'sentence' has type int"),
+    "empty dev split": (lambda r: _edit(r / DEV, lambda x: x[0].update(answer="nil")), r"the dev split .* no mention to link"),
+    "id twice in a split": (lambda r: _edit(r / TRAIN, lambda x: x[3].update(id="m1")),
+                            rf"mention id 'm1' appears twice: \S*{TRAIN} record 0 and \S*{TRAIN} record 3"),
+    "id in two splits": (lambda r: _edit(r / TEST, lambda x: x[1].update(id="m2")),
+                         rf"mention id 'm2' appears twice: \S*{TRAIN} record 1 and \S*{TEST} record 1"),
+    "surrogate escape": (lambda r: _replace_bytes(r / TRAIN, b"dunks", b"\\udc80dunks"),
+                         rf"{TRAIN}: record 1 \(id 'm2'\): field 'sentence' holds text that is not valid Unicode"),
+    "invalid UTF-8 in the KB": (lambda r: _replace_bytes(r / "kb_entity.json", b"river in", b"river \xff in"),
+                                r"kb_entity\.json: entity id 4 \('Q500'\): field 'desc' .* the byte 0xff of the file"),
+    "invalid UTF-8 in qid2id": (lambda r: _replace_bytes(r / "qid2id.json", b'"Q100"', b'"Q1\xe900"'),
+                                r"qid2id\.json: not valid UTF-8 \(byte 0xe9"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(REFUSED))
+def test_converter_audit_and_tokenizer_refuse_the_same_datasets_with_one_message(tmp_path, fault, capsys):
+    from data_shards.audit import main as audit_main
+    from data_shards.tokenizer import main as tokenizer_main
+
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    plant, message = REFUSED[fault]
+    plant(raw)
+    with pytest.raises(reader.DatasetFormatError, match=message) as refused:
+        convert("wikimel", raw, tmp_path / "shards", SMALL)
+    want = f"error: {refused.value}"
+    assert "\n" not in want
+    with pytest.raises(SystemExit) as audit_exit:
+        audit_main(["--root", str(raw), "--report", str(tmp_path / "report.json"), "--quiet"])
+    with pytest.raises(SystemExit) as tokenizer_exit:
+        tokenizer_main(["--root", str(raw), "--out", str(tmp_path / "tokenizer")])
+    assert audit_exit.value.code == want and tokenizer_exit.value.code == want
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "tokenizer").exists()
+    assert "audit of" not in capsys.readouterr().out
+
+
+def test_a_json_list_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_bytes(b'[{"a": "caf\xe9"}]')
+    with pytest.raises(reader.DatasetFormatError, match=r"list\.json: not valid UTF-8 \(byte 0xe9"):
+        list(reader.iter_json_array(path))
+    (_, rec), = reader.iter_json_array(path, errors="surrogateescape")  # for a record reader to name the record
+    assert rec == {"a": "caf\udce9"}

@@ -111,3 +111,31 @@ def test_tokenizer_command_builds_from_kb_and_train_only(tmp_path, capsys):
     # A model builds on it (the tiny CLIP takes its sizes and special tokens from it).
     model, cfg = build_model(_config(), tok)
     assert cfg.model.tiny_clip.vocab_size == len(tok)
+
+
+def _listing(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_tokenizer_command_writes_only_into_a_new_empty_or_own_folder(tmp_path):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    before = _listing(raw)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for out in (raw, foreign, foreign / "notes.txt"):  # the dataset folder, someone's folder, a file
+        with pytest.raises(SystemExit, match=f"error: {out} (is not empty and was not created by data_shards.tokenizer"
+                                             "|exists and is not a folder)"):
+            tokenizer_main(["--root", str(raw), "--out", str(out)])
+    assert _listing(raw) == before and _listing(foreign) == {"notes.txt": b"mine"}
+    out = raw / "tokenizer"
+    tokenizer_main(["--root", str(raw), "--out", str(out)])
+    first = _listing(out)
+    assert "tokenizer.json" in first and ".written-by.json" in first
+    tokenizer_main(["--root", str(raw), "--out", str(out), "--min-freq", "2"])  # its own folder: rewritten
+    assert json.loads((out / "build.json").read_text())["min_freq"] == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tokenizer_main(["--root", str(raw), "--out", str(empty)])
+    assert (empty / "tokenizer.json").is_file()
