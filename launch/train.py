@@ -9,6 +9,8 @@ leaderboard to <out_dir>/<run_name>-seeds/ (launch/seeds.py).
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import os
 import signal
 import sys
@@ -53,12 +55,22 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(a.config, a.overrides)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
+    failure = run(a, cfg)
+    if failure:
+        # Exit once the exception is gone: its frames may hold a DataLoader iterator, whose workers then end
+        # cleanly here instead of being killed at exit (torch then prints a "worker killed" traceback).
+        gc.collect()
+        sys.exit(failure)
+
+
+def run(a: argparse.Namespace, cfg) -> str | int | None:
+    """Train; returns what to exit with: the one line of a failure of ours, PREEMPTED_EXIT_CODE, None (success)."""
     try:
         if a.seeds:
             try:
                 run_seeds(cfg, parse_seeds(a.seeds), resume=a.resume)
             except SeedsError as err:
-                sys.exit(f"error: {err}")
+                return f"error: {err}"
         else:
             Trainer(cfg, resume=a.resume, allow_data_change=a.allow_data_change, overwrite=a.overwrite,
                     break_lock=a.break_lock, allow_config_change=a.allow_config_change).run()
@@ -67,16 +79,22 @@ def main(argv: list[str] | None = None) -> None:
         if D.is_main():
             print(str(p), file=sys.stderr)
         D.shutdown()
-        sys.exit(PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
     except (RunSetupError, ModelSetupError, TrainingDiverged, NonFiniteScoreError) as err:
-        sys.exit(f"error: {err}")
+        return f"error: {err}"
     except ShardError as err:  # a shard differs from the manifest (truncated, replaced): named in the message
         msg = str(err)  # raised in a DataLoader worker: the message holds the worker's traceback, then ours
-        sys.exit(f"data error: {msg.rstrip().rsplit('ShardError: ', 1)[-1] if 'Original Traceback' in msg else msg}")
+        return f"data error: {msg.rstrip().rsplit('ShardError: ', 1)[-1] if 'Original Traceback' in msg else msg}"
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        return (f"error: the disk is full (no space left writing {err.filename or cfg.train.out_dir}): free space; "
+                "the last complete checkpoint is kept, continue with --resume auto")
     except Exception as err:
         if not D.is_peer_failure(err):
             raise
         report_peer_failure(err, cfg)
+    return None
 
 
 def report_peer_failure(err: BaseException, cfg) -> None:

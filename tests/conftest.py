@@ -1,6 +1,8 @@
 """Session fixtures: the tiny synthetic benchmark (generated and converted once) and a random-init
 model export on it."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,25 @@ def tiny_export(tiny_shards, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model, resolved = build_model(config, load_tokenizer(tiny_shards / "tokenizer"))
     return save_export(model, resolved, tmp_path_factory.mktemp("ckpt") / "best")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(kib)``: a tmpfs of that size (a disk that fills); skipped where mounting is not permitted."""
+    mounts: list[Path] = []
+
+    def mount(kib: int) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command: cannot make a small disk to fill")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a small tmpfs to fill (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

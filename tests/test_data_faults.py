@@ -75,7 +75,7 @@ def test_conversion_crashing_part_way_with_workers_leaves_the_previous_output_un
     before = _tree(out)
     test_file = raw / "WIKIMEL_test.json"  # the last group written: kb, train and dev shards are done by then
     test_file.write_text(test_file.read_text().replace("Air Jordan", "Air \\ud800 Jordan"))
-    with pytest.raises(DatasetFormatError, match=r"WIKIMEL_test\.json: mention id 't2': field 'sentence'.*not valid Unicode"):
+    with pytest.raises(DatasetFormatError, match=r"WIKIMEL_test\.json: record 1 \(id 't2'\): field 'sentence'.*not valid"):
         convert("wikimel", raw, out, ConvertSettings(image_size=16, shard_size=1, workers=2))
     assert _tree(out) == before
     _no_leftovers(tmp_path)

@@ -56,28 +56,6 @@ def export_copy(tiny_export, tmp_path) -> Path:
     return out
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """``mount(kib)``: a tmpfs of that size (a disk that fills); skipped where mounting is not permitted."""
-    mounts: list[Path] = []
-
-    def mount(kib: int) -> Path:
-        where = tmp_path / f"disk{len(mounts)}"
-        where.mkdir()
-        if shutil.which("mount") is None:
-            pytest.skip("no mount command: cannot make a small disk to fill")
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True,
-                              text=True)
-        if proc.returncode:
-            pytest.skip(f"cannot mount a small tmpfs to fill (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
-        mounts.append(where)
-        return where
-
-    yield mount
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # eval.evaluate: a shard whose sample count differs from the manifest
 

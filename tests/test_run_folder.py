@@ -138,3 +138,39 @@ def test_a_tampered_dev_shard_is_refused_before_training(tiny_shards, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert dev.name in proc.stderr and "eval.verify_checksums=false" in proc.stderr
     assert not (tmp_path / "t" / "metrics.jsonl").exists()
+
+
+def test_a_disk_that_fills_during_a_checkpoint_save_keeps_the_last_complete_one(tiny_shards, tmp_path, small_disk):
+    """A tmpfs with room for about one tiny checkpoint (1.5 MiB) and the run's small files: a later save fills it.
+    One line says so; the complete checkpoints stay undamaged and a resume elsewhere continues from the last."""
+    from train.checkpointing import damage
+
+    disk = small_disk(2200)
+    args = BASE + ["--set", "train.max_steps=8", "--set", "train.save_every_steps=2", "--set", "train.run_name=full"]
+    proc = train(args, disk, tiny_shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: the disk is full (no space left writing {disk / 'full' / 'checkpoints'}/step-"), line
+    failed = int(line.split("/step-")[1][:7])
+    checkpoints = disk / "full" / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())  # the partial one was removed
+    assert kept and kept[-1] == f"step-{failed - 2:07d}" and all(damage(checkpoints / k) is None for k in kept)
+    shutil.copytree(disk / "full", tmp_path / "roomy" / "full")
+    again = train(args + ["--resume", "auto"], tmp_path / "roomy", tiny_shards)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'roomy' / 'full' / 'checkpoints' / kept[-1]} at step {failed - 2}" in again.stderr
+    assert sorted(losses(tmp_path / "roomy" / "full")) == list(range(1, 9))
+
+
+def test_exporting_with_the_config_of_another_model_size_says_so_in_one_line(tiny_shards, tmp_path):
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=sized"]
+    assert train(args, tmp_path, tiny_shards).returncode == 0
+    run = tmp_path / "sized"
+    other = tmp_path / "other.yaml"
+    other.write_text((run / "config.yaml").read_text().replace("hidden: 16", "hidden: 20", 1))
+    assert other.read_text() != (run / "config.yaml").read_text()
+    checkpoint = next((run / "checkpoints").glob("step-*"))
+    proc = subprocess.run([sys.executable, "-m", "train.checkpointing", "export", str(checkpoint), str(tmp_path / "out"),
+                           "--config", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"the weights of {checkpoint} do not fit {other} (" in proc.stderr and "--config" in proc.stderr

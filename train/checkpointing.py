@@ -22,6 +22,7 @@ also converts to a one-process export in the local layout (for eval.evaluate)::
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import importlib
 import json
@@ -143,6 +144,36 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
         folder.mkdir(parents=True)
         (folder / WRITTEN_BY_US).write_text("a checkpoint folder written by MMoE's trainer (train/checkpointing.py)\n")
     D.barrier()
+    try:
+        _write_files(engine, ckpt_dir, tag, write_extra)
+        D.barrier()
+        _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
+        if D.is_main():
+            state = {**state, "files": file_record(folder),  # what load() verifies before trusting the folder
+                     "save_s": round(time.perf_counter() - started, 3)}  # the grace a stop needs (train/preemption.py)
+            tmp = folder / (COMPLETE + ".tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, folder / COMPLETE)
+    except (OSError, RuntimeError) as err:
+        if not _disk_full(err):
+            raise
+        if D.is_main():
+            shutil.rmtree(folder, ignore_errors=True)  # ours, incomplete: give the space back
+        raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint {folder} (the partial folder "
+                      "was removed; the earlier complete checkpoints are untouched)", str(folder)) from None
+    if D.is_main():
+        if rewrite:  # a crash in between leaves step-N-rewrite, complete, which sorts after step-N
+            shutil.rmtree(final)
+            os.rename(folder, final)
+        for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+    return final
+
+
+def _write_files(engine, ckpt_dir: Path, tag: str, write_extra) -> None:
+    """Every rank's files of the checkpoint: DeepSpeed's, the RNG, ours (``write_extra``), the MoE layout."""
+    folder = ckpt_dir / tag
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     save_rng(folder)
     if write_extra is not None:
@@ -151,21 +182,15 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
         (folder / MOE_LAYOUT).write_text(json.dumps(moe_layout(engine.module)))
     if os.environ.get("MMOE_TEST_DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
         torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, folder / f"state-rank{D.rank()}.pt")
-    D.barrier()
-    _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
-    if D.is_main():
-        state = {**state, "files": file_record(folder),  # what load() verifies before trusting the folder
-                 "save_s": round(time.perf_counter() - started, 3)}  # the grace a stop signal needs (train/preemption.py)
-        tmp = folder / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, folder / COMPLETE)
-        if rewrite:  # a crash in between leaves step-N-rewrite, complete, which sorts after step-N
-            shutil.rmtree(final)
-            os.rename(folder, final)
-        for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    D.barrier()
-    return final
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC, or what torch.save makes of it: "[enforce fail at inline_container.cc] unexpected pos"
+    or "file write failed" (a RuntimeError that names no errno)."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    text = str(err)
+    return "unexpected pos" in text or "file write failed" in text or "No space left" in text
 
 
 def _sha256(path: Path) -> str:
@@ -330,7 +355,11 @@ def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Pat
     for expert_file in sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(load_weights_only(expert_file))
     model = MMoEModel(export_config(cfg).model)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # another model's sizes: torch lists every mismatching tensor
+        raise ValueError(f"the weights of {folder} do not fit {config} ({str(err).splitlines()[-1].strip()[:200]}): "
+                         "pass the run's own config.yaml with --config") from None
     return save_export(model, cfg, out_dir)
 
 
@@ -346,6 +375,10 @@ def main(argv: list[str] | None = None) -> None:
         out = export_checkpoint(a.checkpoint, a.out, a.config)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"error: the disk is full (no space left writing {err.filename or a.out}): free space, or export elsewhere")
     print(f"export written: {out}")
 
 

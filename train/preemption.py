@@ -15,8 +15,10 @@ treats that as a stop request too.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -136,9 +138,13 @@ def clear_record(run_dir: Path) -> None:
     (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
 
 
-def write_rate_mb_s(folder: Path, size_mb: int = 32) -> float:
-    """The write rate of ``folder`` (written and fsynced, then removed): the grace estimate's basis."""
+def write_rate_mb_s(folder: Path, size_mb: int = 32) -> float | None:
+    """The write rate of ``folder`` (written and fsynced, then removed): the grace estimate's basis. The probe
+    takes at most an eighth of the free space; None when the disk has no room for it."""
     folder.mkdir(parents=True, exist_ok=True)
+    size_mb = min(size_mb, shutil.disk_usage(folder).free // (8 << 20))
+    if size_mb < 1:
+        return None
     probe = folder / f".write-probe-{os.getpid()}"
     block = os.urandom(1 << 20)
     start = time.perf_counter()
@@ -149,5 +155,9 @@ def write_rate_mb_s(folder: Path, size_mb: int = 32) -> float:
             fh.flush()
             os.fsync(fh.fileno())
         return size_mb / max(time.perf_counter() - start, 1e-6)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        return None
     finally:
         probe.unlink(missing_ok=True)

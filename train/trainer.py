@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -335,8 +336,9 @@ class Trainer:
         else:
             n_bytes = 3 * sum(p.numel() * p.element_size() for p in self.engine.module.parameters())  # weights, 2 moments
             rate = write_rate_mb_s(self.run_dir)
-            cost = (f"a checkpoint holds about {n_bytes / 2**20:.1f} MiB per rank, about {n_bytes / 2**20 / rate:.2f}s at "
-                    f"the {rate:.0f} MiB/s measured here")
+            cost = f"a checkpoint holds about {n_bytes / 2**20:.1f} MiB per rank, " + (
+                f"about {n_bytes / 2**20 / rate:.2f}s at the {rate:.0f} MiB/s measured here" if rate else
+                f"but the run folder's disk has only {shutil.disk_usage(self.run_dir).free / 2**20:.0f} MiB free")
         self.console.info(f"[preemption] {names}: every rank stops at the next optimizer step, writes a checkpoint and "
                           f"exits {PREEMPTED_EXIT_CODE}; {cost}; allow that plus one step (SLURM: #SBATCH --signal)")
 
