@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from core.cli import disk_full_line
 from data_shards import reader
 from data_shards.dme.candidates import normalise
 from data_shards.reader import SPLITS, DatasetLayout
@@ -390,6 +391,11 @@ def main(argv: Iterable[str] | None = None) -> None:
             clean = write_clean(a.root, lay, a.write_clean, leaks, copied, report, a.clean_desc, a.copy_images)
     except (reader.DatasetFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:
+        line = disk_full_line(err)
+        if line is None:
+            raise
+        sys.exit(line)
     report_path = a.report or a.root / "audit_report.json"
     report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print(summary(report))

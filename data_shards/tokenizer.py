@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from core.cli import disk_full_line
 from data_shards import reader
 from data_shards.reader import DatasetLayout
 
@@ -152,6 +153,11 @@ def main(argv: list[str] | None = None) -> None:
         report = build(a.root, lay, a.out, a.min_freq, a.max_words, a.skip_unknown_answers)
     except (reader.DatasetFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
+    except Exception as err:  # noqa: BLE001 (a full disk, whichever library hit it; anything else is re-raised)
+        line = disk_full_line(err, a.out)
+        if line is None:
+            raise
+        sys.exit(line)
     unk = ", ".join(f"{sp} {v:.1%}" for sp, v in report["unknown_share"].items())
     print(f"wrote {a.out}: {report['vocab_size']} tokens ({report['words']} of {report['distinct_words_seen']} words of the "
           f"KB and train split); unknown words in {unk}")

@@ -139,3 +139,12 @@ def test_tokenizer_command_writes_only_into_a_new_empty_or_own_folder(tmp_path):
     empty.mkdir()
     tokenizer_main(["--root", str(raw), "--out", str(empty)])
     assert (empty / "tokenizer.json").is_file()
+
+
+def test_tokenizer_command_on_a_full_disk_says_so_in_one_line(tmp_path, small_disk):
+    raw = tmp_path / "raw"
+    write_fixture(raw, "wikimel")
+    disk = small_disk(4)  # one page: the tokenizer's files do not fit
+    with pytest.raises(SystemExit, match=r"error: the disk is full \(no space left on device writing .*"
+                                         + str(disk / "tok")):
+        tokenizer_main(["--root", str(raw), "--out", str(disk / "tok")])

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.cli import disk_full_line
 from data_shards.store import EntityStore
 from eval.encode import encode_kb, encode_split
 from eval.ranking import build_index, search
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
         model, cfg = load_export_for_command(a.checkpoint, settings + a.overrides, allow_other_kb=a.allow_other_kb)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:
+        line = disk_full_line(err)
+        if line is None:
+            raise
+        sys.exit(line)
     model.to(device)
     table, stats = mine(model, cfg, device, make_collator(cfg, model), a.split)
     if D.is_main():

@@ -26,6 +26,7 @@ from urllib.parse import unquote
 
 from tqdm import tqdm
 
+from core.cli import disk_full_line
 from data_shards import reader
 from data_shards.dme.backends import Choice, LLMUnreachable, Query, Selector, make_selector
 from data_shards.dme.cache import ChoiceCache, cache_key
@@ -224,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished selections are cached; no output file was left half-written", file=sys.stderr)
         return 130
+    except OSError as err:
+        line = disk_full_line(err, a.out)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
     print(f"wrote {a.out}/{REPORT} (backend {report['backend']}, model {report['model'] or '-'}):")
     for sp, s in report["splits"].items():
         und = ", ".join(f"{k} {v}" for k, v in s["undecided"].items()) or "none"
