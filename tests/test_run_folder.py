@@ -5,7 +5,9 @@ before training (train/run_folder.py, train/checkpoint_manager.py, train/trainer
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,8 +54,8 @@ def test_a_live_holder_is_named_a_dead_one_is_taken_over_another_host_needs_brea
 
 
 def test_a_second_trainer_on_a_running_runs_folder_stops_at_once_naming_the_holder(tiny_shards, tmp_path):
-    first = start(BASE + ["--set", "train.max_steps=300", "--set", "train.run_name=shared"], tmp_path, tiny_shards,
-                  tmp_path / "first.log")
+    first = start(BASE + ["--set", "train.max_steps=3000", "--set", "train.epochs=1000", "--set", "train.run_name=shared"],
+                  tmp_path, tiny_shards, tmp_path / "first.log")
     try:
         wait_for_rows(tmp_path / "shared", 1, first)
         rows = len(losses(tmp_path / "shared"))
@@ -62,11 +64,11 @@ def test_a_second_trainer_on_a_running_runs_folder_stops_at_once_naming_the_hold
                                "--resume", "auto"], tmp_path, tiny_shards)
         assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert f"{tmp_path / 'shared'} is in use by another run (PID" in second.stderr
-        assert time.monotonic() - started < 60
+        assert time.monotonic() - started < 60 and first.poll() is None  # refused while the first one trains
         config = (tmp_path / "shared" / "config.yaml").read_text()
         assert "seed: 9" not in config and len(losses(tmp_path / "shared")) >= rows  # nothing of the first run touched
     finally:
-        first.kill()
+        os.killpg(first.pid, signal.SIGKILL)  # the job's whole session: launcher and ranks
         first.wait()
 
 
