@@ -46,6 +46,7 @@ def init_process_group(use_deepspeed: bool = False, timeout_s: float = 3600) -> 
     if use_deepspeed:
         import deepspeed
 
+        skip_deepspeed_shm_op()
         if "RANK" not in os.environ:  # plain `python`: one process, rendezvous on a free local port
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
@@ -54,6 +55,23 @@ def init_process_group(use_deepspeed: bool = False, timeout_s: float = 3600) -> 
                                    timeout=timedelta(seconds=timeout_s))
     else:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend from loading its shared-memory all-reduce op (call before
+    ``deepspeed.init_distributed`` or ``deepspeed.initialize`` builds the backend).
+
+    The op serves only ``inference_all_reduce`` (tensor-parallel inference), which we never call, and it
+    costs: under the deepspeed launcher every local rank writes a 66 MiB buffer to /dev/shm that nothing
+    ever unlinks, not even a clean exit (138 MB of RAM per 2-rank CPU job, for good: a test suite or a
+    sweep of short jobs fills the machine's memory); and loading it JIT-checks the build under a lock file
+    in TORCH_EXTENSIONS_DIR that a process killed at that moment leaves behind, after which every start
+    waits on it for ever. DeepSpeed loads the op only when it is listed as compatible."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def _default_group_timeout(timeout: timedelta) -> None:

@@ -26,13 +26,8 @@ if [ ! -f "$VENV/.complete" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-# DeepSpeed's JIT-built ops (the CPU shared-memory op, ~60 s to build) are cached here.
+# DeepSpeed's JIT-built ops, if any op is ever built, are cached here (its CPU shared-memory op is not
+# loaded at all: model/distributed.py, skip_deepspeed_shm_op).
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mmoe-trainer/torch_extensions}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-# Build DeepSpeed's CPU shared-memory op once (about 90 s on 2 cores) so that no training or test
-# run pays for it; CUDA machines do not use it.
-if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so >/dev/null 2>&1 && ! python -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "[env] building DeepSpeed's CPU communication op (once)" >&2
-    python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || echo "[env] warning: op build failed; DeepSpeed will retry at run time" >&2
-fi
 set +euo pipefail

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 
 import torch
 
@@ -50,3 +53,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_bounded(cmd: list[str], timeout: float, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its own, bounded by ``timeout``.
+
+    Past the limit every process of the session (a launcher, its ranks, their DataLoader workers) gets SIGABRT,
+    on which Python's faulthandler (switched on here) prints each thread's stack, then SIGKILL: the failure says
+    where the job hung, and no orphaned rank keeps running to slow the tests after it."""
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_session(proc, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(no stacks within 15 s of SIGABRT)"
+        raise AssertionError(f"{' '.join(map(str, cmd))} ran past {timeout:.0f} s; the stacks of its processes:\n"
+                             f"{err[-12000:]}\n--- stdout ---\n{out[-3000:]}") from None
+    finally:
+        _signal_session(proc, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _signal_session(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

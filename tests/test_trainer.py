@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import free_port
+from tests.helpers import free_port, run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
@@ -23,7 +23,7 @@ def train(args, out_dir, shards, env_extra=None, launcher=None, timeout=600):
     env.update(env_extra or {})
     base = ["launch/train.py", "--config", str(TINY), "--set", f"data.shards={shards}", "--set", f"train.out_dir={out_dir}"]
     cmd = (launcher or [sys.executable]) + base + list(args)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_bounded(cmd, timeout, env=env, cwd=ROOT)
 
 
 def losses(run_dir):
@@ -67,7 +67,8 @@ def test_killed_run_resumes_exactly_and_never_from_a_half_written_checkpoint(tin
 
 
 def test_two_processes_with_the_deepspeed_launcher_train_save_and_resume(tiny_shards, tmp_path):
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    port = free_port()
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)]
     args = ["--set", "train.run_name=two", "--set", "train.max_steps=4", "--set", "train.save_every_steps=2",
             "--set", "train.eval_every_epochs=0", "--set", "train.test_at_end=true", "--set", "wandb.mode=disabled"]
     first = train(args, tmp_path, tiny_shards, launcher=launcher)
@@ -77,6 +78,8 @@ def test_two_processes_with_the_deepspeed_launcher_train_save_and_resume(tiny_sh
     assert state["layout"]["world"] == 2 and state["trainer"]["step"] == 4
     assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "rng-rank1.pt").is_file()
     assert (tmp_path / "two" / "leaderboard-test.md").is_file()
+    # DeepSpeed's CPU shared-memory op (unused) would leave each rank's 66 MiB buffer in /dev/shm for good
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shared-memory buffers left"
     second = train(args[:-8] + ["--set", "train.max_steps=6", "--set", "train.eval_every_epochs=0",
                                 "--set", "train.test_at_end=false", "--set", "wandb.mode=disabled", "--resume", "auto"],
                    tmp_path, tiny_shards, launcher=launcher)
