@@ -13,6 +13,7 @@ import statistics
 import pytest
 import torch
 
+from moe.expert_layout import all_to_local
 from tests.test_preemption import BASE, deepspeed_launcher
 from tests.test_trainer import losses, train
 from train.checkpointing import load_weights_only
@@ -155,3 +156,53 @@ def test_a_zero_1_checkpoint_moves_between_world_sizes_through_deepspeeds_univer
     got = losses(run)
     assert sorted(got) == list(range(1, at + 7)) and all(math.isfinite(v) for v in got.values())
     assert not (run / "universal-tmp").exists()  # the scratch conversion is removed once loaded
+
+
+def _params(run, kind: str, tag: str, world: int, num_experts: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's whole fp32 weight and Adam moments from the ranks' dumps (experts by global id, each
+    on the rank that holds it), in the local MoE layout so that layouts compare."""
+    merged: dict[str, dict] = {}
+    for r in range(world):
+        merged.update(torch.load(run / f"{kind}-{tag}-rank{r}.pt", weights_only=True)["params"])
+    parts = {p: all_to_local({n: v[p] for n, v in merged.items()}, num_experts) for p in ("fp32", "exp_avg", "exp_avg_sq")}
+    return {n: {p: parts[p][n] for p in parts} for n in parts["fp32"]}
+
+
+@pytest.mark.parametrize("stage, middle", [(1, "deepspeed"), (2, "local")])
+def test_zero_partitions_of_deepspeed_moe_move_to_another_world_size_and_layout_and_back_bit_identically(
+        tiny_shards, tmp_path, stage, middle):
+    """DeepSpeed's universal checkpoint cannot re-cut its native MoE layers (DeepSpeed #5716); our merge does:
+    ZeRO stage 1/2 with DeepSpeed MoE (ep_size 2) on 2 processes -> 1 process with ep_size 1 (or the local
+    backend) -> 2 processes with ep_size 2. Every parameter's fp32 weight and Adam moments, the step counter and
+    learning rates right after each load equal those saved, bit for bit, and training goes on finite."""
+    args = BASE + ["--set", f"train.zero_stage={stage}", "--set", "train.run_name=m"]
+    ds2 = ["--set", "model.matcher.moe.backend=deepspeed", "--set", "model.matcher.moe.ep_size=2"]
+    dump = {"MMOE_TEST_DUMP_FULL": "1"}
+    at = random.Random().randint(2, 5)
+    two = train(args + ds2 + ["--set", "train.max_steps=24"], tmp_path, tiny_shards, launcher=deepspeed_launcher(),
+                env_extra={**dump, "MMOE_TEST_SIGNAL_AT_STEP": str(at)})
+    assert two.returncode == PREEMPTED_EXIT_CODE, two.stderr[-3000:]
+    one = train(args + ["--set", f"model.matcher.moe.backend={middle}", "--set", "model.matcher.moe.ep_size=1",
+                        "--set", f"train.max_steps={at + 4}", "--set", "train.grad_accum=2", "--resume", "auto"],
+                tmp_path, tiny_shards, env_extra=dump)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert (f"MoE layout backend=deepspeed, ep_size=2 -> backend={middle}, ep_size=1; world 2 -> 1" in one.stderr
+            and "the ZeRO partitions of 2 processes merged" in one.stderr), one.stderr[-3000:]
+    back = train(args + ds2 + ["--set", f"train.max_steps={at + 6}", "--resume", "auto"], tmp_path, tiny_shards,
+                 launcher=deepspeed_launcher(), env_extra=dump)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "-> backend=deepspeed, ep_size=2; world 1 -> 2" in back.stderr, back.stderr[-3000:]
+
+    run = tmp_path / "m"
+    for tag, saved_by, loaded_by in ((f"step-{at + 1:07d}", 2, 1), (f"step-{at + 4:07d}", 1, 2)):
+        saved, loaded = _params(run, "saved", tag, saved_by), _params(run, "loaded", tag, loaded_by)
+        assert len(saved) > 50 and saved.keys() == loaded.keys(), tag
+        assert all(v["exp_avg"] is not None for v in saved.values()) and any(".moe." in n for n in saved), tag
+        differ = [f"{n}.{p}" for n in saved for p in saved[n] if not torch.equal(saved[n][p], loaded[n][p])]
+        assert differ == [], (tag, differ[:8])
+        counters = [{k: torch.load(run / f"{kind}-{tag}-rank0.pt", weights_only=True)[k] for k in ("global_steps", "lr")}
+                    for kind in ("saved", "loaded")]
+        assert counters[0]["global_steps"] == counters[1]["global_steps"] == int(tag[5:])
+        assert set(counters[0]["lr"]) == set(counters[1]["lr"]), tag  # one rate, whatever the groups
+    got = losses(run)
+    assert sorted(got) == list(range(1, at + 7)) and all(math.isfinite(v) for v in got.values())

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,24 +87,13 @@ def test_two_processes_with_the_deepspeed_launcher_train_save_and_resume(tiny_sh
     assert sorted(losses(tmp_path / "two"))[-1] == 6
 
 
-def test_resuming_with_another_subset_zero_stage_or_native_moe_partitioning_is_refused(tiny_shards, tmp_path):
+def test_resuming_with_another_subset_or_zero_stage_is_refused(tiny_shards, tmp_path):
     """World size, batch size and workers may change on resume (tests/test_resume_elsewhere.py, ZeRO included);
-    the training subset and the ZeRO stage may not, nor the world size of ZeRO-partitioned DeepSpeed MoE layers
-    (DeepSpeed's universal checkpoint cannot re-cut them)."""
+    the training subset and the ZeRO stage may not."""
     first = train(["--set", "train.run_name=w", "--set", "train.max_steps=2", "--set", "train.eval_every_epochs=0",
                    "--set", "train.test_at_end=false", "--set", "train.zero_stage=1",
                    "--set", "model.matcher.moe.backend=deepspeed"], tmp_path, tiny_shards)
     assert first.returncode == 0, first.stderr[-3000:]
-    shutil.copytree(tmp_path / "w", tmp_path / "w2")
-    state_file = next((tmp_path / "w2" / "checkpoints").glob("*/complete.json"))
-    state = json.loads(state_file.read_text())
-    state["layout"]["world"] = 4
-    state_file.write_text(json.dumps(state))
-    again = train(["--set", "train.run_name=w2", "--set", "train.max_steps=3", "--set", "train.zero_stage=1",
-                   "--set", "model.matcher.moe.backend=deepspeed", "--resume", "auto"], tmp_path, tiny_shards)
-    assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert "written by 4 processes with optimizer state partitioned by the world size (ZeRO stage 1" in again.stderr
-    assert "DeepSpeed issue #5716" in again.stderr
     same = ["--set", "train.run_name=w", "--set", "train.max_steps=3", "--set", "model.matcher.moe.backend=deepspeed",
             "--resume", "auto"]
     stage = train(same + ["--set", "train.zero_stage=0"], tmp_path, tiny_shards)

@@ -6,8 +6,10 @@ the conversion to another MoE layout in train/relayout.py, the re-planning of an
 What may differ between the checkpoint and the resumed run:
 - world size, batch size, DataLoader workers, shuffle buffer: the interrupted epoch continues over the samples
   not yet consumed; optimizer state partitioned by the old world size (ZeRO 1/2, bf16) is re-cut through
-  DeepSpeed's universal checkpoint (train/universal.py; local MoE backend only);
-- the MoE backend or ep_size: weights and optimizer state are converted (ZeRO stage 0, fp32);
+  DeepSpeed's universal checkpoint (train/universal.py) without native MoE layers, by our own merge with them
+  (train/zero_merge.py, train/relayout.py);
+- the MoE backend or ep_size, with the world size or not: weights and optimizer state are converted
+  (train/relayout.py; ZeRO 0-2, fp32 or bf16);
 - the shards (another manifest) only with --allow-data-change; the training subset never.
 """
 
@@ -23,7 +25,7 @@ from data_shards.stream import TrainStream
 from model import distributed as D
 from model.config import Config, to_dict
 from train import checkpointing as ckpt
-from train import relayout, universal
+from train import relayout, universal, zero_merge
 from train.observe import RankLog
 from train.state import TrainState
 
@@ -83,7 +85,7 @@ class CheckpointManager:
                            {"trainer": state.state_dict(), "layout": self.layout(), "fixed": fixed_settings(self.cfg),
                             "manifest_sha256": self.manifest_sha256, "metrics_rows": metrics_rows},
                            self.cfg.train.keep_checkpoints,
-                           write_extra=lambda f: relayout.save_param_names(self.engine.module, self.optimizer, f))
+                           write_extra=self._write_names)
         if os.environ.get("MMOE_TEST_DUMP_FULL"):  # tests: the whole state as saved, to compare with a resume
             self._dump_full(self.ckpt_dir.parent / f"saved-{folder.name}-rank{D.rank()}.pt")
         if self.first_save:
@@ -92,6 +94,11 @@ class CheckpointManager:
             self.console.info(f"[preemption] the first checkpoint took {seconds:.2f}s: a stop signal needs that "
                               "plus one optimizer step of grace")
         return folder
+
+    def _write_names(self, folder: Path) -> None:
+        """Every rank: what a conversion to another MoE layout or world size needs to tell parameters apart."""
+        relayout.save_param_names(self.engine.module, self.optimizer, folder)
+        zero_merge.save_expert_names(self.engine.module, folder)
 
     # -- resume -----------------------------------------------------------------------------------
     def resume(self, resume: str, state: TrainState) -> dict | None:
@@ -151,7 +158,27 @@ class CheckpointManager:
                 {"numel": sum(p.numel() for p in zero.bit16_groups[i]), "fp32": flat.detach().cpu(),
                  **{m: zero.optimizer.state.get(flat, {}).get(m) for m in relayout.MOMENTS}}
                 for i, flat in enumerate(zero.single_partition_of_fp32_groups)]
+        out["params"] = self._whole_params()
         torch.save(out, path)
+
+    def _whole_params(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tests: each parameter's whole fp32 weight and Adam moments, experts by global name (collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        rename = zero_merge.expert_names(self.engine.module)
+        partitioned = any(hasattr(p, "_hp_mapping") for p in self.engine.module.parameters())
+        if partitioned:
+            relayout.link_partitions(self.engine, self.optimizer)
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            if partitioned:
+                parts = {"fp32": safe_get_full_fp32_param(p),
+                         **{m: safe_get_full_optimizer_state(p, m) for m in relayout.MOMENTS}}
+            else:
+                state = self.optimizer.state.get(p, {})
+                parts = {"fp32": p.detach(), **{m: state.get(m) for m in relayout.MOMENTS}}
+            out[rename.get(name, name)] = {k: None if v is None else v.detach().float().cpu() for k, v in parts.items()}
+        return out
 
     def _candidates(self, resume: str) -> list[Path]:
         """The checkpoints to try, newest first."""
@@ -175,41 +202,34 @@ class CheckpointManager:
         return [folder]
 
     def _load(self, folder: Path) -> dict:
-        """DeepSpeed's own load for a checkpoint of this run's MoE layout; our conversion for another one."""
-        other = relayout.layout_differs(folder, self.engine.module)
+        """DeepSpeed's own load for a checkpoint of this run's MoE layout and world size; DeepSpeed's universal
+        checkpoint for ZeRO partitions of another world size without native MoE layers; our conversion else."""
         saved = json.loads((folder / ckpt.COMPLETE).read_text())
-        if saved["layout"]["world"] != D.world() and universal.partitioned_files(folder):
-            if other is not None:
-                raise RunSetupError(f"checkpoint {folder} has optimizer partitions of {saved['layout']['world']} "
-                                    "processes and another MoE layout: change one at a time (the world size with the "
-                                    "checkpoint's MoE layout first, or the layout on the same world size in fp32 at "
-                                    "ZeRO stage 0)")
-            what = universal.load_universal(self.engine, folder, self.ckpt_dir.parent)
-            self.console.warn(f"converted checkpoint {folder}: {what}")
-            return saved
-        if other is None:
+        world, other = saved["layout"]["world"], relayout.layout_differs(folder, self.engine.module)
+        recut = world != D.world() and bool(universal.partitioned_files(folder))
+        if other is None and not recut:
             return ckpt.load(self.engine, folder)
-        what = relayout.load_relayout(self.engine, self.optimizer, folder, other)
+        if other is None and (relayout.saved_layout(folder) or {}).get("backend") != "deepspeed":
+            what = universal.load_universal(self.engine, folder, self.ckpt_dir.parent)
+        else:
+            if self.precision == "fp16":
+                raise RunSetupError(f"checkpoint {folder}: moving fp16 optimizer state (its loss scaler) to another MoE "
+                                    "layout or world size is not supported; resume with the checkpoint's layout and "
+                                    "world size")
+            what = relayout.load_relayout(self.engine, self.optimizer, folder,
+                                          other or relayout.saved_layout(folder), world)
         self.console.warn(f"converted checkpoint {folder}: {what}")
         return saved
 
     def _check_compatible(self, folder: Path, saved: dict) -> None:
         """The data position continues exactly only with the same shards and subset, and the optimizer state
         only with the same ZeRO stage and precision; world size, batch size, workers and shuffle buffer may
-        change (the epoch is re-planned). DeepSpeed's universal checkpoint does not know its native MoE layers."""
+        change (the epoch is re-planned)."""
         now, was = self.layout(), saved["layout"]
         for key, value in now.items():
             if key in was and key not in REPLANNED and was[key] != value:
                 raise RunSetupError(f"checkpoint {folder} was written with {key}={was[key]}, this run has "
                                     f"{value}: the data position cannot be continued exactly; use the same setting")
-        if (was["world"] != now["world"] and universal.partitioned_files(folder)
-                and self.cfg.model.matcher.moe.backend == "deepspeed"):
-            raise RunSetupError(
-                f"checkpoint {folder} was written by {was['world']} processes with optimizer state partitioned by the "
-                f"world size (ZeRO stage {was.get('zero_stage', '?')}, {was.get('precision', '?')}), this run has "
-                f"{now['world']}: DeepSpeed's universal checkpoint cannot re-cut its native MoE layers (DeepSpeed "
-                f"issue #5716). Resume on {was['world']} processes, or train with model.matcher.moe.backend=local "
-                "(re-cut here) or train.zero_stage=0 in fp32 (whole optimizer state on every rank)")
         if "fixed" in saved:  # checkpoints written before the settings were recorded: not checked
             now_fixed = fixed_settings(self.cfg)
             changed = [f"{k} {saved['fixed'][k]!r} -> {now_fixed.get(k)!r}" for k in saved["fixed"]

@@ -11,8 +11,11 @@ the weights' shapes) are brought to the local layout (moe/expert_layout.py), the
 layout exactly as a local-layout state dict is loaded: each rank keeps its own experts. Nothing is
 recomputed, so a conversion there and back is bit-identical.
 
-Supported where the client optimizer holds the model's own fp32 parameters (ZeRO stage 0, fp32: our CPU
-runs); bf16/fp16 master weights and ZeRO partitions are refused by name.
+The checkpoint may also hold ZeRO stage 1/2 (or bf16) partitions of another world size: they are joined per
+parameter first (train/zero_merge.py; experts by the global ids each rank recorded), and a ZeRO or bf16 engine
+takes each whole tensor through DeepSpeed's ``safe_set_full_*`` setters, which cut it for the new world. So the
+world size and the MoE layout may change together, at any ZeRO stage 0-2, which DeepSpeed's universal checkpoint
+cannot do for its native MoE layers. fp16 (its loss scaler) is refused by name.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from model import distributed as D
 from moe.expert_layout import LOCAL_KEYS, all_to_local, local_to_deepspeed, shift_expert_id
 from moe.expert_parallel import deepspeed_layers, moe_layout
+from train import zero_merge
 from train.checkpointing import MOE_LAYOUT, load_rng, load_weights_only
 
 PARAM_NAMES = "optim-params-rank{rank}.json"
@@ -128,23 +132,81 @@ def _for_module(local: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor
     return out
 
 
-def load_relayout(engine, optimizer: torch.optim.Optimizer, folder: Path, layout: dict) -> str:
-    """Load ``folder`` (written with MoE ``layout``) into ``engine`` of another layout: weights, Adam moments and
-    steps, learning rates, schedule, step counters, RNG. ``optimizer`` is the client optimizer inside DeepSpeed.
-    Returns what was converted, in words."""
-    module = engine.module
-    if optimizer_param_names(module, optimizer) is None or engine.zero_optimization():
-        raise RelayoutError(f"checkpoint {folder} holds its experts as {layout['backend']} with ep_size={layout['ep_size']}; "
-                            "moving optimizer state to another MoE layout needs ZeRO stage 0 in fp32 (this run has "
-                            "bf16/fp16 master weights or ZeRO partitions). Resume with the checkpoint's layout, or "
-                            "export its weights: python -m train.checkpointing export")
+def saved_layout(folder: Path) -> dict | None:
+    """The MoE layout a checkpoint was written with (None: written before layouts were recorded)."""
+    path = folder / MOE_LAYOUT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _zero_source(folder: Path, layout: dict) -> tuple[dict[str, Tensor], dict, Tensor, dict, str]:
+    """From ZeRO partitions: the local-layout weights, each parameter's fp32 master weight and moments (local
+    layout), the step, the groups' learning rates, and where they came from."""
+    num_experts = layout["num_experts"]
+    weights = _local_weights(folder)  # global names: the shapes of the partitions' flat pieces
+    try:
+        whole = zero_merge.whole_state(folder)
+        state = zero_merge.shaped(whole, {n: t.shape for n, t in weights.items()})
+    except zero_merge.MergeError as err:
+        raise RelayoutError(str(err)) from None
+    parts = {p: all_to_local({n: v[p] for n, v in state.items()}, num_experts) for p in zero_merge.PARTS}
+    per_name = {n: {p: parts[p][n] for p in zero_merge.PARTS} for n in parts["fp32"]}
+    return (all_to_local(weights, num_experts), per_name, torch.tensor(whole.step), whole.groups,
+            f"the ZeRO partitions of {whole.processes} processes merged")
+
+
+def _stage0_source(folder: Path, layout: dict) -> tuple[dict[str, Tensor], dict, Tensor, dict, str]:
+    """The same from a ZeRO stage 0 fp32 checkpoint (the optimizer state is over the module's own parameters)."""
     saved = _saved_states(folder, layout)
     num_experts = layout["num_experts"]
-    module.load_state_dict(all_to_local(_local_weights(folder), num_experts))  # each rank keeps its own experts
+    weights = all_to_local(_local_weights(folder), num_experts)
     moments, step = _local_moments(saved, num_experts)
-    targets = {m: _for_module({n: v[m] for n, v in moments.items()}, module) for m in MOMENTS}
-    names = {id(p): n for n, p in module.named_parameters()}
-    saved_groups = {g.get("name"): g for _, state in saved for g in state["param_groups"]}
+    per_name = {n: {"fp32": weights[n], **m} for n, m in moments.items()}
+    groups = {g.get("name"): g for _, state in saved for g in state["param_groups"]}
+    return weights, per_name, step, groups, "whole optimizer state"
+
+
+def load_relayout(engine, optimizer: torch.optim.Optimizer, folder: Path, layout: dict, world: int) -> str:
+    """Load ``folder`` (written by ``world`` processes with MoE ``layout``) into ``engine``, whose MoE layout or
+    world size differs: weights, fp32 master weights, Adam moments and steps, learning rates, schedule, step
+    counters, RNG. The checkpoint may be ZeRO-partitioned (stage 1/2, bf16: train/zero_merge.py) or not, and so may
+    the engine. ``optimizer`` is the client optimizer inside DeepSpeed. Returns what was converted, in words."""
+    module = engine.module
+    partitioned = bool(zero_merge.rank_files(folder))
+    weights, per_name, step, saved_groups, source = (_zero_source if partitioned else _stage0_source)(folder, layout)
+    module.load_state_dict(weights)  # each rank keeps its own experts
+    targets = {p: _for_module({n: v[p] for n, v in per_name.items()}, module) for p in zero_merge.PARTS}
+    _set_rates(optimizer, saved_groups)
+    if any(hasattr(p, "_hp_mapping") for p in module.parameters()):
+        _set_partitioned(engine, optimizer, targets, step, folder)
+    elif optimizer_param_names(module, optimizer) is not None:
+        _set_whole(module, optimizer, targets, step, folder)
+    else:
+        raise RelayoutError(f"checkpoint {folder}: this run's optimizer holds neither the module's parameters nor "
+                            "DeepSpeed-partitioned ones (fp16?); its state cannot be set. Resume with the checkpoint's "
+                            "world size and MoE layout, or export its weights: python -m train.checkpointing export")
+    model_file = load_weights_only(folder / "mp_rank_00_model_states.pt")
+    _load_schedule(engine.lr_scheduler, optimizer, model_file["lr_scheduler"])
+    engine.global_steps, engine.global_samples = model_file["global_steps"], model_file["global_samples"]
+    engine.skipped_steps = model_file["skipped_steps"]
+    load_rng(folder)
+    now = moe_layout(module)
+    changes = [f"MoE layout backend={layout['backend']}, ep_size={layout['ep_size']} -> backend={now['backend']}, "
+               f"ep_size={now['ep_size']}"] if {k: layout[k] for k in now} != now else []
+    changes += [f"world {world} -> {D.world()}"] if world != D.world() else []
+    return (f"{'; '.join(changes) or 'same layout'} (weights, Adam moments and steps, learning rates, schedule; "
+            f"{source})")
+
+
+def _load_schedule(scheduler, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The schedule's position and factor; its per-group lists follow this run's groups (another MoE backend
+    has another number of groups: DeepSpeed's experts live in groups of their own), at the rates just set."""
+    scheduler.load_state_dict(state)
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports until the next step
+
+
+def _set_rates(optimizer: torch.optim.Optimizer, saved_groups: dict) -> None:
     for group in optimizer.param_groups:
         # A group the checkpoint lacks is a new home of expert weights (DeepSpeed's per-ep_size groups, or back
         # in the matcher's groups): experts belong to the matcher, so it takes the matcher group's rate.
@@ -153,6 +215,12 @@ def load_relayout(engine, optimizer: torch.optim.Optimizer, folder: Path, layout
         for key in ("lr", "initial_lr"):
             if key in source:
                 group[key] = source[key]
+
+
+def _set_whole(module: nn.Module, optimizer: torch.optim.Optimizer, targets: dict, step: Tensor, folder: Path) -> None:
+    """A ZeRO stage 0 fp32 engine: the client optimizer's state is keyed by the module's parameters."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    for group in optimizer.param_groups:
         for p in group["params"]:
             name = names[id(p)]
             if name not in targets[MOMENTS[0]]:
@@ -162,11 +230,41 @@ def load_relayout(engine, optimizer: torch.optim.Optimizer, folder: Path, layout
                 raise RelayoutError(f"checkpoint {folder}: the optimizer state of {name} has shape "
                                     f"{tuple(state[MOMENTS[0]].shape)}, the parameter {tuple(p.shape)}")
             optimizer.state[p] = {"step": step.clone(), **state}
-    model_file = load_weights_only(folder / "mp_rank_00_model_states.pt")
-    engine.lr_scheduler.load_state_dict(model_file["lr_scheduler"])
-    engine.global_steps, engine.global_samples = model_file["global_steps"], model_file["global_samples"]
-    engine.skipped_steps = model_file["skipped_steps"]
-    load_rng(folder)
-    now = moe_layout(module)
-    return (f"MoE layout backend={layout['backend']}, ep_size={layout['ep_size']} -> backend={now['backend']}, "
-            f"ep_size={now['ep_size']} (weights, Adam moments and steps, learning rates, schedule)")
+
+
+def link_partitions(engine, optimizer: torch.optim.Optimizer) -> None:
+    """Make every flat fp32 partition of a ZeRO 1/2 or bf16 engine hold Adam moments (zeros where none yet) and
+    point each parameter's fragment at them, so that DeepSpeed's ``safe_{get,set}_full_optimizer_state`` work.
+    DeepSpeed links them after the first step only, and, stepping one group at a time, only for the groups stepped
+    by then; a freshly built engine has no moments at all."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    wrapper = engine.optimizer
+    lp_groups = getattr(wrapper, "bit16_groups", None) or wrapper.bf16_groups
+    flats = getattr(wrapper, "single_partition_of_fp32_groups", None) or wrapper.fp32_groups_flat_partition
+    for lp, flat in zip(lp_groups, flats, strict=True):
+        state = optimizer.state[flat]
+        for m in MOMENTS:
+            state.setdefault(m, torch.zeros_like(flat))
+        state.setdefault("step", torch.tensor(0.0))
+        lazy_init_hp_params_optimizer_state(lp, flat, optimizer.state)
+
+
+def _set_partitioned(engine, optimizer: torch.optim.Optimizer, targets: dict, step: Tensor, folder: Path) -> None:
+    """A ZeRO stage 1/2 or bf16 engine: DeepSpeed's own setters cut each whole tensor to this rank's fragment."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    link_partitions(engine, optimizer)
+    for name, p in engine.module.named_parameters():
+        if getattr(p, "_hp_mapping", None) is None:
+            continue  # frozen, or wholly in other ranks' partitions
+        if name not in targets["fp32"]:
+            raise RelayoutError(f"checkpoint {folder} has no optimizer state for {name}")
+        if targets["fp32"][name].shape != p.shape:
+            raise RelayoutError(f"checkpoint {folder}: the optimizer state of {name} has shape "
+                                f"{tuple(targets['fp32'][name].shape)}, the parameter {tuple(p.shape)}")
+        safe_set_full_fp32_param(p, targets["fp32"][name].to(p.device, torch.float32))
+        for m in MOMENTS:
+            safe_set_full_optimizer_state(p, targets[m][name].to(p.device, torch.float32), m)
+    for state in optimizer.state.values():  # one entry per flat partition
+        state["step"] = step.clone()

@@ -9,8 +9,8 @@ changed. The converter unpickles the checkpoint's files without ``weights_only``
 against the allow-list of train/checkpointing.py first, so a crafted file is refused before it is read.
 
 DeepSpeed's native MoE layers are not covered (DeepSpeed issue #5716: the converter knows only its AutoEP
-experts), so this path needs the local MoE backend; a run with ``model.matcher.moe.backend=deepspeed`` is
-refused by name (train/checkpoint_manager.py).
+experts), so this path serves the local MoE backend; checkpoints with DeepSpeed MoE layers go through our own
+merge of the partitions instead (train/zero_merge.py, train/relayout.py).
 """
 
 from __future__ import annotations
