@@ -398,8 +398,11 @@ class OrderedStream(IterableDataset):
         self.is_kb = group == "kb"
         self.collator, self.batch_size = collator, batch_size
         total = self.shards.total
-        a, b = split_evenly(-(-total // align), world)[rank]
-        self.range = (min(a * align, total), min(b * align, total))
+        ranges = [(min(a * align, total), min(b * align, total)) for a, b in split_evenly(-(-total // align), world)]
+        self.range = ranges[rank]
+        # The fewest batches any rank's share makes: every rank reaches these batch numbers (a collective
+        # check may run at them, eval/encode.py).
+        self.common_batches = min(-(-(b - a) // batch_size) for a, b in ranges)
 
     def __len__(self) -> int:
         return self.range[1] - self.range[0]

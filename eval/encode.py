@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -51,16 +51,33 @@ class _Blocker:
         return out
 
 
+INTERRUPT_EVERY = 16  # batches between two interrupt checks while encoding (one tiny all-reduce each)
+
+
+class Interrupted(Exception):
+    """An evaluation or mining stopped early because ``interrupt()`` said so (a stop signal: the trainer
+    checkpoints and exits, and evaluates again after the resume)."""
+
+
+def check_interrupt(interrupt: Callable[[], bool] | None, where: str) -> None:
+    """Raise Interrupted when ``interrupt`` (collective: every rank calls it at the same points) says stop."""
+    if interrupt is not None and interrupt():
+        raise Interrupted(where)
+
+
 def encode_side(
     model: MMoEModel, batches: Iterable[dict], device: torch.device, *, entity: bool, bf16: bool = True,
     gather: bool = False, total: int | None = None, desc: str = "", block: int | None = None,
+    interrupt: Callable[[], bool] | None = None, common_batches: int = 0,
 ) -> tuple[SideCache, dict[str, Tensor]]:
     """Run the entity (or mention) side over ``batches`` of this rank and return the cache with
     each row's ids (``entity_id``; or ``index`` and ``gold_id`` of mentions). With ``gather``,
     every rank gets all ranks' rows in rank order; ranks hold contiguous ranges, so that is
     dataset order (the KB cache). ``block`` (compat: published only) runs the matcher side on
     exactly that many consecutive rows at a time, whatever the loader's batch size; this rank's rows
-    must then start at a block boundary (``OrderedStream(..., align=block)``)."""
+    must then start at a block boundary (``OrderedStream(..., align=block)``). ``interrupt`` is asked every
+    INTERRUPT_EVERY batches among the first ``common_batches`` (which every rank has), so that all ranks ask
+    at the same batches."""
     parts: list[SideCache] = []
     id_keys = ("entity_id",) if entity else ("index", "gold_id")
     ids: dict[str, list[Tensor]] = {k: [] for k in id_keys}
@@ -75,6 +92,9 @@ def encode_side(
             for k in id_keys:
                 ids[k].append(batch[k].to(device))
             bar.update(len(batch[id_keys[0]]))
+            done = len(ids[id_keys[0]])
+            if done % INTERRUPT_EVERY == 0 and done <= common_batches:
+                check_interrupt(interrupt, desc)
         if blocker:
             parts += [s.to(dtype=torch.float32) for s in blocker.flush()]
     bar.close()
@@ -89,7 +109,8 @@ def encode_side(
 
 
 def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, batch_size: int, num_workers: int,
-              bf16: bool = True, distributed: bool = True, block: int | None = None, desc: str = "encode KB") -> SideCache:
+              bf16: bool = True, distributed: bool = True, block: int | None = None, desc: str = "encode KB",
+              interrupt: Callable[[], bool] | None = None) -> SideCache:
     """The entity cache of the whole KB, rows in entity-id order, on every rank.
 
     ``distributed``: ranks encode contiguous shares and gather them; otherwise this process encodes
@@ -99,7 +120,8 @@ def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, 
     world, rank = (D.world(), D.rank()) if split_work else (1, 0)
     stream = OrderedStream(shards, "kb", collator, batch_size, world, rank)
     cache, ids = encode_side(model, make_loader(stream, num_workers), device, entity=True, bf16=bf16,
-                             gather=split_work, total=len(stream), desc=desc, block=block)
+                             gather=split_work, total=len(stream), desc=desc, block=block, interrupt=interrupt,
+                             common_batches=stream.common_batches)
     if not torch.equal(ids["entity_id"].cpu(), torch.arange(len(cache))):
         raise ShardError(f"{shards}: KB cache rows are not in entity id order: the KB shards are inconsistent with the "
                            "manifest; convert the dataset again")
@@ -108,11 +130,12 @@ def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, 
 
 def encode_split(model: MMoEModel, shards: str, split: str, collator, device: torch.device, *, batch_size: int,
                  num_workers: int, bf16: bool = True, distributed: bool = True, block: int | None = None,
-                 desc: str | None = None) -> tuple[SideCache, dict[str, Tensor]]:
+                 desc: str | None = None, interrupt: Callable[[], bool] | None = None) -> tuple[SideCache, dict[str, Tensor]]:
     """The mention cache of this rank's share of ``split`` (all of it unless ``distributed``), with each
     row's ``index`` and ``gold_id``. ``block`` (compat: published): the mention side on batches of that
     many mentions, each rank's share made of whole batches."""
     world, rank = (D.world(), D.rank()) if distributed else (1, 0)
     stream = OrderedStream(shards, split, collator, batch_size, world, rank, align=block or 1)
     return encode_side(model, make_loader(stream, num_workers), device, entity=False, bf16=bf16, total=len(stream),
-                       desc=desc or f"encode {split}", block=block)
+                       desc=desc or f"encode {split}", block=block, interrupt=interrupt,
+                       common_batches=stream.common_batches)

@@ -26,6 +26,7 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -36,7 +37,7 @@ from data_shards.collate import Collator
 from data_shards.store import ShardError
 from data_shards.stream import load_manifest, manifest_hash  # manifest_hash: also imported from here
 from data_shards.verify import problems_message, verify
-from eval.encode import encode_kb, encode_split
+from eval.encode import check_interrupt, encode_kb, encode_split
 from eval.kb_cache import (
     CacheValueError,
     cache_bytes,
@@ -86,7 +87,8 @@ def _save_kb_cache(path: Path, kb: SideCache, key: str) -> bool:
 
 
 def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator,
-                 path: Path | None = None, key: str | None = None) -> tuple[SideCache, dict]:
+                 path: Path | None = None, key: str | None = None,
+                 interrupt: Callable[[], bool] | None = None) -> tuple[SideCache, dict]:
     """The KB's entity cache in ``eval.cache_dtype`` and what was done: the one saved at ``path`` when
     its key is ``key``, else encoded, compressed and (with ``path``) saved by rank 0."""
     e = cfg.eval
@@ -102,7 +104,7 @@ def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device
     # happens inside encode_kb, the compression after it.
     block = e.compat_entity_block if model.matcher.settings.published else None
     kb = encode_kb(model, cfg.data.shards, collator, device, block=block, batch_size=e.batch_size,
-                   num_workers=e.num_workers, bf16=e.bf16)
+                   num_workers=e.num_workers, bf16=e.bf16, interrupt=interrupt)
     try:
         kb = compress(kb, e.cache_dtype)
     except CacheValueError as err:  # every rank holds the same gathered cache: all raise
@@ -116,29 +118,37 @@ def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device
 
 def evaluate_split(
     model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator | None = None,
-    kb_cache_path: Path | None = None, cache_key: str | None = None,
+    kb_cache_path: Path | None = None, cache_key: str | None = None, interrupt: Callable[[], bool] | None = None,
 ) -> EvalResult:
     """Rank every mention of ``split`` against the whole KB; identical on any number of ranks.
 
     ``kb_cache_path`` and ``cache_key`` (:func:`kb_cache_location`): reuse the entity cache saved
-    there, or save the one built; without them the cache is built in memory only (dev evaluation)."""
-    e = cfg.eval
+    there, or save the one built; without them the cache is built in memory only (dev evaluation).
+    ``interrupt`` (collective) is asked while encoding and between the stages; when it says stop, the
+    evaluation raises eval.encode.Interrupted (the trainer's way to honour a stop signal in a long one)."""
     collator = collator or make_collator(cfg, model)
     was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator,
+              kb_cache_path: Path | None, cache_key: str | None, interrupt: Callable[[], bool] | None) -> EvalResult:
+    e = cfg.eval
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    try:
-        kb, kb_info = entity_cache(model, cfg, split, device, collator, kb_cache_path, cache_key)
-    except NonFiniteScoreError:
-        model.train(was_training)
-        raise
+    kb, kb_info = entity_cache(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt)
+    check_interrupt(interrupt, f"evaluation of {split}: after the KB")
     timings["encode_kb_s"] = time.perf_counter() - t0
     compat = model.matcher.settings.published
     io = dict(batch_size=e.batch_size, num_workers=e.num_workers, bf16=e.bf16)
     t1 = time.perf_counter()
     mentions, m_ids = encode_split(model, cfg.data.shards, split, collator, device,
-                                   block=e.compat_mention_batch if compat else None, **io)
+                                   block=e.compat_mention_batch if compat else None, interrupt=interrupt, **io)
+    check_interrupt(interrupt, f"evaluation of {split}: after the mentions")
     timings["encode_mentions_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     gold = m_ids["gold_id"]
@@ -160,12 +170,12 @@ def evaluate_split(
         bad = [int(m_ids["index"][r]) for r in err.rows]
     bad = sorted(i for part in D.gather_objects(bad) for i in part)  # every rank raises, or none
     if bad:
-        model.train(was_training)
         ids = _mention_ids(cfg.data.shards, split)
         named = ", ".join(f"index {i} (id {ids.get(i)})" for i in bad[:3])
         raise NonFiniteScoreError(
             f"evaluation of split {split!r}: the model gives a NaN or infinite score for {len(bad)} mention(s), e.g. "
             f"{named}; no rank can be read from such scores (are the weights finite? a diverged run?)", bad)
+    check_interrupt(interrupt, f"evaluation of {split}: after the ranking")
     if e.mode != "exact":
         recall_parts = D.gather_objects((len(gold), recall_at(index, model.matcher, mentions, gold, tuple(e.recall_at))))
         total = sum(n for n, _ in recall_parts)
@@ -192,7 +202,6 @@ def evaluate_split(
                 "ties": int(gathered["ties"][i]), "top_ids": gathered["top_ids"][i].tolist(),
                 "top_scores": [round(float(s), 5) for s in gathered["top_scores"][i]],
             } | {k: bool(v[i]) for k, v in flags.items()})
-    model.train(was_training)
     return EvalResult(split, metrics, per_mention, timings, kb_info)
 
 

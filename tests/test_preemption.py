@@ -101,6 +101,34 @@ def test_a_stop_before_a_due_dev_evaluation_defers_it_to_the_resumed_run(tiny_sh
     assert losses(tmp_path / "hit") == losses(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("where", ["dev", "mining"])
+def test_a_stop_during_a_dev_evaluation_or_mining_checkpoints_at_once_and_the_resume_does_it_again(
+        tiny_shards, tmp_path, where):
+    """A stop signal to rank 0 only, in the middle of encoding the KB (eval.batch_size 4: the check runs every
+    16 batches): both ranks agree on it there instead of at the end of a long evaluation (a scheduler's grace
+    is short), checkpoint and exit 75; the resumed run evaluates (or mines) again and goes on as the
+    uninterrupted run did: the same dev and loss rows."""
+    args = BASE + ["--set", "train.max_steps=6", "--set", "eval.batch_size=4"]
+    args += (["--set", "train.eval_every_steps=4"] if where == "dev" else
+             ["--set", "negatives.enabled=true", "--set", "negatives.warmup_epochs=0", "--set", "negatives.refresh_epochs=0",
+              "--set", "negatives.top_k=4"])
+    at = 4 if where == "dev" else 0
+    straight = train(args + ["--set", "train.run_name=straight"], tmp_path, tiny_shards, launcher=deepspeed_launcher())
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    hit = train(args + ["--set", "train.run_name=hit"], tmp_path, tiny_shards, launcher=deepspeed_launcher(),
+                env_extra={"MMOE_TEST_SIGNAL_IN_EVAL": str(at)})
+    assert hit.returncode == PREEMPTED_EXIT_CODE, hit.stderr[-3000:]
+    said = "during the dev evaluation (encode KB)" if where == "dev" else "during mining (mining: encode KB)"
+    assert f"[preemption] SIGUSR1 {said}" in hit.stderr, hit.stderr[-3000:]
+    assert record(tmp_path / "hit")["step"] == at and dev_rows(tmp_path / "hit") == {}
+    assert not (tmp_path / "hit" / "negatives").exists() or not list((tmp_path / "hit" / "negatives").glob("*.npy"))
+    resumed = train(args + ["--set", "train.run_name=hit", "--resume", "auto"], tmp_path, tiny_shards,
+                    launcher=deepspeed_launcher())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert dev_rows(tmp_path / "hit") == dev_rows(tmp_path / "straight") and (where != "dev" or 4 in dev_rows(tmp_path / "hit"))
+    assert losses(tmp_path / "hit") == losses(tmp_path / "straight")
+
+
 def test_a_save_at_the_step_resumed_from_keeps_that_checkpoint_until_the_new_one_is_complete(tiny_shards, tmp_path):
     """A finished run resumed again saves its last step once more; killed in the middle of that save, the
     checkpoint it resumed from is still there, undamaged, and the next resume uses it."""

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 
 from core.cli import disk_full_line
 from data_shards.store import EntityStore
-from eval.encode import encode_kb, encode_split
+from eval.encode import Interrupted, check_interrupt, encode_kb, encode_split
 from eval.ranking import build_index, search
 from model import distributed as D
 from model.config import Config, ConfigError
@@ -64,19 +65,28 @@ def nearest_negatives(
     return out
 
 
-def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: str = "train") -> tuple[np.ndarray, dict]:
-    """Mine the table for every mention of ``split`` (collective: every rank calls it)."""
+def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: str = "train",
+         interrupt: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict]:
+    """Mine the table for every mention of ``split`` (collective: every rank calls it). ``interrupt``
+    (collective) is asked while encoding and between the stages; it stops mining with eval.encode.Interrupted."""
     n = cfg.negatives
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     batch = cfg.eval.batch_size
     io = dict(batch_size=batch, num_workers=cfg.eval.num_workers, bf16=cfg.eval.bf16)
-    kb = encode_kb(model, cfg.data.shards, collator, device, desc="mining: encode KB", **io)
-    t_kb = time.perf_counter()
-    index = build_index(model.matcher.separable_vectors(kb), n.index)
-    t_index = time.perf_counter()
-    ms, ids = encode_split(model, cfg.data.shards, split, collator, device, desc=f"mining: encode {split}", **io)
+    try:
+        kb = encode_kb(model, cfg.data.shards, collator, device, desc="mining: encode KB", interrupt=interrupt, **io)
+        t_kb = time.perf_counter()
+        index = build_index(model.matcher.separable_vectors(kb), n.index)
+        check_interrupt(interrupt, "mining: after the index")
+        t_index = time.perf_counter()
+        ms, ids = encode_split(model, cfg.data.shards, split, collator, device, desc=f"mining: encode {split}",
+                               interrupt=interrupt, **io)
+        check_interrupt(interrupt, "mining: after the mentions")
+    except Interrupted:
+        model.train(was_training)
+        raise
     store = EntityStore(cfg.data.shards)
     local = nearest_negatives(model.matcher.separable_vectors(ms), index, ids["gold_id"].cpu().numpy(), n.top_k,
                               qid_of=lambda a: entity_qids(store, a))

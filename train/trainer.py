@@ -22,6 +22,7 @@ from data_shards.collate import load_tokenizer
 from data_shards.store import ShardError
 from data_shards.stream import TrainStream, load_manifest, make_loader
 from eval import evaluate as ev
+from eval.encode import Interrupted
 from eval.evaluate import EvalResult, evaluate_split, manifest_hash, one_line, write_outputs
 from model import distributed as D
 from model.config import Config, save_config
@@ -251,7 +252,8 @@ class Trainer:
                         disable=not D.is_main() or None, dynamic_ncols=True)
         self.window.reset()  # the first window's clock starts with training
         if st.eval_pending:  # due at the step this run resumed from (its stop request came first)
-            self._evaluate_dev()
+            if not self._evaluate_dev():
+                self._preempt(saved=True)  # stopped again in it: the checkpoint resumed from still holds
             st.eval_pending = False
         while st.epoch < self.cfg.train.epochs and not self._should_stop():
             self._negatives_for_epoch()
@@ -273,8 +275,8 @@ class Trainer:
                 evaluated = self._should_eval(epoch_done)
                 if evaluated and self._stop_code:  # a stop came first: evaluate after the resume, not in the grace
                     st.eval_pending, evaluated = True, False
-                if evaluated:
-                    self._evaluate_dev()
+                if evaluated and not self._evaluate_dev():  # a stop signal came in during the evaluation
+                    st.eval_pending, evaluated = True, False
                 saved = self._should_save(evaluated)
                 if saved:
                     self._save()
@@ -288,12 +290,15 @@ class Trainer:
 
     def _finish(self) -> dict:
         """A dev evaluation if there was none, the last checkpoint, the test evaluation; closes the logs."""
-        if self.state.best_step < 0:  # never evaluated on dev (e.g. a short run): evaluate now
-            self._evaluate_dev()
+        if self.state.best_step < 0 and not self._evaluate_dev():  # never evaluated on dev (a short run): now
+            self.state.eval_pending = True  # stopped in it: evaluated after the resume
+            self._preempt(saved=False)
         self._save()
         result = {"state": self.state.state_dict()}
         if self.cfg.train.test_at_end:
             res = self._evaluate_test()
+            if self._stop_code:  # stopped in it: the final checkpoint is written; the resume evaluates again
+                self._preempt(saved=True)
             if res is not None:
                 result["test"] = res.metrics
         folder = self.log.finish()
@@ -520,8 +525,12 @@ class Trainer:
         since = e - n.warmup_epochs
         due = since == 0 or (since > 0 and n.refresh_epochs > 0 and since % n.refresh_epochs == 0)
         if due and st.batch == 0 and st.negatives_epoch != e:
-            with local_experts(self.engine.module) as model:  # every expert on every rank
-                table, stats = mine(model, self.cfg, self.device, self.collator)
+            try:
+                with local_experts(self.engine.module) as model:  # every expert on every rank
+                    table, stats = mine(model, self.cfg, self.device, self.collator, interrupt=self._stop_requested)
+            except Interrupted as where:  # a stop signal: checkpoint now, mine again after the resume
+                self.console.warn(f"[preemption] {describe(self._stop_code)} during mining ({where})")
+                self._preempt(saved=False)
             path = self.run_dir / "negatives" / f"epoch-{e:03d}.npy"
             if D.is_main():
                 save_table(table, path, {"epoch": e, "step": st.step, **stats})
@@ -535,10 +544,26 @@ class Trainer:
             self._attached = st.negatives_file
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _evaluate_dev(self) -> None:
+    def _stop_requested(self) -> bool:
+        """Collective, at the check points of an evaluation or of mining: whether any rank was asked to stop
+        (the stop code is kept, as at a step boundary). A long evaluation would outlast the grace a scheduler
+        gives between its stop signal and its kill, with this step's checkpoint not yet written."""
+        if D.is_main() and ckpt.fault_flag("MMOE_TEST_SIGNAL_IN_EVAL") == self.state.step:  # tests: a signal mid-way
+            os.kill(os.getpid(), signal.SIGUSR1)
+        _, code = self._agree(True, self.stops.local_code())
+        self._stop_code = self._stop_code or code
+        return code != 0
+
+    def _evaluate_dev(self) -> bool:
+        """Evaluate on dev, keep the best model, decide early stopping; False when a stop signal cut it short."""
         st = self.state
-        with local_experts(self.engine.module) as model:  # DeepSpeed MoE layers: every expert on every rank
-            res = evaluate_split(model, self.cfg, "dev", self.device, self.collator)
+        try:
+            with local_experts(self.engine.module) as model:  # DeepSpeed MoE layers: every expert on every rank
+                res = evaluate_split(model, self.cfg, "dev", self.device, self.collator, interrupt=self._stop_requested)
+        except Interrupted as where:
+            self.console.warn(f"[preemption] {describe(self._stop_code)} during the dev evaluation ({where}): it is "
+                              "left for the resumed run")
+            return False
         m = res.metrics
         improved = m["MRR"] > st.best_mrr
         st.evals.append({"step": st.step, "epoch": st.epoch, "MRR": m["MRR"], "H@1": m["H@1"]})
@@ -553,6 +578,7 @@ class Trainer:
         patience = self.cfg.train.patience
         if patience and st.bad_evals >= patience:
             st.stopped_early = True
+        return True
 
     def _evaluate_test(self) -> EvalResult | None:
         best = self.run_dir / "best"
@@ -564,8 +590,14 @@ class Trainer:
             raise RunSetupError(str(err)) from None
         model, _ = load_export(best)
         self.engine.module.load_state_dict(model.state_dict())  # every rank evaluates the best weights
-        with local_experts(self.engine.module) as module:
-            res = evaluate_split(module, self.cfg, "test", self.device, self.collator)
+        try:
+            with local_experts(self.engine.module) as module:
+                res = evaluate_split(module, self.cfg, "test", self.device, self.collator,
+                                     interrupt=self._stop_requested)
+        except Interrupted as where:
+            self.console.warn(f"[preemption] {describe(self._stop_code)} during the test evaluation ({where}): it is "
+                              "left for the resumed run")
+            return None
         if D.is_main():
             board = write_outputs(res, self.cfg, self.run_dir, str(best), self.cfg.train.run_name)
             self.log.log(self.state.step, {f"test/{k}": v for k, v in res.metrics.items()})
