@@ -177,7 +177,8 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     shutil.copytree(run_dir, tmp_path / "moved" / "ep")
     other = train(["--set", "train.max_steps=6", "--resume", "auto"], tmp_path / "moved", tiny_shards, 0, nproc=1)
     assert other.returncode == 0, other.stderr[-4000:]
-    assert "MoE layout backend=deepspeed, ep_size=2 -> backend=deepspeed, ep_size=1 (weights, Adam moments" in other.stderr
+    assert ("MoE layout backend=deepspeed, ep_size=2 -> backend=deepspeed, ep_size=1; world 2 -> 1 (weights, Adam "
+            "moments") in other.stderr
     assert "resumed on another layout (world 2 -> 1)" in other.stderr
 
     # Resume from step 3 (drop step 6's completion marker) and continue to step 8.
