@@ -21,7 +21,6 @@ dev evaluation keeps it in memory only.
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import json
 import sys
@@ -33,6 +32,7 @@ from typing import NoReturn
 
 import torch
 
+from core.cli import disk_full_line
 from data_shards.collate import Collator
 from data_shards.store import ShardError
 from data_shards.stream import load_manifest, manifest_hash  # manifest_hash: also imported from here
@@ -324,9 +324,9 @@ def error_line(err: BaseException, out: Path | None = None) -> str:
     """``err`` as the command's last words: the message alone (without the traceback of the DataLoader
     worker that raised it), and a full disk said as such with the folder it hit (``out`` when the
     error names no file)."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        where = err.filename or out
-        return f"error: the disk is full (no space left writing {where}): free space there, or write elsewhere (--out)"
+    full = disk_full_line(err, out, then="free space there, or write elsewhere (--out)")
+    if full:
+        return full
     msg = str(err)
     if "Original Traceback" in msg:  # torch re-raises a worker's error with its traceback before the message
         msg = msg.rstrip().rsplit(f"{type(err).__name__}: ", 1)[-1]

@@ -9,7 +9,6 @@ leaderboard to <out_dir>/<run_name>-seeds/ (launch/seeds.py).
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import os
 import signal
@@ -22,6 +21,7 @@ from pathlib import Path
 _here = Path(__file__).resolve().parent
 sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
 
+from core.cli import disk_full_line  # noqa: E402
 from data_shards.store import ShardError  # noqa: E402
 from eval.metrics import NonFiniteScoreError  # noqa: E402
 from launch.seeds import SeedsError, parse_seeds, run_seeds  # noqa: E402
@@ -86,10 +86,11 @@ def run(a: argparse.Namespace, cfg) -> str | int | None:
         msg = str(err)  # raised in a DataLoader worker: the message holds the worker's traceback, then ours
         return f"data error: {msg.rstrip().rsplit('ShardError: ', 1)[-1] if 'Original Traceback' in msg else msg}"
     except OSError as err:
-        if err.errno != errno.ENOSPC:
+        line = disk_full_line(err, cfg.train.out_dir, then="free space; the last complete checkpoint is kept, continue "
+                                                             "with --resume auto")
+        if line is None:
             raise
-        return (f"error: the disk is full (no space left writing {err.filename or cfg.train.out_dir}): free space; "
-                "the last complete checkpoint is kept, continue with --resume auto")
+        return line
     except Exception as err:
         if not D.is_peer_failure(err):
             raise

@@ -168,6 +168,16 @@ def gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
+def from_main(obj):
+    """Rank 0's ``obj`` on every rank (what rank 0 alone decided: a file check, a lock, a conversion's outcome);
+    collective. Every rank passes its own value; only rank 0's is used."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(obj):
     """List of every rank's object, in rank order (on every rank)."""
     if world() == 1:

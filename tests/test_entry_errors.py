@@ -205,7 +205,8 @@ def test_a_reconversion_that_fills_the_disk_keeps_the_complete_one(tiny_shards, 
 def test_evaluate_on_a_full_disk_names_the_output_folder(tiny_export, small_disk):
     out = small_disk(4) / "res"  # one page: the per-mention file does not fit
     line = exit_line(evaluate_main, ["--checkpoint", str(tiny_export), "--out", str(out), "--set", "eval.save_kb_cache=false"])
-    assert line == (f"error: the disk is full (no space left writing {out}): free space there, or write elsewhere (--out)")
+    assert line == (f"error: the disk is full (no space left on device writing {out}): free space there, or write "
+                    "elsewhere (--out)")
 
 
 def test_weights_of_another_shape_than_the_config_are_named_in_one_line(export_copy):

@@ -152,7 +152,8 @@ def test_a_disk_that_fills_during_a_checkpoint_save_keeps_the_last_complete_one(
     proc = train(args, disk, tiny_shards)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: the disk is full (no space left writing {disk / 'full' / 'checkpoints'}/step-"), line
+    want = f"error: the disk is full (no space left on device writing {disk / 'full' / 'checkpoints'}/step-"
+    assert line.startswith(want), line
     failed = int(line.split("/step-")[1][:7])
     checkpoints = disk / "full" / "checkpoints"
     kept = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())  # the partial one was removed

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.cli import disk_full_line
 from model import distributed as D
 from model.config import load_config
 from model.export import export_config, save_export
@@ -211,14 +212,7 @@ def damage(folder: Path) -> str | None:
     """What is wrong with a complete checkpoint (unreadable complete.json, a file missing, truncated or
     changed since it was written), or None. Checkpoints written before files were recorded pass.
     Rank 0 reads the files; every rank gets its answer (collective)."""
-    answer = [None]
-    if D.is_main():
-        answer[0] = _damage(folder)
-    if D.world() > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(answer, src=0)
-    return answer[0]
+    return D.from_main(_damage(folder) if D.is_main() else None)
 
 
 def _damage(folder: Path) -> str | None:
@@ -376,9 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     except OSError as err:
-        if err.errno != errno.ENOSPC:
+        line = disk_full_line(err, a.out, then="free space, or export elsewhere")
+        if line is None:
             raise
-        sys.exit(f"error: the disk is full (no space left writing {err.filename or a.out}): free space, or export elsewhere")
+        sys.exit(line)
     print(f"export written: {out}")
 
 

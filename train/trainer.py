@@ -210,7 +210,7 @@ class Trainer:
     def _claim_run_folder(self, resume: str, overwrite: bool, break_lock: bool) -> None:
         """Rank 0 takes the run folder's lock, checks that a fresh start destroys nothing (train/run_folder.py)
         and finishes an interrupted best-model swap; every rank gets the verdict (collective)."""
-        verdict: list = [None]
+        verdict = None
         if D.is_main():
             try:
                 notes = [self.lock.acquire(break_lock)]
@@ -223,12 +223,11 @@ class Trainer:
                 for note in filter(None, notes):
                     self.console.warn(note)
             except (RunFolderError, OSError) as err:
-                verdict[0] = str(err)
-        if D.world() > 1:
-            dist.broadcast_object_list(verdict, src=0)
-        if verdict[0]:
+                verdict = str(err)
+        verdict = D.from_main(verdict)
+        if verdict:
             self.lock.release()
-            raise RunSetupError(verdict[0])
+            raise RunSetupError(verdict)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:

@@ -58,19 +58,15 @@ def load_universal(engine, folder: Path, scratch_root: Path) -> str:
     weights, fp32 master weights, Adam moments and steps, schedule, step counters; the RNG of each rank that
     the checkpoint had. Collective. Returns what was done, in words."""
     out = scratch_root / SCRATCH / folder.name
-    seconds = [0.0]
-    error = [None]
+    seconds, error = 0.0, None
     if D.is_main():
         try:
-            seconds[0] = _convert(folder, out)
+            seconds = _convert(folder, out)
         except (UniversalError, ValueError, OSError) as err:
-            error[0] = str(err)
-    if D.world() > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise UniversalError(error[0])
+            error = str(err)
+    error = D.from_main(error)
+    if error:
+        raise UniversalError(error)
     config = engine._config  # DeepSpeed reads this flag at load time only (engine.load_universal_checkpoint())
     config.load_universal_checkpoint = True
     try:
@@ -85,4 +81,4 @@ def load_universal(engine, folder: Path, scratch_root: Path) -> str:
     if D.is_main():
         shutil.rmtree(out.parent, ignore_errors=True)
     return (f"optimizer partitions of {len(partitioned_files(folder))} processes re-cut for {D.world()} through "
-            f"DeepSpeed's universal checkpoint (converted in {seconds[0]:.1f}s)")
+            f"DeepSpeed's universal checkpoint (converted in {seconds:.1f}s)")
