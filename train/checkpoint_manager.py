@@ -205,19 +205,19 @@ class CheckpointManager:
         """DeepSpeed's own load for a checkpoint of this run's MoE layout and world size; DeepSpeed's universal
         checkpoint for ZeRO partitions of another world size without native MoE layers; our conversion else."""
         saved = json.loads((folder / ckpt.COMPLETE).read_text())
-        world, other = saved["layout"]["world"], relayout.layout_differs(folder, self.engine.module)
+        world, moe_was = saved["layout"]["world"], relayout.saved_layout(folder)
+        other = relayout.layout_differs(moe_was, self.engine.module)
         recut = world != D.world() and bool(universal.partitioned_files(folder))
-        if other is None and not recut:
+        if not other and not recut:
             return ckpt.load(self.engine, folder)
-        if other is None and (relayout.saved_layout(folder) or {}).get("backend") != "deepspeed":
+        if not other and (moe_was or {}).get("backend") != "deepspeed":
             what = universal.load_universal(self.engine, folder, self.ckpt_dir.parent)
         else:
             if self.precision == "fp16":
                 raise RunSetupError(f"checkpoint {folder}: moving fp16 optimizer state (its loss scaler) to another MoE "
                                     "layout or world size is not supported; resume with the checkpoint's layout and "
                                     "world size")
-            what = relayout.load_relayout(self.engine, self.optimizer, folder,
-                                          other or relayout.saved_layout(folder), world)
+            what = relayout.load_relayout(self.engine, self.optimizer, folder, moe_was, world)
         self.console.warn(f"converted checkpoint {folder}: {what}")
         return saved
 

@@ -28,7 +28,7 @@ import torch
 
 from core.cli import disk_full_line
 from data_shards.store import EntityStore
-from eval.encode import Interrupted, check_interrupt, encode_kb, encode_split
+from eval.encode import check_interrupt, encode_kb, encode_split
 from eval.ranking import build_index, search
 from model import distributed as D
 from model.config import Config, ConfigError
@@ -69,24 +69,28 @@ def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: s
          interrupt: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict]:
     """Mine the table for every mention of ``split`` (collective: every rank calls it). ``interrupt``
     (collective) is asked while encoding and between the stages; it stops mining with eval.encode.Interrupted."""
-    n = cfg.negatives
     was_training = model.training
     model.eval()
+    try:  # as evaluate_split: the caller's mode back on every way out (an interrupt included)
+        return _mine(model, cfg, device, collator, split, interrupt)
+    finally:
+        model.train(was_training)
+
+
+def _mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: str,
+          interrupt: Callable[[], bool] | None) -> tuple[np.ndarray, dict]:
+    n = cfg.negatives
     t0 = time.perf_counter()
     batch = cfg.eval.batch_size
     io = dict(batch_size=batch, num_workers=cfg.eval.num_workers, bf16=cfg.eval.bf16)
-    try:
-        kb = encode_kb(model, cfg.data.shards, collator, device, desc="mining: encode KB", interrupt=interrupt, **io)
-        t_kb = time.perf_counter()
-        index = build_index(model.matcher.separable_vectors(kb), n.index)
-        check_interrupt(interrupt, "mining: after the index")
-        t_index = time.perf_counter()
-        ms, ids = encode_split(model, cfg.data.shards, split, collator, device, desc=f"mining: encode {split}",
-                               interrupt=interrupt, **io)
-        check_interrupt(interrupt, "mining: after the mentions")
-    except Interrupted:
-        model.train(was_training)
-        raise
+    kb = encode_kb(model, cfg.data.shards, collator, device, desc="mining: encode KB", interrupt=interrupt, **io)
+    t_kb = time.perf_counter()
+    index = build_index(model.matcher.separable_vectors(kb), n.index)
+    check_interrupt(interrupt, "mining: after the index")
+    t_index = time.perf_counter()
+    ms, ids = encode_split(model, cfg.data.shards, split, collator, device, desc=f"mining: encode {split}",
+                           interrupt=interrupt, **io)
+    check_interrupt(interrupt, "mining: after the mentions")
     store = EntityStore(cfg.data.shards)
     local = nearest_negatives(model.matcher.separable_vectors(ms), index, ids["gold_id"].cpu().numpy(), n.top_k,
                               qid_of=lambda a: entity_qids(store, a))
@@ -94,7 +98,6 @@ def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: s
     order = D.gather_rows(ids["index"].to(device)).cpu().numpy()
     if not np.array_equal(order, np.arange(len(order))):
         raise RuntimeError("mined rows are not in mention order: the split's shards disagree with the manifest")
-    model.train(was_training)
     stats = {"mentions": len(table), "top_k": n.top_k, "kb_size": len(kb), "index": n.index,
              "encode_kb_s": t_kb - t0, "index_s": t_index - t_kb, "total_s": time.perf_counter() - t0,
              "short_rows": int((table[:, -1] < 0).sum())}

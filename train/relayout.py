@@ -64,13 +64,15 @@ def save_param_names(module: nn.Module, optimizer: torch.optim.Optimizer, folder
         (folder / PARAM_NAMES.format(rank=D.rank())).write_text(json.dumps(names))
 
 
-def layout_differs(folder: Path, module: nn.Module) -> dict | None:
-    """The checkpoint's MoE layout when it differs from the module's, else None."""
+def saved_layout(folder: Path) -> dict | None:
+    """The MoE layout a checkpoint was written with (None: written before layouts were recorded)."""
     path = folder / MOE_LAYOUT
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    return saved if saved != moe_layout(module) else None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def layout_differs(saved: dict | None, module: nn.Module) -> bool:
+    """Whether a checkpoint's MoE layout (``saved_layout``) differs from the module's."""
+    return saved is not None and saved != moe_layout(module)
 
 
 def _saved_states(folder: Path, layout: dict) -> list[tuple[list[str], dict]]:
@@ -130,12 +132,6 @@ def _for_module(local: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor
         if mine:
             out.update({prefix + k: v for k, v in local_to_deepspeed(mine, layer.local_expert_ids()).items()})
     return out
-
-
-def saved_layout(folder: Path) -> dict | None:
-    """The MoE layout a checkpoint was written with (None: written before layouts were recorded)."""
-    path = folder / MOE_LAYOUT
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _zero_source(folder: Path, layout: dict) -> tuple[dict[str, Tensor], dict, Tensor, dict, str]:

@@ -528,7 +528,7 @@ class Trainer:
                 with local_experts(self.engine.module) as model:  # every expert on every rank
                     table, stats = mine(model, self.cfg, self.device, self.collator, interrupt=self._stop_requested)
             except Interrupted as where:  # a stop signal: checkpoint now, mine again after the resume
-                self.console.warn(f"[preemption] {describe(self._stop_code)} during mining ({where})")
+                self._stopped_during("mining", where)
                 self._preempt(saved=False)
             path = self.run_dir / "negatives" / f"epoch-{e:03d}.npy"
             if D.is_main():
@@ -553,6 +553,10 @@ class Trainer:
         self._stop_code = self._stop_code or code
         return code != 0
 
+    def _stopped_during(self, what: str, where: Interrupted) -> None:
+        self.console.warn(f"[preemption] {describe(self._stop_code)} during {what} ({where}): it is left for the "
+                          "resumed run")
+
     def _evaluate_dev(self) -> bool:
         """Evaluate on dev, keep the best model, decide early stopping; False when a stop signal cut it short."""
         st = self.state
@@ -560,8 +564,7 @@ class Trainer:
             with local_experts(self.engine.module) as model:  # DeepSpeed MoE layers: every expert on every rank
                 res = evaluate_split(model, self.cfg, "dev", self.device, self.collator, interrupt=self._stop_requested)
         except Interrupted as where:
-            self.console.warn(f"[preemption] {describe(self._stop_code)} during the dev evaluation ({where}): it is "
-                              "left for the resumed run")
+            self._stopped_during("the dev evaluation", where)
             return False
         m = res.metrics
         improved = m["MRR"] > st.best_mrr
@@ -594,8 +597,7 @@ class Trainer:
                 res = evaluate_split(module, self.cfg, "test", self.device, self.collator,
                                      interrupt=self._stop_requested)
         except Interrupted as where:
-            self.console.warn(f"[preemption] {describe(self._stop_code)} during the test evaluation ({where}): it is "
-                              "left for the resumed run")
+            self._stopped_during("the test evaluation", where)
             return None
         if D.is_main():
             board = write_outputs(res, self.cfg, self.run_dir, str(best), self.cfg.train.run_name)

@@ -28,6 +28,7 @@ from model import distributed as D
 from moe.expert_layout import DS_EXPERT, shift_expert_id
 from moe.expert_parallel import deepspeed_layers
 from train.checkpointing import load_weights_only
+from train.universal import partitioned_files
 
 EXPERT_IDS = "expert-ids-rank{rank}.json"
 PARTS = ("fp32", "exp_avg", "exp_avg_sq")  # per parameter: master weight and Adam moments
@@ -69,7 +70,7 @@ def save_expert_names(module: nn.Module, folder: Path) -> None:
 def rank_files(folder: Path) -> list[Path]:
     """The partition files, in rank order; refuses a gap (a rank's file missing)."""
     found = {}
-    for path in folder.glob("*zero_pp_rank_*_optim_states.pt"):
+    for path in partitioned_files(folder):
         m = _RANK_IN_NAME.search(path.name)
         if m:
             found[int(m.group(1))] = path
