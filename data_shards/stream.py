@@ -159,6 +159,12 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def aligned_ranges(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges covering ``n`` rows, each starting at a multiple of ``align``: whole
+    blocks of ``align`` rows dealt evenly (the last block may be short; a part may be empty)."""
+    return [(min(a * align, n), min(b * align, n)) for a, b in split_evenly(-(-n // align), parts)]
+
+
 def worker_batch_blocks(n_samples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
     """Split a rank's samples into per-worker contiguous ranges made of whole batches
     (only the last range may end with a partial batch)."""
@@ -397,8 +403,7 @@ class OrderedStream(IterableDataset):
         self.shards = ShardSet.from_manifest(shard_root, group)
         self.is_kb = group == "kb"
         self.collator, self.batch_size = collator, batch_size
-        total = self.shards.total
-        ranges = [(min(a * align, total), min(b * align, total)) for a, b in split_evenly(-(-total // align), world)]
+        ranges = aligned_ranges(self.shards.total, world, align)
         self.range = ranges[rank]
         # The fewest batches any rank's share makes: every rank reaches these batch numbers (a collective
         # check may run at them, eval/encode.py).

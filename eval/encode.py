@@ -9,8 +9,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data_shards.store import ShardError
-from data_shards.stream import OrderedStream, make_loader
-from eval.ranking import autocast_for
+from data_shards.stream import OrderedStream, ShardSet, make_loader
+from eval.ranking import autocast_for, slice_align
 from model import distributed as D
 from model.mmoe import BATCH_KEYS, MMoEModel
 from moe.features import Features, SideCache
@@ -110,19 +110,25 @@ def encode_side(
 
 def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, batch_size: int, num_workers: int,
               bf16: bool = True, distributed: bool = True, block: int | None = None, desc: str = "encode KB",
-              interrupt: Callable[[], bool] | None = None) -> SideCache:
+              interrupt: Callable[[], bool] | None = None, sharded: bool = False) -> SideCache | None:
     """The entity cache of the whole KB, rows in entity-id order, on every rank.
 
     ``distributed``: ranks encode contiguous shares and gather them; otherwise this process encodes
     everything. ``block`` (compat: published) computes the entity side on blocks of that many KB rows;
-    every rank then encodes the whole KB, so the blocks are the published ones on any number of ranks."""
+    every rank then encodes the whole KB, so the blocks are the published ones on any number of ranks.
+    ``sharded``: each rank encodes and keeps its own slice only (eval/sharded.py: KBShard), None on a rank
+    whose slice is empty."""
     split_work = distributed and block is None
-    world, rank = (D.world(), D.rank()) if split_work else (1, 0)
-    stream = OrderedStream(shards, "kb", collator, batch_size, world, rank)
+    world, rank = (D.world(), D.rank()) if split_work or sharded else (1, 0)
+    align = slice_align(ShardSet.from_manifest(shards, "kb").total, world) if sharded else 1
+    stream = OrderedStream(shards, "kb", collator, batch_size, world, rank, align=align)
+    if sharded and not len(stream):
+        return None
     cache, ids = encode_side(model, make_loader(stream, num_workers), device, entity=True, bf16=bf16,
-                             gather=split_work, total=len(stream), desc=desc, block=block, interrupt=interrupt,
-                             common_batches=stream.common_batches)
-    if not torch.equal(ids["entity_id"].cpu(), torch.arange(len(cache))):
+                             gather=split_work and not sharded, total=len(stream), desc=desc, block=block,
+                             interrupt=interrupt, common_batches=stream.common_batches)
+    first = stream.range[0] if sharded else 0
+    if not torch.equal(ids["entity_id"].cpu(), torch.arange(first, first + len(cache))):
         raise ShardError(f"{shards}: KB cache rows are not in entity id order: the KB shards are inconsistent with the "
                            "manifest; convert the dataset again")
     return cache

@@ -35,7 +35,7 @@ import torch
 from core.cli import disk_full_line
 from data_shards.collate import Collator
 from data_shards.store import ShardError
-from data_shards.stream import load_manifest, manifest_hash  # manifest_hash: also imported from here
+from data_shards.stream import ShardSet, load_manifest, manifest_hash  # manifest_hash: also imported from here
 from data_shards.verify import problems_message, verify
 from eval.encode import check_interrupt, encode_kb, encode_split
 from eval.kb_cache import (
@@ -47,10 +47,12 @@ from eval.kb_cache import (
     compress,
     load_kb_cache,
     save_kb_cache,
+    slice_key,
 )
 from eval.leaderboard import leaderboard_markdown, leaderboard_rows
 from eval.metrics import NonFiniteScoreError, summarize
-from eval.ranking import autocast_for, exact_ranks, kb_index, recall_at, two_stage_ranks
+from eval.ranking import LocalCandidates, autocast_for, exact_ranks, kb_index, recall_at, slice_align, two_stage_ranks
+from eval.sharded import KBShard, ShardedCandidates, empty_like_rank0, shard_index, sharded_exact_ranks
 from eval.slices import evaluation_slices, slice_rows, slices_line, slices_markdown
 from model import distributed as D
 from model.config import Config, to_dict
@@ -86,19 +88,40 @@ def _save_kb_cache(path: Path, kb: SideCache, key: str) -> bool:
         return False
 
 
+def kb_shard(cfg: Config, model: MMoEModel) -> KBShard | None:
+    """The KB slices the ranks hold under ``eval.kb_sharding: sharded``; None where every rank holds the whole
+    KB: ``gathered``, one process, or ``compat: published`` (its entity blocks of 6,000 KB rows span slices)."""
+    if cfg.eval.kb_sharding != "sharded" or D.world() == 1 or model.matcher.settings.published:
+        return None
+    return KBShard.of(ShardSet.from_manifest(cfg.data.shards, "kb").total, D.world(), D.rank())
+
+
+def _cache_info(kb: SideCache, path: Path | None, state: str, shard: KBShard | None) -> dict:
+    """What an evaluation reports of its entity cache (rank 0's file and rows when sharded)."""
+    info = {"path": None if path is None else str(path), "state": state, "dtype": cache_dtype_of(kb),
+            "bytes": cache_bytes(kb), "sharding": "gathered" if shard is None else "sharded"}
+    info["bytes_per_rank"] = D.gather_objects(info["bytes"]) if shard else [info["bytes"]] * D.world()
+    if shard is not None:
+        info["rows"] = [shard.start, shard.stop]
+    return info
+
+
 def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator,
                  path: Path | None = None, key: str | None = None,
-                 interrupt: Callable[[], bool] | None = None) -> tuple[SideCache, dict]:
+                 interrupt: Callable[[], bool] | None = None, shard: KBShard | None = None) -> tuple[SideCache, dict]:
     """The KB's entity cache in ``eval.cache_dtype`` and what was done: the one saved at ``path`` when
-    its key is ``key``, else encoded, compressed and (with ``path``) saved by rank 0."""
+    its key is ``key``, else encoded, compressed and (with ``path``) saved by rank 0. With ``shard``
+    (:func:`kb_shard`) each rank's own slice only, saved and reused per slice."""
     e = cfg.eval
+    if path is not None and key is None:
+        raise ValueError("a saved KB cache needs its key (eval.kb_cache.cache_key)")
+    if shard is not None:
+        return _sharded_entity_cache(model, cfg, split, device, collator, path, key, interrupt, shard)
     if path is not None:
-        if key is None:
-            raise ValueError("a saved KB cache needs its key (eval.kb_cache.cache_key)")
         cache = load_kb_cache(path, key, warn=D.is_main())
         if all(D.gather_objects(cache is not None)):  # encoding the KB is collective: all ranks reuse, or none
-            return cache.to(device), {"path": str(path), "state": "reused", "dtype": cache_dtype_of(cache),
-                                      "bytes": cache_bytes(cache)}
+            cache = cache.to(device)
+            return cache, _cache_info(cache, path, "reused", None)
     # compat: published reproduces the published blocks (entity side on blocks of compat_entity_block KB
     # rows, mention side on batches of compat_mention_batch), on any number of processes; the blocking
     # happens inside encode_kb, the compression after it.
@@ -113,7 +136,40 @@ def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device
     if path is not None:
         saved = D.is_main() and _save_kb_cache(path, kb, key)
         D.barrier()  # the file is complete before any rank goes on
-    return kb, {"path": str(path) if saved else None, "state": "built", "dtype": e.cache_dtype, "bytes": cache_bytes(kb)}
+    return kb, _cache_info(kb, path if saved else None, "built", None)
+
+
+def _sharded_entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator,
+                          path: Path | None, key: str | None, interrupt: Callable[[], bool] | None,
+                          shard: KBShard) -> tuple[SideCache, dict]:
+    """entity_cache of this rank's slice: its own file next to the checkpoint (kb_cache-KEY.rowsA-B.pt), reused
+    when every rank's is; a rank whose slice is empty holds a cache of no rows and no file."""
+    e = cfg.eval
+    rows = (shard.start, shard.stop)
+    has_rows = rows[0] < rows[1]
+    file = None if path is None else cache_path(path.parent, key, rows)
+    if file is not None:
+        cache = load_kb_cache(file, slice_key(key, rows), warn=D.is_main() or file.exists()) if has_rows else None
+        if all(D.gather_objects(cache is not None or not has_rows)):  # all ranks reuse, or none
+            cache = empty_like_rank0(None if cache is None else cache.to(device), device)
+            return cache, _cache_info(cache, file if has_rows else None, "reused", shard)
+    kb = encode_kb(model, cfg.data.shards, collator, device, batch_size=e.batch_size, num_workers=e.num_workers,
+                   bf16=e.bf16, interrupt=interrupt, sharded=True)
+    error = None
+    if kb is not None:
+        try:
+            kb = compress(kb, e.cache_dtype)
+        except CacheValueError as err:
+            error = str(err)
+    errors = [x for x in D.gather_objects(error) if x]  # one slice's bad value stops every rank
+    if errors:
+        raise NonFiniteScoreError(f"evaluation of split {split!r}: {errors[0]}", [])
+    kb = empty_like_rank0(kb, device)
+    saved = False
+    if file is not None:
+        saved = has_rows and _save_kb_cache(file, kb, slice_key(key, rows))
+        D.barrier()
+    return kb, _cache_info(kb, file if saved else None, "built", shard)
 
 
 def evaluate_split(
@@ -140,7 +196,9 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
     e = cfg.eval
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    kb, kb_info = entity_cache(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt)
+    shard = kb_shard(cfg, model)
+    kb, kb_info = entity_cache(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt, shard)
+    kb_size = len(kb) if shard is None else shard.total
     check_interrupt(interrupt, f"evaluation of {split}: after the KB")
     timings["encode_kb_s"] = time.perf_counter() - t0
     compat = model.matcher.settings.published
@@ -156,14 +214,20 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
     stages: dict[str, float] = {}
     bad: list[int] = []  # dataset indices of mentions with a non-finite score (this rank's)
     try:
-        if e.mode == "exact":
+        if e.mode == "exact" and shard is None:
             res = exact_ranks(model.matcher, mentions, gold, kb, mention_chunk=e.mention_chunk,
-                              max_pair_elements=e.max_pair_elements, bf16=e.bf16)
+                              max_pair_elements=e.max_pair_elements, bf16=e.bf16, align=slice_align(kb_size, D.world()))
+        elif e.mode == "exact":
+            res = sharded_exact_ranks(model.matcher, mentions, gold, kb, shard, mention_chunk=e.mention_chunk,
+                                      max_pair_elements=e.max_pair_elements, bf16=e.bf16)
         else:
             t_index = time.perf_counter()
-            index = kb_index(model.matcher, kb, e.index, rows=len(mentions))
+            if shard is None:
+                source = LocalCandidates(kb_index(model.matcher, kb, e.index, rows=len(mentions)), kb)
+            else:
+                source = ShardedCandidates(shard_index(model.matcher, kb, e.index, rows=len(mentions)), kb, shard)
             timings["index_s"] = time.perf_counter() - t_index
-            res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, index=index, bf16=e.bf16,
+            res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, source=source, bf16=e.bf16,
                                   timings=stages)
             timings.update(search_s=stages["search_s"], rerank_s=stages["rerank_s"])
     except NonFiniteScoreError as err:
@@ -177,7 +241,7 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
             f"{named}; no rank can be read from such scores (are the weights finite? a diverged run?)", bad)
     check_interrupt(interrupt, f"evaluation of {split}: after the ranking")
     if e.mode != "exact":
-        recall_parts = D.gather_objects((len(gold), recall_at(index, model.matcher, mentions, gold, tuple(e.recall_at))))
+        recall_parts = D.gather_objects((len(gold), recall_at(source, model.matcher, mentions, gold, tuple(e.recall_at))))
         total = sum(n for n, _ in recall_parts)
         extra = {k: sum(n * r[k] for n, r in recall_parts) / total for k in recall_parts[0][1]}
     timings["rank_s"] = time.perf_counter() - t2
@@ -186,7 +250,7 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
                  ("index", m_ids["index"]), ("gold", gold))}
     metrics = summarize(gathered["rank"], gathered["ties"])
     metrics.update(extra)
-    metrics["kb_size"] = len(kb)
+    metrics["kb_size"] = kb_size
     timings["total_s"] = time.perf_counter() - t0
     metrics["mentions_per_s"] = metrics["mentions"] / max(timings["total_s"], 1e-9)
     per_mention = []
@@ -245,8 +309,6 @@ def _mention_ids(shards: str | Path, split: str) -> dict[int, str]:
     """index -> the dataset's own mention id, read from the split's shards (text only)."""
     import webdataset as wds
 
-    from data_shards.stream import ShardSet
-
     out = {}
     for path in ShardSet.from_manifest(shards, split).paths:
         for sample in wds.tarfile_samples([{"url": str(path)}], select_files=lambda name: name.endswith(".json")):
@@ -268,6 +330,16 @@ def log_leaderboard_to_wandb(dataset: str, split: str, metrics: dict[str, float]
     if slice_rows(metrics):
         log[f"slices/{split}"] = wandb.Table(columns=["slice", "mentions", "H@1", "MRR"], data=slice_rows(metrics))
     wandb.log(log)
+
+
+def cache_line(c: dict) -> str:
+    """The entity cache an evaluation used, in one line."""
+    where = c["path"] or "in memory only"
+    if c.get("sharding") == "sharded":
+        per_rank = "/".join(f"{b / 2**20:.1f}" for b in c["bytes_per_rank"])
+        return (f"entity cache {c['state']}, sharded over {len(c['bytes_per_rank'])} ranks ({c['dtype']}, {per_rank} MiB "
+                f"per rank): rank 0's rows {c['rows'][0]}-{c['rows'][1]} {where}")
+    return f"entity cache {c['state']} ({c['dtype']}, {c['bytes'] / 2**20:.1f} MiB): {where}"
 
 
 def one_line(result: EvalResult) -> str:
@@ -345,8 +417,7 @@ def run(a: argparse.Namespace, out: Path) -> None:
     result = evaluate_split(model, cfg, a.split, device, kb_cache_path=cache_file, cache_key=key)
     if D.is_main():
         board = write_outputs(result, cfg, out, a.checkpoint, a.name)
-        c = result.kb_cache
-        print(f"entity cache {c['state']} ({c['dtype']}, {c['bytes'] / 2**20:.1f} MiB): {c['path'] or 'in memory only'}")
+        print(cache_line(result.kb_cache))
         print(one_line(result))
         print(board.read_text())
 

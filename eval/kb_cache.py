@@ -197,9 +197,16 @@ def cache_key(checkpoint: str | Path, cfg: Config, *, autocast: bool) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_path(checkpoint: str | Path, key: str) -> Path:
-    """Where the entity cache of ``key`` lives in a checkpoint folder."""
-    return Path(checkpoint) / f"kb_cache-{key[:16]}.pt"
+def cache_path(checkpoint: str | Path, key: str, rows: tuple[int, int] | None = None) -> Path:
+    """Where the entity cache of ``key`` lives in a checkpoint folder; ``rows``: the file of one slice of it
+    (a KB sharded across ranks, eval/sharded.py)."""
+    part = "" if rows is None else f".rows{rows[0]}-{rows[1]}"
+    return Path(checkpoint) / f"kb_cache-{key[:16]}{part}.pt"
+
+
+def slice_key(key: str, rows: tuple[int, int]) -> str:
+    """The key a slice's file is saved under: the whole cache's key and the slice's rows."""
+    return f"{key}:rows{rows[0]}-{rows[1]}"
 
 
 def _text(s: str) -> Tensor:

@@ -79,17 +79,64 @@ def _pair_cost(matcher: MMoEMatcher, mentions: SideCache, kb: SideCache) -> int:
     return cost
 
 
+KB_ALIGN = 1024  # the largest scoring block, and what every rank's KB slice starts at a multiple of
+
+
+def slice_align(n: int, world: int) -> int:
+    """Rows every rank's KB slice starts at a multiple of (eval/sharded.py): a power of two, KB_ALIGN at most,
+    small enough that ``world`` ranks share an ``n``-entity KB about evenly."""
+    per_rank = max(1, -(-n // world))
+    return min(KB_ALIGN, 1 << (per_rank - 1).bit_length())
+
+
+def block_rows(budget: int, mentions: int, pair_cost: int, cap: int = KB_ALIGN) -> int:
+    """Entities per scoring block: the largest power of two whose attention map stays within ``budget``
+    elements, at most ``cap`` (a power of two). Blocks then start at multiples of their size, so a KB slice
+    that starts at a multiple of ``cap`` is scored in exactly the blocks of the whole KB: scores are
+    bit-identical whether the KB is scored whole or slice by slice (block shapes change the last bits)."""
+    fit = max(1, budget // (mentions * pair_cost))
+    return min(cap, 1 << (fit.bit_length() - 1))
+
+
 def score_against_kb(matcher: MMoEMatcher, mentions: SideCache, kb: SideCache, max_pair_elements: int = 0,
-                     bf16: bool = True) -> Tensor:
+                     bf16: bool = True, align: int = KB_ALIGN) -> Tensor:
     """Overall scores [M, N] of a chunk of mentions against every KB entity, block by block: each
-    block holds about ``max_pair_elements`` attention-map elements (0: :func:`pair_budget`)."""
+    block holds at most ``max_pair_elements`` attention-map elements (0: :func:`pair_budget`) and
+    ``align`` entities (:func:`block_rows`)."""
     n, device = len(kb), cache_device(kb)
-    entity_chunk = max(1, pair_budget(max_pair_elements, device) // (len(mentions) * _pair_cost(matcher, mentions, kb)))
     row = torch.empty(len(mentions), n, device=device)
+    if not n:
+        return row
+    entity_chunk = block_rows(pair_budget(max_pair_elements, device), len(mentions),
+                              _pair_cost(matcher, mentions, kb), align)
     with torch.no_grad(), autocast_for(device, bf16):
         for e0 in range(0, n, entity_chunk):
             row[:, e0 : e0 + entity_chunk] = matcher.score(mentions, expand(kb.slice(e0, e0 + entity_chunk)))["overall"].float()
     return row
+
+
+def best_first(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best of each row's (value, id) pairs [M, C], best first: higher value first, and among equal
+    values the lower id (one order whatever the pairs' order, so a merge of slices' lists matches the whole)."""
+    by_id = torch.argsort(ids, dim=1, stable=True)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), ids.gather(1, by_value)
+
+
+def top_entities(row: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best entities of each score row [M, N] as (scores, columns), in :func:`best_first` order:
+    torch.topk leaves the order of equal scores, and which of them make the cut, to the kernel."""
+    if k == 0:
+        return row[:, :0], torch.zeros(len(row), 0, dtype=torch.long, device=row.device)
+    kth = row.topk(k, dim=1).values[:, -1:]
+    take = row >= kth  # k entities per row, more where several share the k-th score
+    extra = take.sum(dim=1) - k
+    for i in torch.nonzero(extra > 0).flatten().tolist():  # rare: keep the lowest ids among the k-th score's
+        at = torch.nonzero(row[i] == kth[i]).flatten()
+        take[i, at[len(at) - int(extra[i]):]] = False
+    cols = torch.nonzero(take)[:, 1].view(len(row), k)
+    return best_first(row.gather(1, cols), cols, k)
 
 
 def exact_ranks(
@@ -101,21 +148,24 @@ def exact_ranks(
     mention_chunk: int = 64,
     max_pair_elements: int = 0,
     bf16: bool = True,
+    align: int = KB_ALIGN,
 ) -> RankResult:
     """Ranks of ``gold`` (entity ids = KB rows) for every mention, against every KB entity.
-    ``max_pair_elements``: attention-map elements per block (0: :func:`pair_budget`'s choice)."""
+    ``max_pair_elements``: attention-map elements per block (0: :func:`pair_budget`'s choice); ``align``:
+    the largest block (:func:`block_rows`; :func:`slice_align` of the KB size and world, so that the scores
+    equal the sharded path's, eval/sharded.py)."""
     n = len(kb)
     device = cache_device(kb)
     parts, bad = [], []
     for m0 in range(0, len(mentions), mention_chunk):
-        row = score_against_kb(matcher, mentions.slice(m0, m0 + mention_chunk), kb, max_pair_elements, bf16)
+        row = score_against_kb(matcher, mentions.slice(m0, m0 + mention_chunk), kb, max_pair_elements, bf16, align)
         try:
             rank, ties = gold_ranks(row, gold[m0 : m0 + mention_chunk].to(device))
         except NonFiniteScoreError as err:  # positions in this chunk -> positions in ``mentions``; go on to count all
             bad.extend(m0 + r for r in err.rows)
             continue
-        top = row.topk(min(TOP_SAVED, n), dim=1)
-        parts.append(RankResult(rank.cpu(), ties.cpu(), top.indices.cpu(), top.values.cpu()))
+        top_scores, top_ids = top_entities(row, min(TOP_SAVED, n))
+        parts.append(RankResult(rank.cpu(), ties.cpu(), top_ids.cpu(), top_scores.cpu()))
     if bad:
         raise NonFiniteScoreError(f"{len(bad)} mention(s) got a NaN or inf score (positions {bad[:5]})", bad)
     return RankResult.cat(parts)
@@ -182,31 +232,56 @@ def search(index, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(scores), torch.from_numpy(ids).long()
 
 
+class LocalCandidates:
+    """First-stage candidates from one FAISS index over the whole KB, and their rows from the whole cache
+    (eval/sharded.py: the same over a KB sharded across ranks)."""
+
+    def __init__(self, index, kb: SideCache | None = None) -> None:
+        self.index, self.kb = index, kb
+        self.size = index.ntotal if kb is None else len(kb)  # the KB's size: a miss ranks there
+
+    def candidates(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """First-stage (scores, entity ids) [M, k] of ``queries``, best first (:func:`best_first`); id -1
+        where the index found fewer than k (IVF)."""
+        scores, ids = search(self.index, queries, k)
+        return best_first(scores, ids, k)
+
+    def rounds(self, steps: int) -> int:
+        """Re-ranking steps every rank runs (sharded: the most any rank needs; the row fetch is collective)."""
+        return steps
+
+    def rows(self, ids: Tensor) -> SideCache:
+        """The cache rows of entities ``ids``, in that order."""
+        return self.kb.select(ids.to(cache_device(self.kb)))
+
+
 def two_stage_ranks(
     matcher: MMoEMatcher,
     mentions: SideCache,
     gold: Tensor,
-    kb: SideCache,
+    kb: SideCache | None,
     *,
     top_k: int = 100,
     index=None,
     pair_chunk: int = 4096,
     bf16: bool = True,
     timings: dict[str, float] | None = None,
+    source: LocalCandidates | None = None,
 ) -> RankResult:
     """Retrieve ``top_k`` candidates per mention with FAISS, re-rank them with the full matcher.
-    ``timings`` (optional) receives the seconds of each stage: index_s (0 when ``index`` is given),
-    search_s, rerank_s."""
-    n = len(kb)
-    k = min(top_k, n)
-    device = cache_device(kb)
+    ``source``: where candidates and their rows come from (default: ``index``, or one built here, over
+    ``kb``; eval/sharded.py passes the KB sharded across ranks). ``timings`` (optional) receives the seconds
+    of each stage: index_s (0 when ``index`` or ``source`` is given), search_s, rerank_s."""
+    device = cache_device(mentions)
     clock = Clock(device)
-    if index is None:
-        index = kb_index(matcher, kb, rows=len(mentions))
+    if source is None:
+        source = LocalCandidates(kb_index(matcher, kb, rows=len(mentions)) if index is None else index, kb)
     index_s = clock.lap()
+    n = source.size
+    k = min(top_k, n)
     queries = matcher.separable_vectors(mentions)
     bad = ~torch.isfinite(queries).all(dim=1).cpu()  # FAISS would silently return -1 or junk for these
-    _, cand = search(index, queries, k)  # [M, k]
+    _, cand = source.candidates(queries, k)  # [M, k]
     search_s = clock.lap()
     m_count = len(mentions)
     missing = cand < 0  # FAISS pads with -1 when an (IVF) index finds fewer than k
@@ -214,9 +289,12 @@ def two_stage_ranks(
     scores = torch.empty(m_count, k)
     group = max(1, pair_chunk // k)  # mentions re-ranked together: about pair_chunk pairs per call
     with torch.no_grad(), autocast_for(device, bf16):
-        for m0 in range(0, m_count, group):
-            picked = expand(kb.select(rows[m0 : m0 + group].reshape(-1).to(device)))
-            scores[m0 : m0 + group] = matcher.score_candidates(mentions.slice(m0, m0 + group), picked)["overall"].float().cpu()
+        for step in range(source.rounds(-(-m_count // group))):
+            m0 = step * group
+            picked = source.rows(rows[m0 : m0 + group].reshape(-1))  # empty once this rank's mentions are done
+            if len(picked):
+                scores[m0 : m0 + group] = matcher.score_candidates(mentions.slice(m0, m0 + group),
+                                                                   expand(picked))["overall"].float().cpu()
     scores = scores.masked_fill(missing, torch.finfo(scores.dtype).min)  # below every real score, never a winner
     scores[bad] = float("nan")  # gold_ranks names these rows
     if timings is not None:
@@ -227,13 +305,16 @@ def two_stage_ranks(
     rank, ties = gold_ranks(scores, gold_col)
     rank = torch.where(found, rank, torch.full_like(rank, n))
     ties = torch.where(found, ties, torch.zeros_like(ties))
-    top = scores.topk(min(TOP_SAVED, k), dim=1)
-    return RankResult(rank, ties, cand.gather(1, top.indices), top.values, found)
+    top_scores, top_ids = best_first(scores, cand, min(TOP_SAVED, k))
+    return RankResult(rank, ties, top_ids, top_scores, found)
 
 
-def recall_at(index, matcher: MMoEMatcher, mentions: SideCache, gold: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """First-stage recall@K (percent) of the gold entity, for several K, from one search."""
-    kmax = min(max(ks), index.ntotal)
-    _, cand = search(index, matcher.separable_vectors(mentions), kmax)
+def recall_at(source, matcher: MMoEMatcher, mentions: SideCache, gold: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """First-stage recall@K (percent) of the gold entity, for several K, from one search. ``source``: a FAISS
+    index over the whole KB, or a candidate source (:class:`LocalCandidates`, eval/sharded.py)."""
+    if not hasattr(source, "candidates"):
+        source = LocalCandidates(source)
+    kmax = min(max(ks), source.size)
+    _, cand = source.candidates(matcher.separable_vectors(mentions), kmax)
     hit = cand == gold.view(-1, 1).cpu()
     return {f"recall@{k}": 100.0 * hit[:, : min(k, kmax)].any(dim=1).double().mean().item() for k in ks}

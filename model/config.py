@@ -89,10 +89,16 @@ class EvalConfig:
     # eval.evaluate / eval.link save the entity cache next to the checkpoint and reuse it while its key
     # matches; the trainer's dev evaluation never saves (its weights change).
     save_kb_cache: bool = True
+    # Where the entity cache lives on several ranks: "sharded": each rank keeps its own slice of the KB (memory
+    # per rank 1/W; the ranks equal the gathered path's, eval/sharded.py); "gathered": every rank the whole KB.
+    # compat: published always gathers (its entity blocks span slices).
+    kb_sharding: str = "sharded"
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "two-stage"):
             raise ConfigError(f"eval.mode: expected exact or two-stage, got {self.mode!r}")
+        if self.kb_sharding not in ("sharded", "gathered"):
+            raise ConfigError(f"eval.kb_sharding: expected sharded or gathered, got {self.kb_sharding!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"eval.cache_dtype: expected one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
 

@@ -171,11 +171,81 @@ def gather_rows(t: Tensor) -> Tensor:
 def from_main(obj):
     """Rank 0's ``obj`` on every rank (what rank 0 alone decided: a file check, a lock, a conversion's outcome);
     collective. Every rank passes its own value; only rank 0's is used."""
+    return broadcast_object(obj, 0)
+
+
+def broadcast_object(obj, src: int):
+    """Rank ``src``'s ``obj`` (picklable) on every rank; collective."""
     if world() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    """``t``'s bytes as uint8 rows [len(t), row bytes]: any dtype travels through any backend (gloo has no
+    bool, and not every build has bfloat16), bit for bit."""
+    if not t.shape[0]:  # reshape cannot infer a row size from no elements
+        return torch.empty(0, _row_bytes(tuple(t.shape[1:]), t.dtype), dtype=torch.uint8, device=t.device)
+    return t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+
+
+def _from_bytes(b: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    return b.view(dtype).reshape(b.shape[0], *shape)
+
+
+def broadcast_rows(t: Tensor | None, src: int, rows: int, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """Rank ``src``'s tensor ``t`` [rows, *shape] of ``dtype`` on every rank, bit for bit (the other ranks
+    pass None); collective."""
+    if world() == 1:
+        return t
+    if rank() == src:
+        buf = _as_bytes(t.to(device))
+    else:
+        buf = torch.empty(rows, _row_bytes(shape, dtype), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=src)
+    return t if rank() == src else _from_bytes(buf, dtype, shape)
+
+
+def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The element-wise sum of every rank's ``t`` (same shape on every rank), on every rank."""
+    if world() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def exchange_rows(send: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+    """All-to-all of rows: ``send``'s first ``send_counts[0]`` rows go to rank 0, the next ``send_counts[1]`` to
+    rank 1, ...; returns the rows received, rank 0's first (``recv_counts`` of them from each rank), bit for bit;
+    collective."""
+    if world() == 1:
+        return send
+    buf = _as_bytes(send)
+    out = torch.empty(sum(recv_counts), buf.shape[1], dtype=torch.uint8, device=send.device)
+    dist.all_to_all_single(out, buf, recv_counts, send_counts)
+    return _from_bytes(out, send.dtype, tuple(send.shape[1:]))
+
+
+def exchange_counts(counts: list[int], device: torch.device) -> list[int]:
+    """What every rank told this one: ``counts[d]`` is what this rank says to rank d; returns, for each rank s,
+    what rank s said to this one; collective."""
+    if world() == 1:
+        return list(counts)
+    send = torch.tensor(counts, dtype=torch.int64, device=device)
+    out = torch.empty_like(send)
+    dist.all_to_all_single(out, send)
+    return [int(c) for c in out.tolist()]
 
 
 def gather_objects(obj):
