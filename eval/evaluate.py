@@ -222,10 +222,12 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
                                       max_pair_elements=e.max_pair_elements, bf16=e.bf16)
         else:
             t_index = time.perf_counter()
+            ivf = dict(nlist=e.ivf_lists, nprobe=e.nprobe)
             if shard is None:
-                source = LocalCandidates(kb_index(model.matcher, kb, e.index, rows=len(mentions)), kb)
+                source = LocalCandidates(kb_index(model.matcher, kb, e.index, rows=len(mentions), **ivf), kb)
             else:
-                source = ShardedCandidates(shard_index(model.matcher, kb, e.index, rows=len(mentions)), kb, shard)
+                source = ShardedCandidates(shard_index(model.matcher, kb, e.index, len(mentions), shard.total, **ivf),
+                                           kb, shard)
             timings["index_s"] = time.perf_counter() - t_index
             res = two_stage_ranks(model.matcher, mentions, gold, kb, top_k=e.top_k, source=source, bf16=e.bf16,
                                   timings=stages)

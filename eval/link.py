@@ -150,7 +150,8 @@ class Linker:
     def _two_stage(self, q: SideCache, top_k: int) -> tuple[Tensor, Tensor]:
         """FAISS retrieves max(top_k, eval.top_k) candidates; the full matcher re-ranks them."""
         if self._index is None:
-            self._index = kb_index(self.model.matcher, self.kb, self.cfg.eval.index, rows=1)
+            self._index = kb_index(self.model.matcher, self.kb, self.cfg.eval.index, rows=1,
+                                   nlist=self.cfg.eval.ivf_lists, nprobe=self.cfg.eval.nprobe)
         k = min(max(top_k, self.cfg.eval.top_k), len(self.kb))
         vector = self.model.matcher.separable_vectors(q)
         if not bool(torch.isfinite(vector).all()):

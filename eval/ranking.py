@@ -26,6 +26,7 @@ from torch import Tensor
 
 from eval.kb_cache import cache_device, expand, index_vectors
 from eval.metrics import NonFiniteScoreError, gold_ranks
+from model.config import INDEX_KINDS
 from moe.features import SideCache
 from moe.matcher import MMoEMatcher
 
@@ -189,24 +190,38 @@ class Clock:
         return lapsed
 
 
-def build_index(vectors: Tensor, kind: str = "flat", nlist: int = 1024, m: int = 16, use_gpu: bool | None = None):
-    """FAISS inner-product index: exact ``flat`` by default; ``ivf`` / ``ivfpq`` for millions of
-    entities. GPU when faiss reports GPUs (faiss-gpu), CPU otherwise."""
+FLAT_MAX = 1 << 18  # index "auto": exact flat search up to this many entities, IVF above
+
+
+def index_kind(kind: str, entities: int) -> str:
+    """The FAISS index ``kind`` resolved for a KB of ``entities``: ``auto`` is flat up to FLAT_MAX, ivf above
+    (a flat search of a million entities costs every query a pass over all of them)."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; use one of {', '.join(INDEX_KINDS)}")
+    if kind == "auto":
+        return "flat" if entities <= FLAT_MAX else "ivf"
+    return kind
+
+
+def build_index(vectors: Tensor, kind: str = "flat", nlist: int = 0, m: int = 16, use_gpu: bool | None = None,
+                nprobe: int = 32):
+    """FAISS inner-product index: exact ``flat``; ``ivf`` / ``ivfpq`` for millions of entities (``nlist``
+    lists, 0: 4 sqrt(N), FAISS's rule of thumb; ``nprobe`` of them searched per query); ``auto``:
+    :func:`index_kind`. GPU when faiss reports GPUs (faiss-gpu), CPU otherwise."""
     x = np.ascontiguousarray(vectors.float().cpu().numpy())
-    d = x.shape[1]
+    n, d = x.shape
+    kind = index_kind(kind, n)
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-    elif kind in ("ivf", "ivfpq"):
+    else:
         quantizer = faiss.IndexFlatIP(d)
-        nlist = max(1, min(nlist, x.shape[0] // 39))  # FAISS wants ~39 training points per list
+        nlist = max(1, min(nlist or int(4 * n ** 0.5), n // 39))  # FAISS wants ~39 training points per list
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
-        index.nprobe = min(nlist, 32)
-    else:
-        raise ValueError(f"unknown index kind {kind!r}; use flat, ivf or ivfpq")
+        index.nprobe = max(1, min(nlist, nprobe))
     if use_gpu is None:
         use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     if use_gpu:
@@ -215,16 +230,18 @@ def build_index(vectors: Tensor, kind: str = "flat", nlist: int = 1024, m: int =
     return index
 
 
-def kb_index(matcher: MMoEMatcher, kb: SideCache, kind: str = "flat", rows: int = 0):
+def kb_index(matcher: MMoEMatcher, kb: SideCache, kind: str = "flat", rows: int = 0, *, entities: int | None = None,
+             nlist: int = 0, nprobe: int = 32):
     """The FAISS index over the KB's separable vectors. A non-finite vector would make FAISS return
     padding or junk instead of a NaN score, so it raises NonFiniteScoreError for all ``rows`` mentions
-    (in exact mode such an entity gives every mention a non-finite score too)."""
+    (in exact mode such an entity gives every mention a non-finite score too). ``entities``: the whole KB's
+    size when ``kb`` is one slice of it (an ``auto`` index is chosen by the whole KB's size)."""
     vectors = index_vectors(matcher, kb)
     finite = torch.isfinite(vectors).all(dim=1)
     if not bool(finite.all()):
         ids = torch.nonzero(~finite).flatten().tolist()
         raise NonFiniteScoreError(f"{len(ids)} KB entities have NaN or inf vectors (entities {ids[:5]})", list(range(rows)))
-    return build_index(vectors, kind)
+    return build_index(vectors, index_kind(kind, len(kb) if entities is None else entities), nlist=nlist, nprobe=nprobe)
 
 
 def search(index, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:

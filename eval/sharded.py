@@ -147,13 +147,15 @@ def sharded_exact_ranks(
     return RankResult.cat(parts)
 
 
-def shard_index(matcher: MMoEMatcher, kb: SideCache, kind: str, rows: int):
-    """The FAISS index over this rank's slice (None for an empty slice). A non-finite entity vector on any
-    slice raises NonFiniteScoreError for this rank's ``rows`` mentions on every rank; collective."""
+def shard_index(matcher: MMoEMatcher, kb: SideCache, kind: str, rows: int, entities: int, nlist: int = 0,
+                nprobe: int = 32):
+    """The FAISS index over this rank's slice (None for an empty slice); ``kind`` auto is resolved by the whole
+    KB's size, ``entities``. A non-finite entity vector on any slice raises NonFiniteScoreError for this rank's
+    ``rows`` mentions on every rank; collective."""
     index, error = None, None
     if len(kb):
         try:
-            index = kb_index(matcher, kb, kind, rows=rows)
+            index = kb_index(matcher, kb, kind, rows=rows, entities=entities, nlist=nlist, nprobe=nprobe)
         except NonFiniteScoreError as err:
             error = str(err)
     errors = [e for e in D.gather_objects(error) if e]

@@ -62,13 +62,18 @@ class DataConfig:
 # Storage of the saved/in-memory entity cache (eval/kb_cache.py); defined here so the config
 # can validate it without importing eval.
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")  # FAISS first-stage indexes (eval/ranking.py: build_index)
 
 
 @dataclass
 class EvalConfig:
     mode: str = "exact"  # exact | two-stage
     top_k: int = 100  # two-stage: candidates re-ranked by the full matcher
-    index: str = "flat"  # FAISS index for two-stage: flat | ivf | ivfpq
+    # FAISS index of two-stage's first stage: auto (flat up to 2^18 entities, ivf above) | flat | ivf | ivfpq;
+    # ivf/ivfpq: ivf_lists lists (0: 4 sqrt(KB size)), nprobe of them searched per mention.
+    index: str = "auto"
+    ivf_lists: int = 0
+    nprobe: int = 32
     recall_at: list[int] = field(default_factory=lambda: [10, 50, 100])
     batch_size: int = 64  # encoding batch
     mention_chunk: int = 64  # mentions scored together against the KB
@@ -97,6 +102,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "two-stage"):
             raise ConfigError(f"eval.mode: expected exact or two-stage, got {self.mode!r}")
+        if self.index not in INDEX_KINDS:
+            raise ConfigError(f"eval.index: expected one of {', '.join(INDEX_KINDS)}, got {self.index!r}")
         if self.kb_sharding not in ("sharded", "gathered"):
             raise ConfigError(f"eval.kb_sharding: expected sharded or gathered, got {self.kb_sharding!r}")
         if self.cache_dtype not in CACHE_DTYPES:
@@ -177,14 +184,14 @@ class NegativesConfig:
     top_k: int = 50  # neighbours kept per mention
     n_hard: int = 1  # negatives attached to each mention (shared by the whole batch)
     strategy: str = "top"  # top: the best-ranked; random: a seeded draw within the top-K
-    index: str = "flat"  # flat (exact) | ivf | ivfpq
+    index: str = "flat"  # flat (exact) | ivf | ivfpq | auto (eval.index)
     from_file: str = ""  # a table from `python -m train.negatives`, used from the first epoch
 
     def __post_init__(self) -> None:
         if self.strategy not in ("top", "random"):
             raise ConfigError(f"negatives.strategy: expected top or random, got {self.strategy!r}")
-        if self.index not in ("flat", "ivf", "ivfpq"):
-            raise ConfigError(f"negatives.index: expected flat, ivf or ivfpq, got {self.index!r}")
+        if self.index not in INDEX_KINDS:
+            raise ConfigError(f"negatives.index: expected one of {', '.join(INDEX_KINDS)}, got {self.index!r}")
         if self.n_hard > self.top_k:
             raise ConfigError(f"negatives.n_hard ({self.n_hard}) cannot exceed negatives.top_k ({self.top_k})")
 

@@ -11,8 +11,19 @@ import torch
 
 from data_shards.stream import ShardSet
 from eval.kb_cache import cache_path
-from eval.ranking import KB_ALIGN, best_first, block_rows, score_against_kb, slice_align, top_entities
+from eval.ranking import (
+    FLAT_MAX,
+    KB_ALIGN,
+    best_first,
+    block_rows,
+    build_index,
+    index_kind,
+    score_against_kb,
+    slice_align,
+    top_entities,
+)
 from eval.sharded import KBShard
+from model.config import ConfigError, EvalConfig
 from model.export import load_export, save_export
 from model.mmoe import MMoEModel
 from tests.helpers import free_port, random_batch, run_bounded, tiny_model_config
@@ -121,3 +132,16 @@ def test_sharded_evaluation_equals_gathered_rank_for_rank_tie_for_tie(mode, npro
     again, a_rows, out = _evaluate(export, tmp_path / "again", nproc, mode, "sharded", *settings)
     assert again["kb_cache"]["state"] == "reused" and a_rows == g_rows
     assert f"entity cache reused, sharded over {nproc} ranks" in out
+
+
+def test_the_auto_index_is_flat_up_to_its_threshold_and_ivf_above_with_the_given_nprobe():
+    assert index_kind("auto", FLAT_MAX) == "flat" and index_kind("auto", FLAT_MAX + 1) == "ivf"
+    assert index_kind("ivfpq", 10) == "ivfpq"
+    with pytest.raises(ValueError, match="unknown index kind 'hnsw'"):
+        index_kind("hnsw", 10)
+    vectors = torch.randn(40000, 8, generator=torch.Generator().manual_seed(0))
+    ivf = build_index(vectors, "ivf", nprobe=5)
+    assert ivf.nlist == int(4 * 40000 ** 0.5) and ivf.nprobe == 5
+    assert build_index(vectors, "ivf", nlist=20, nprobe=64).nprobe == 20  # never more lists than there are
+    with pytest.raises(ConfigError, match="eval.index"):
+        EvalConfig(index="hnsw")

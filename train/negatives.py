@@ -31,7 +31,7 @@ from data_shards.store import EntityStore
 from eval.encode import check_interrupt, encode_kb, encode_split
 from eval.ranking import build_index, search
 from model import distributed as D
-from model.config import Config, ConfigError
+from model.config import INDEX_KINDS, Config, ConfigError
 from model.export import load_export_for_command
 from model.factory import make_collator
 from model.mmoe import MMoEModel
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="output .npy table [mentions, top_k] of entity ids")
     p.add_argument("--split", default="train")
     p.add_argument("--top-k", type=int)
-    p.add_argument("--index", choices=["flat", "ivf", "ivfpq"])
+    p.add_argument("--index", choices=list(INDEX_KINDS))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--allow-other-kb", action="store_true", help="mine on a KB other than the one the export was trained on")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
