@@ -361,3 +361,24 @@ def test_kb_is_streamed_in_bounded_memory(tmp_path: Path):
     mem = json.loads(res.stdout.strip().splitlines()[-1])
     assert mem["n"] == 50000
     assert mem["generate"] < 0.35 * mem["hold"], mem
+
+
+def test_extra_entities_grow_the_kb_and_leave_every_other_file_as_it_was(tiny, tmp_path):
+    grown = tmp_path / "grown"
+    generate(grown, preset("tiny", extra_entities=300), workers=1, progress=False)
+    before, after = tree_hashes(tiny), tree_hashes(grown)
+    changed = {p for p in before if after.get(p) != before[p]}
+    assert changed == {"kb_entity.json", "qid2id.json", "generation.json"}  # splits, images, tokenizer, candidates: same
+    kb, kb0 = json.loads((grown / "kb_entity.json").read_text()), json.loads((tiny / "kb_entity.json").read_text())
+    assert kb[:200] == kb0 and [r["id"] for r in kb] == list(range(500))
+    qid2id = json.loads((grown / "qid2id.json").read_text())
+    assert len(qid2id) == 500 and all(qid2id[r["qid"]] == r["id"] for r in kb)  # QIDs distinct, none reused
+    vocab = set(json.loads((grown / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+    extra = kb[200:]
+    assert all(words(r["desc"]) <= vocab and words(r["entity_name"]) <= vocab for r in extra)  # the same tokenizer reads them
+    assert all(1 <= len(r["image_list"]) <= 2 and (grown / "kb_image" / r["image_list"][0]).is_file() for r in extra)
+    assert sum(p.startswith("kb_image/") for p in after) - sum(p.startswith("kb_image/") for p in before) == sum(
+        len(r["image_list"]) for r in extra)
+    names = {r["entity_name"] for r in kb0}
+    assert 0 < sum(r["entity_name"] in names for r in extra) < 300  # many share a world name: distractors
+    assert json.loads((grown / "generation.json").read_text())["counts"]["entities"] == 500

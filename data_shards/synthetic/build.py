@@ -22,7 +22,7 @@ from data_shards.synthetic.images import write_images
 from data_shards.synthetic.mentions import Mention, ceilings_of, designed_ceilings, make_split
 from data_shards.synthetic.settings import SyntheticSettings
 from data_shards.synthetic.texts import vocabulary
-from data_shards.synthetic.world import World, build_world
+from data_shards.synthetic.world import World, build_extras, build_world
 from data_shards.synthetic.writers import (
     FORMAT_VERSION,
     PREFIX,
@@ -86,6 +86,7 @@ def _generate_into(root: Path, s: SyntheticSettings, workers: int, progress: boo
     """Every file of the dataset, written into the empty folder `root`; the summary."""
     counts = {"train": s.num_train, "dev": s.num_dev, "test": s.num_test}
     world = build_world(s, num_nil_names=sum(counts.values()))
+    extras = build_extras(s, world)
     nil_base = world.num_groups
     splits: dict[str, list[Mention]] = {}
     for si, split in enumerate(SPLITS):
@@ -95,16 +96,16 @@ def _generate_into(root: Path, s: SyntheticSettings, workers: int, progress: boo
     (root / "mention_image").mkdir()
 
     # Images go to worker processes while this one writes the JSON files.
-    kb_images = int(world.n_images.sum())
+    kb_images = int(world.n_images.sum()) + int(extras.n_images.sum())
     num_images = kb_images + sum(m.image_task is not None for ms in splits.values() for m in ms)
-    tasks = image_tasks(world, root, splits)
+    tasks = image_tasks(world, extras, root, splits)
     chunk = 128
     pool = None
     if workers > 1 and num_images > 4 * chunk:
         pool = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
         pending = pool.imap_unordered(write_images, _chunks(tasks, chunk))
     try:
-        write_kb(world, root, progress)
+        write_kb(world, extras, root, progress)
         cand_rows = write_candidates(world, root, progress)
         write_splits(root, splits, progress)
         with tqdm(total=num_images, desc="images", unit="img", disable=not progress) as bar:
@@ -147,7 +148,8 @@ def _summary(s: SyntheticSettings, world: World, splits: dict[str, list[Mention]
         "seed": s.seed,
         "settings": dataclasses.asdict(s),
         "counts": {
-            "entities": world.n, "name_groups": world.num_groups, "multi_entity_groups": world.num_multi,
+            "entities": world.n + s.extra_entities, "extra_entities": s.extra_entities, "name_groups": world.num_groups,
+            "multi_entity_groups": world.num_multi,
             "ambiguous_entity_share": world.num_multi * s.group_size / world.n if s.group_size > 1 else 0.0,
             "quoted_name_groups": int(world.quoted.sum()), "candidate_rows": cand_rows,
             "distractor_rows": int(world.n_distractors.sum()), "kb_images": kb_images,

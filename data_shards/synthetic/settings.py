@@ -30,6 +30,8 @@ class SyntheticSettings:
     kb_images: bool = True  # false: every entity has an empty image_list
     max_images_per_entity: int = 3
     nil_rate: float = 0.01
+    # KB-only entities appended after the world's (world.ExtraEntities): the same mentions against a larger KB.
+    extra_entities: int = 0
     quoted_name_rate: float = 0.2
     seed: int = 0
 
@@ -49,6 +51,8 @@ class SyntheticSettings:
             raise ValueError("split sizes must be >= 0")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
+        if self.extra_entities < 0:
+            raise ValueError("extra_entities must be >= 0")
         if self.max_images_per_entity < 1:
             raise ValueError("max_images_per_entity must be >= 1")
 
@@ -57,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_entities=200, num_train=300, num_dev=60, num_test=60, image_size=32, max_images_per_entity=2),
     "demo": dict(num_entities=2000, num_train=6000, num_dev=600, num_test=600),
     "large": dict(num_entities=100_000, num_train=20_000, num_dev=2000, num_test=5000, image_size=32, max_images_per_entity=2),
-    "million": dict(num_entities=1_000_000, num_train=3000, num_dev=500, num_test=2000, kb_images=False, image_size=32),
+    "million": dict(num_entities=1_000_000, num_train=3000, num_dev=500, num_test=2000, image_size=32, max_images_per_entity=1),
 }
 
 

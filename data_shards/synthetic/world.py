@@ -122,7 +122,10 @@ class World:
 
     # --- names, QIDs, backgrounds (bijections, so no table is needed)
     def name(self, name_index: int) -> str:
-        code = (self.name_mul * name_index + self.name_add) % self.name_mod
+        return self.name_of_code((self.name_mul * name_index + self.name_add) % self.name_mod)
+
+    def name_of_code(self, code: int) -> str:
+        """The name of one (given, family) pair, ``code`` in [0, name_mod)."""
         i, j = divmod(code, len(self.family))
         return f"{self.given[i].capitalize()} {self.family[j].capitalize()}"
 
@@ -231,3 +234,56 @@ def build_world(s: SyntheticSettings, num_nil_names: int) -> World:
         bg_mul=_coprime_multiplier(rng, BG_CODES), bg_add=int(rng.integers(0, BG_CODES)),
     )
 
+
+
+@dataclass
+class ExtraEntities:
+    """KB-only entities (``extra_entities``): ids N .. N+X-1, after the world's N, linked by no mention.
+
+    Drawn from their own random stream (``[seed, 3]``) and from the world's own words (given and family
+    names, topics, regions, adjectives, years; most names are some group's name), so the world, the splits
+    and the tokenizer are exactly those of the same settings without them, whatever their number: the same
+    mentions can be ranked against ever larger KBs (bench/bench_scale.py). Each has a random topic, signature
+    and background, so a mention's cues still single out its gold, except where an extra entity happens to
+    share its name and its cue."""
+
+    n_world: int
+    name_code: np.ndarray  # [X] (given, family) pair of the world's lists
+    topic: np.ndarray
+    region: np.ndarray
+    adj: np.ndarray
+    year: np.ndarray
+    signature: np.ndarray
+    background: np.ndarray
+    n_images: np.ndarray  # [X] (0 when kb_images is false)
+    qid_numbers: np.ndarray  # [X] distinct, above every world QID number
+
+    def __len__(self) -> int:
+        return len(self.name_code)
+
+    def record(self, world: World, x: int) -> dict[str, Any]:
+        """The kb_entity.json record of extra entity ``x`` (id N + x)."""
+        name = world.name_of_code(int(self.name_code[x]))
+        adj = ADJ_WORDS[self.adj[x]]
+        desc = DESC_TEMPLATE.format(name=name, an=article(adj), adj=adj, topic=TOPIC_WORDS[self.topic[x]],
+                                    region=world.regions[self.region[x]], year=YEARS[self.year[x]])
+        return {"id": self.n_world + x, "qid": f"Q{self.qid_numbers[x]}", "entity_name": name, "desc": desc,
+                "image_list": self.image_names(x), "type": "entity"}
+
+    def image_names(self, x: int) -> list[str]:
+        return [f"e{self.n_world + x}_{k}.jpg" for k in range(int(self.n_images[x]))]
+
+
+def build_extras(s: SyntheticSettings, world: World) -> ExtraEntities:
+    """The ``s.extra_entities`` KB-only entities of this world (seeded by ``[seed, 3]``)."""
+    rng = np.random.default_rng([s.seed, 3])
+    x = s.extra_entities
+    n_images = (rng.integers(1, s.max_images_per_entity + 1, x) if s.kb_images else np.zeros(x)).astype(np.int8)
+    base = 10 ** len(str(int(world.qid_numbers.max()) if len(world.qid_numbers) else 1))  # above every world QID
+    return ExtraEntities(
+        n_world=world.n, name_code=rng.integers(0, world.name_mod, x), topic=rng.integers(0, len(TOPIC_WORDS), x),
+        region=rng.integers(0, len(world.regions), x), adj=rng.integers(0, len(ADJ_WORDS), x),
+        year=rng.integers(0, len(YEARS), x), signature=rng.integers(0, NUM_SIGNATURES, x),
+        background=rng.integers(0, BG_CODES, x), n_images=n_images,
+        qid_numbers=base + rng.choice(10 ** len(str(50 * max(1, x))), x, replace=False),
+    )

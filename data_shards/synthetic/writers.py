@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_shards.synthetic.mentions import Mention
-from data_shards.synthetic.world import World
+from data_shards.synthetic.world import ExtraEntities, World
 from data_shards.tokenizer import write_word_tokenizer
 
 PREFIX = "SyntheticMEL"
@@ -28,24 +28,30 @@ def write_tokenizer(out_dir: Path, words: list[str]) -> int:
     return write_word_tokenizer(out_dir, words)
 
 
-def write_kb(world: World, root: Path, progress: bool) -> None:
-    """kb_entity.json (a JSON list in id order) and qid2id.json (one line), streamed in chunks of entities."""
+def _kb_record(world: World, extras: ExtraEntities, e: int) -> dict:
+    if e >= world.n:
+        return extras.record(world, e - world.n)
+    slot = int(world.entity_slot[e])
+    group = world.group_of_slot(slot)
+    return {"id": e, "qid": world.qid(e), "entity_name": world.surface(group),
+            "desc": world.entity_desc(slot, world.name(group)), "image_list": world.image_names(e), "type": "entity"}
+
+
+def write_kb(world: World, extras: ExtraEntities, root: Path, progress: bool) -> None:
+    """kb_entity.json (a JSON list in id order: the world's entities, then the extra ones) and qid2id.json
+    (one line), streamed in chunks of entities."""
     chunk = 4096
+    total = world.n + len(extras)
     with open(root / "kb_entity.json", "w", encoding="utf-8") as kb, open(root / "qid2id.json", "w", encoding="utf-8") as q2i, \
-            tqdm(total=world.n, desc="kb entities", unit="ent", disable=not progress) as bar:
+            tqdm(total=total, desc="kb entities", unit="ent", disable=not progress) as bar:
         kb.write("[")
         q2i.write("{")
-        for start in range(0, world.n, chunk):
+        for start in range(0, total, chunk):
             kb_parts, q_parts = [], []
-            for e in range(start, min(world.n, start + chunk)):
-                slot = int(world.entity_slot[e])
-                group = world.group_of_slot(slot)
-                name = world.name(group)
-                qid = world.qid(e)
-                rec = {"id": e, "qid": qid, "entity_name": world.surface(group), "desc": world.entity_desc(slot, name),
-                       "image_list": world.image_names(e), "type": "entity"}
+            for e in range(start, min(total, start + chunk)):
+                rec = _kb_record(world, extras, e)
                 kb_parts.append(json.dumps(rec, ensure_ascii=False))
-                q_parts.append(f"{json.dumps(qid)}: {e}")
+                q_parts.append(f"{json.dumps(rec['qid'])}: {e}")
             sep = ",\n" if start else ""
             kb.write(sep + ",\n".join(kb_parts))
             q2i.write((", " if start else "") + ", ".join(q_parts))
@@ -79,7 +85,7 @@ def write_splits(root: Path, splits: dict[str, list[Mention]], progress: bool) -
             fh.write("[" + ",\n".join(json.dumps(m.record, ensure_ascii=False) for m in splits[split]) + "]\n")
 
 
-def image_tasks(world: World, root: Path, splits: dict[str, list[Mention]]) -> Iterator[tuple]:
+def image_tasks(world: World, extras: ExtraEntities, root: Path, splits: dict[str, list[Mention]]) -> Iterator[tuple]:
     """(path, size, noise, background, signature, seed) of every image, generated lazily."""
     s = world.s
     if s.kb_images:
@@ -89,6 +95,10 @@ def image_tasks(world: World, root: Path, splits: dict[str, list[Mention]]) -> I
             bg, sig = world.background(world.group_of_slot(slot)), int(world.signature[slot])
             for k, name in enumerate(world.image_names(e)):
                 yield (str(kb_dir / name), s.image_size, s.image_noise, bg, sig, (s.seed, 1, e, k))
+        for x in range(len(extras)):
+            bg, sig = int(extras.background[x]), int(extras.signature[x])
+            for k, name in enumerate(extras.image_names(x)):
+                yield (str(kb_dir / name), s.image_size, s.image_noise, bg, sig, (s.seed, 3, x, k))
     m_dir = root / "mention_image"
     for si, split in enumerate(SPLITS):
         for k, m in enumerate(splits[split]):
