@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +70,7 @@ class EvalResult:
     per_mention: list[dict] = field(default_factory=list)  # filled on rank 0
     timings: dict[str, float] = field(default_factory=dict)
     kb_cache: dict = field(default_factory=dict)  # path (None: in memory only), state (built | reused), dtype, bytes
+    peak_rss: list[int] = field(default_factory=list)  # bytes, per rank: the most resident memory so far
 
 
 def kb_cache_location(checkpoint: str | Path, cfg: Config, device: torch.device) -> tuple[Path, str]:
@@ -268,7 +270,13 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
                 "ties": int(gathered["ties"][i]), "top_ids": gathered["top_ids"][i].tolist(),
                 "top_scores": [round(float(s), 5) for s in gathered["top_scores"][i]],
             } | {k: bool(v[i]) for k, v in flags.items()})
-    return EvalResult(split, metrics, per_mention, timings, kb_info)
+    return EvalResult(split, metrics, per_mention, timings, kb_info, D.gather_objects(peak_rss_bytes()))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (its DataLoader workers are processes of their own; pages
+    of a memory-mapped cache count once they are read)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def verify_shards(shards: str | Path, groups: list[str] | None, what: str) -> None:
@@ -298,6 +306,7 @@ def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: st
         "dataset": dataset, "split": result.split, "checkpoint": str(checkpoint), "metrics": result.metrics,
         "settings": {"eval": to_dict(cfg.eval), "data": to_dict(cfg.data)}, "world_size": D.world(),
         "manifest_sha256": manifest_hash(cfg.data.shards), "timings": result.timings, "kb_cache": result.kb_cache,
+        "peak_rss_bytes_per_rank": result.peak_rss,
     }
     (out_dir / f"results-{result.split}.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     board = out_dir / f"leaderboard-{result.split}.md"
