@@ -122,7 +122,8 @@ def sharded_exact_ranks(
         for m0 in range(0, counts[src], mention_chunk):
             m = min(mention_chunk, counts[src] - m0)
             chunk = _broadcast_cache(mentions.slice(m0, m0 + m) if mine else None, src, m, specs[src], device)
-            g = D.broadcast_rows(gold[m0 : m0 + m].to(device) if mine else None, src, m, (), torch.int64, device)
+            g = D.broadcast_rows(gold[m0 : m0 + m].to(device, torch.int64) if mine else None, src, m, (), torch.int64,
+                                 device)
             row = score_against_kb(matcher, chunk, kb, max_pair_elements, bf16, shard.align)  # [m, this slice]
             finite = torch.isfinite(row).all(dim=1)
             if not bool(finite.all()):  # the mention is reported, not ranked; keep the arithmetic below defined

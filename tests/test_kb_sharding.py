@@ -119,6 +119,7 @@ def test_sharded_evaluation_equals_gathered_rank_for_rank_tie_for_tie(mode, npro
     cache = sharded["kb_cache"]
     assert cache["sharding"] == "sharded" and cache["state"] == "built" and cache["rows"] == list(ranges[0])
     assert gathered["kb_cache"]["sharding"] == "gathered"
+    assert len(sharded["peak_rss_bytes_per_rank"]) == nproc and min(sharded["peak_rss_bytes_per_rank"]) > 2**20
     per_row = gathered["kb_cache"]["bytes"] / kb  # each rank holds its slice's rows only
     assert cache["bytes_per_rank"] == [round(per_row * (b - a)) for a, b in ranges]
     if tied:

@@ -38,6 +38,9 @@ Design: ambiguity that only both modalities together resolve.
   topic word of any entity); the image shows the gold's signature on the group background;
   ``both`` (the rest): topic word in the sentence and signature in the image.
   A share ``nil_rate`` of mentions names an entity outside the KB (``"answer": "nil"``).
+* ``extra_entities`` (default 0) appends KB-only entities after the world's (ids N..N+X-1, their own random
+  stream, the world's names and words; ``world.ExtraEntities``): the world, the splits and the tokenizer stay
+  byte-identical, so the same mentions can be ranked against ever larger KBs (bench/bench_scale.py).
 * Mention ``desc`` simulates the DME step honestly: among the candidates.jsonl rows labelled with the
   mention's name (every KB entity of the name group plus 0-2 distractor rows whose QIDs are not in the
   KB and whose topics belong to no group member), it is the gold's description when the sentence holds
