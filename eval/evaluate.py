@@ -155,14 +155,12 @@ def _sharded_entity_cache(model: MMoEModel, cfg: Config, split: str, device: tor
         if all(D.gather_objects(cache is not None or not has_rows)):  # all ranks reuse, or none
             cache = empty_like_rank0(None if cache is None else cache.to(device), device)
             return cache, _cache_info(cache, file if has_rows else None, "reused", shard)
-    kb = encode_kb(model, cfg.data.shards, collator, device, batch_size=e.batch_size, num_workers=e.num_workers,
-                   bf16=e.bf16, interrupt=interrupt, sharded=True)
-    error = None
-    if kb is not None:
-        try:
-            kb = compress(kb, e.cache_dtype)
-        except CacheValueError as err:
-            error = str(err)
+    kb, error = None, None
+    try:  # stored in the cache dtype as encoded (eval/encode.py: RowWriter)
+        kb = encode_kb(model, cfg.data.shards, collator, device, batch_size=e.batch_size, num_workers=e.num_workers,
+                       bf16=e.bf16, interrupt=interrupt, sharded=True, cache_dtype=e.cache_dtype)
+    except CacheValueError as err:
+        error = str(err)
     errors = [x for x in D.gather_objects(error) if x]  # one slice's bad value stops every rank
     if errors:
         raise NonFiniteScoreError(f"evaluation of split {split!r}: {errors[0]}", [])

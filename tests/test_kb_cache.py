@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.encode import encode_kb, encode_split
+from data_shards.store import ShardError
+from eval.encode import RowWriter, encode_kb, encode_split
 from eval.evaluate import kb_cache_location
 from eval.evaluate import main as evaluate_main
 from eval.kb_cache import (
@@ -282,3 +283,29 @@ def test_compact_caches_rank_like_fp32_on_the_tiny_benchmark(tiny_export):
         same = (got == ref).double().mean().item()
         h1 = 100 * ((got == 1).double().mean() - (ref == 1).double().mean()).abs().item()
         assert same >= share and (got - ref).abs().max().item() <= max_diff and h1 <= h1_points, (dtype, same, h1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", *COMPACT])
+def test_a_cache_written_batch_by_batch_equals_the_whole_cache_compressed(matcher, dtype):
+    cache = entity_cache(matcher)
+    writer = RowWriter(len(cache), lambda part: compress(part, dtype))
+    for a in range(0, len(cache), 8):  # batches of 8, the last one short
+        writer.add(cache.slice(a, a + 8))
+    whole, written = compress(cache, dtype), writer.result()
+    assert set(written.tensors) == set(whole.tensors)
+    assert all(torch.equal(written[k], whole[k]) and written[k].dtype == whole[k].dtype for k in whole.tensors)
+
+
+def test_a_refused_batch_is_raised_after_the_last_batch_and_a_short_cache_is_an_error(matcher):
+    cache = entity_cache(matcher)
+    bad = SideCache({k: v.clone() for k, v in cache.tensors.items()})
+    bad.tensors["text.query"][20, 0, 0] = float("nan")
+    writer = RowWriter(len(bad), lambda part: compress(part, "int8"))
+    for a in range(0, len(bad), 8):
+        writer.add(bad.slice(a, a + 8))  # nothing raised here: every rank goes on to its collectives
+    with pytest.raises(CacheValueError, match="text.query"):
+        writer.result()
+    short = RowWriter(len(cache) + 1)
+    short.add(cache)
+    with pytest.raises(ShardError, match="37 rows encoded, 38 expected"):
+        short.result()
