@@ -10,6 +10,7 @@ complete export exists at every instant.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import os
 import shutil
@@ -20,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from core.cli import disk_full
 from data_shards.collate import load_tokenizer
 from data_shards.identity import check_identity, write_identity
 from model import distributed as D
@@ -58,10 +60,7 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     tmp, old = _sibling(out_dir, ".tmp"), _sibling(out_dir, ".old")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a process killed while writing it
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / EXPORT_WEIGHTS))
-    save_config(export_config(cfg), tmp / EXPORT_CONFIG)
-    write_data_identity(tmp, cfg)
+    _write_export(tmp, state, cfg, out_dir)
     if out_dir.exists():
         out_dir.rename(old)
         if os.environ.get("MMOE_TEST_KILL_IN_EXPORT_SWAP"):  # fault injection (tests): die between the renames
@@ -70,6 +69,22 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return out_dir
+
+
+def _write_export(tmp: Path, state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> None:
+    """The export's files in ``tmp``; on any failure ``tmp`` is removed. A full disk (safetensors names no
+    errno) is raised as OSError ENOSPC naming ``out_dir``, whose previous export is untouched."""
+    try:
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / EXPORT_WEIGHTS))
+        save_config(export_config(cfg), tmp / EXPORT_CONFIG)
+        write_data_identity(tmp, cfg)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not disk_full(err):
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on device while writing the export {out_dir} (the partial "
+                      f"{tmp.name}/ was removed; the previous export is untouched)", str(out_dir)) from None
 
 
 @functools.lru_cache(maxsize=4)

@@ -4,6 +4,7 @@ UTF-8, and a disk that fills (a real, small tmpfs)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -220,3 +221,18 @@ def test_weights_of_another_shape_than_the_config_are_named_in_one_line(export_c
     assert line.startswith(f"error: {export_copy / EXPORT_WEIGHTS} does not fit {config} (") and "size mismatch" in line
     assert line.endswith("restore it, or export the run again (python -m train.checkpointing export "
                          "runs/NAME/checkpoints/step-N OUT)")
+
+
+def test_an_export_that_fills_the_disk_keeps_the_previous_one(tiny_export, small_disk):
+    from model.export import load_export, save_export
+
+    size = sum(p.stat().st_size for p in tiny_export.iterdir())
+    best = small_disk(size * 3 // 2 // 1024 + 16) / "best"  # room for one export, not for a second beside it
+    shutil.copytree(tiny_export, best)
+    before = {p.name: p.read_bytes() for p in best.iterdir()}
+    model, cfg = load_export(tiny_export)
+    with pytest.raises(OSError) as info:
+        save_export(model, cfg, best)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(best)
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == before
+    assert [p.name for p in best.parent.iterdir()] == ["best"]  # no best.tmp/ left

@@ -21,6 +21,21 @@ from tests.test_trainer import ROOT, losses, train
 from train.run_folder import LOCK, RunFolderError, RunFolderLock
 
 
+@pytest.fixture(scope="module")
+def finished_run(tiny_shards, tmp_path_factory) -> Path:
+    """A finished 2-step run (checkpoint, best/, results-test.json); read-only: copy it before changing it."""
+    out = tmp_path_factory.mktemp("finished")
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.test_at_end=true", "--set", "train.run_name=done"]
+    proc = train(args, out, tiny_shards)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "done"
+
+
+def export_command(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.checkpointing", "export", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
 def hold_lock(run_dir: Path, then: str) -> subprocess.Popen:
     """Another process that takes the lock, then sleeps (``sleep``) or dies without releasing it (``die``)."""
     code = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
@@ -177,3 +192,25 @@ def test_exporting_with_the_config_of_another_model_size_says_so_in_one_line(tin
                            "--config", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"the weights of {checkpoint} do not fit {other} (" in proc.stderr and "--config" in proc.stderr
+
+
+def test_a_disk_that_fills_during_the_best_export_says_so_in_one_line_and_leaves_no_partial_export(
+        tiny_shards, small_disk):
+    disk = small_disk(300)  # the run's small files fit, the tiny export (about 390 KiB) does not
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.eval_every_steps=2", "--set", "train.run_name=fb"]
+    proc = train(args, disk, tiny_shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the disk is full (no space left on device writing {disk / 'fb' / 'best'}): free space; no complete "
+        "checkpoint was written yet: start the run again, with --overwrite to move what it wrote aside")
+    assert not (disk / "fb" / "best.tmp").exists() and not (disk / "fb" / "best").exists()
+
+
+def test_a_checkpoint_export_that_fills_the_disk_says_so_and_leaves_nothing(finished_run, small_disk):
+    disk = small_disk(100)
+    checkpoint = next((finished_run / "checkpoints").glob("step-*"))
+    proc = export_command(checkpoint, disk / "exp")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: the disk is full (no space left on device writing {disk / 'exp'}): free "
+                                   "space, or export elsewhere")
+    assert list(disk.iterdir()) == []

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.cli import disk_full_line
+from core.cli import disk_full, disk_full_line
 from model import distributed as D
 from model.config import load_config
 from model.export import export_config, save_export
@@ -156,7 +156,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
             tmp.write_text(json.dumps(state, indent=1))
             os.replace(tmp, folder / COMPLETE)
     except (OSError, RuntimeError) as err:
-        if not _disk_full(err):
+        if not disk_full(err):
             raise
         if D.is_main():
             shutil.rmtree(folder, ignore_errors=True)  # ours, incomplete: give the space back
@@ -183,15 +183,6 @@ def _write_files(engine, ckpt_dir: Path, tag: str, write_extra) -> None:
         (folder / MOE_LAYOUT).write_text(json.dumps(moe_layout(engine.module)))
     if os.environ.get("MMOE_TEST_DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
         torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, folder / f"state-rank{D.rank()}.pt")
-
-
-def _disk_full(err: BaseException) -> bool:
-    """ENOSPC, or what torch.save makes of it: "[enforce fail at inline_container.cc] unexpected pos"
-    or "file write failed" (a RuntimeError that names no errno)."""
-    if isinstance(err, OSError):
-        return err.errno == errno.ENOSPC
-    text = str(err)
-    return "unexpected pos" in text or "file write failed" in text or "No space left" in text
 
 
 def _sha256(path: Path) -> str:

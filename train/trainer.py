@@ -4,6 +4,7 @@ stopping on MRR, resumable checkpoints, best-model export, test evaluation and l
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from core.cli import disk_full
 from data_shards.collate import load_tokenizer
 from data_shards.store import ShardError
 from data_shards.stream import TrainStream, load_manifest, make_loader
@@ -571,7 +573,7 @@ class Trainer:
         st.evals.append({"step": st.step, "epoch": st.epoch, "MRR": m["MRR"], "H@1": m["H@1"]})
         if improved:
             st.best_mrr, st.best_step, st.bad_evals = m["MRR"], st.step, 0
-            save_export(self.engine.module, self.cfg, self.run_dir / "best")  # every rank (gathers experts); rank 0 writes
+            self._save_best()
         else:
             st.bad_evals += 1
         D.barrier()
@@ -581,6 +583,20 @@ class Trainer:
         if patience and st.bad_evals >= patience:
             st.stopped_early = True
         return True
+
+    def _save_best(self) -> None:
+        """Export the model to best/ (every rank gathers experts; rank 0 writes). A full disk on rank 0 (the
+        partial best.tmp/ removed, the previous best/ untouched) is raised on every rank as OSError ENOSPC."""
+        full = None
+        try:
+            save_export(self.engine.module, self.cfg, self.run_dir / "best")
+        except OSError as err:
+            if not disk_full(err):
+                raise
+            full = str(err.filename)
+        full = D.from_main(full)  # the other ranks would wait for rank 0 at the next collective
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on device while writing the best model export {full}", full)
 
     def _evaluate_test(self) -> EvalResult | None:
         best = self.run_dir / "best"
