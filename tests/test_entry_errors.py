@@ -236,3 +236,17 @@ def test_an_export_that_fills_the_disk_keeps_the_previous_one(tiny_export, small
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(best)
     assert {p.name: p.read_bytes() for p in best.iterdir()} == before
     assert [p.name for p in best.parent.iterdir()] == ["best"]  # no best.tmp/ left
+
+
+@pytest.mark.parametrize("command_main", [evaluate_main, link_main], ids=["evaluate", "link"])
+def test_a_kb_cache_that_fills_the_disk_is_skipped_with_a_warning(command_main, tiny_export, tmp_path, small_disk,
+                                                                  capsys):
+    size = sum(p.stat().st_size for p in tiny_export.iterdir())
+    best = small_disk(size // 1024 + 64) / "best"  # the export fits, its KB cache (about 300 KiB) does not
+    shutil.copytree(tiny_export, best)
+    args = {evaluate_main: ["--out", str(tmp_path / "res")], link_main: ["--sentence", SENTENCE, "--mention", MENTION]}
+    command_main(["--checkpoint", str(best), *args[command_main]])
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: could not save the KB cache to {re.escape(str(best))}/kb_cache-\w+\.pt \(the disk is "
+                     r"full\); going on without it \(the KB is encoded again next time\)", err), err
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in tiny_export.iterdir())  # no partial file
