@@ -250,3 +250,32 @@ def test_a_kb_cache_that_fills_the_disk_is_skipped_with_a_warning(command_main, 
     assert re.search(rf"warning: could not save the KB cache to {re.escape(str(best))}/kb_cache-\w+\.pt \(the disk is "
                      r"full\); going on without it \(the KB is encoded again next time\)", err), err
     assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in tiny_export.iterdir())  # no partial file
+
+
+def test_an_export_replaces_only_an_empty_folder_or_an_export(tiny_export, tmp_path):
+    from model.export import ExportTargetError, load_export, save_export
+
+    model, cfg = load_export(tiny_export)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "kb_entity.json").write_text("{}")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / EXPORT_CONFIG).write_text("mine: 1\n")  # an export's file name alone is not an export
+    for folder, shown in ((data, "images/, kb_entity.json"), (tmp_path / "configs", EXPORT_CONFIG)):
+        with pytest.raises(ExportTargetError) as info:
+            save_export(model, cfg, folder)
+        assert str(info.value) == (f"{folder} is not empty and is not a model export ({shown}): exporting would replace "
+                                   "it; choose a new or empty folder for the export (nothing was written)")
+    assert sorted(p.name for p in data.iterdir()) == ["images", "kb_entity.json"]
+    assert (tmp_path / "configs" / EXPORT_CONFIG).read_text() == "mine: 1\n"
+    best = tmp_path / "best"
+    shutil.copytree(tiny_export, best)  # an export, with what eval.evaluate writes next to it: replaced
+    (best / "kb_cache-0123456789abcdef.pt").write_bytes(b"cache")
+    (best / "results-test.json").write_text("{}")
+    save_export(model, cfg, best)
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in tiny_export.iterdir())
+    (tmp_path / "best.old").mkdir()  # a sibling the swap would use
+    (tmp_path / "best.old" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportTargetError, match=f"^{tmp_path / 'best.old'} is not empty and is not a model export"):
+        save_export(model, cfg, best)
+    assert (tmp_path / "best.old" / "notes.txt").read_text() == "mine"

@@ -214,3 +214,18 @@ def test_a_checkpoint_export_that_fills_the_disk_says_so_and_leaves_nothing(fini
     assert proc.stderr.strip() == (f"error: the disk is full (no space left on device writing {disk / 'exp'}): free "
                                    "space, or export elsewhere")
     assert list(disk.iterdir()) == []
+
+
+def test_a_checkpoint_export_refuses_a_folder_that_is_not_an_export(finished_run, tmp_path):
+    checkpoint = next((finished_run / "checkpoints").glob("step-*"))
+    data = tmp_path / "dataset"
+    (data / "images").mkdir(parents=True)
+    (data / "kb_entity.json").write_text("{}")
+    proc = export_command(checkpoint, data)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: {data} is not empty and is not a model export (images/, kb_entity.json): "
+                                   "exporting would replace it; choose a new or empty folder for the export (nothing "
+                                   "was written)")
+    assert sorted(p.name for p in data.iterdir()) == ["images", "kb_entity.json"]
+    for _ in range(2):  # a new folder, then the export written there: replaced
+        assert export_command(checkpoint, tmp_path / "exp").returncode == 0

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         out = export_checkpoint(a.checkpoint, a.out, a.config)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
     except OSError as err:
         line = disk_full_line(err, a.out, then="free space, or export elsewhere")

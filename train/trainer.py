@@ -28,7 +28,7 @@ from eval.encode import Interrupted
 from eval.evaluate import EvalResult, evaluate_split, manifest_hash, one_line, write_outputs
 from model import distributed as D
 from model.config import Config, save_config
-from model.export import load_export, recover_export, save_export
+from model.export import ExportTargetError, load_export, recover_export, save_export
 from model.factory import make_collator, resolve_tokenizer
 from model.mmoe import BATCH_KEYS, MMoEModel, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
@@ -586,17 +586,21 @@ class Trainer:
 
     def _save_best(self) -> None:
         """Export the model to best/ (every rank gathers experts; rank 0 writes). A full disk on rank 0 (the
-        partial best.tmp/ removed, the previous best/ untouched) is raised on every rank as OSError ENOSPC."""
-        full = None
+        partial best.tmp/ removed, the previous best/ untouched) is raised on every rank as OSError ENOSPC; a
+        best/ holding someone else's files, as RunSetupError."""
+        failure = None
         try:
             save_export(self.engine.module, self.cfg, self.run_dir / "best")
         except OSError as err:
-            if not disk_full(err):
+            if not (disk_full(err) or isinstance(err, ExportTargetError)):
                 raise
-            full = str(err.filename)
-        full = D.from_main(full)  # the other ranks would wait for rank 0 at the next collective
-        if full:
-            raise OSError(errno.ENOSPC, f"no space left on device while writing the best model export {full}", full)
+            failure = ("full", str(err.filename)) if disk_full(err) else ("refused", str(err))
+        failure = D.from_main(failure)  # the other ranks would wait for rank 0 at the next collective
+        if failure and failure[0] == "full":
+            raise OSError(errno.ENOSPC, f"no space left on device while writing the best model export {failure[1]}",
+                          failure[1])
+        if failure:
+            raise RunSetupError(failure[1])
 
     def _evaluate_test(self) -> EvalResult | None:
         best = self.run_dir / "best"
