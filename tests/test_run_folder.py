@@ -229,3 +229,33 @@ def test_a_checkpoint_export_refuses_a_folder_that_is_not_an_export(finished_run
     assert sorted(p.name for p in data.iterdir()) == ["images", "kb_entity.json"]
     for _ in range(2):  # a new folder, then the export written there: replaced
         assert export_command(checkpoint, tmp_path / "exp").returncode == 0
+
+
+def test_resume_auto_without_checkpoints_does_not_restart_over_a_trained_run(finished_run, tiny_shards, tmp_path):
+    run = tmp_path / "done"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "checkpoints")  # deleted to save space; best/ and the results stay
+    before = {name: (run / name).read_bytes() for name in ("best/model.safetensors", "metrics.jsonl", "results-test.json")}
+    proc = train(BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=done", "--resume", "auto"], tmp_path,
+                 tiny_shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {run} holds a trained run (best/, leaderboard-test.md, per_mention-test.jsonl, results-test.json) but "
+        "no complete checkpoint to continue: a fresh run would overwrite it. Choose another train.run_name, or pass "
+        "--overwrite to move its contents aside to done.replaced-<time>/")
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_run_refused_before_training_leaves_nothing_that_refuses_the_same_fresh_run(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    dev = sorted((shards / "dev").glob("*.tar"))[0]
+    data = bytearray(dev.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dev.write_bytes(bytes(data))
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=again"]
+    assert train(args, tmp_path, shards).returncode != 0  # refused by the shard check, before any step
+    assert (tmp_path / "again" / "run.json").is_file()
+    proc = train(args, tmp_path, tiny_shards)  # the same fresh command, once the shards are good
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(losses(tmp_path / "again")) == [1, 2]
