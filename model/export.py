@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from core.cli import disk_full
+from core.typed_config import load_yaml, missing_keys
 from data_shards.collate import load_tokenizer
 from data_shards.identity import IDENTITY_FILE, check_identity, write_identity
 from model import distributed as D
@@ -206,10 +207,22 @@ def _export_cfg(path: Path) -> Config:
     if not file.is_file():
         raise ExportError(f"{path} holds {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}: the export is incomplete; {REEXPORT}")
     try:
-        return export_config(load_config(file))  # exports hold the local layout
-    except ConfigError as err:  # garbled YAML or text, or keys and values this code does not accept
+        data = load_yaml(file)
+        cfg = build(Config, data)
+        check_every_key(file, data)
+        return export_config(cfg)  # exports hold the local layout
+    except ConfigError as err:  # garbled YAML or text, keys and values this code does not accept, keys missing
         named = str(err) if str(err).startswith(str(file)) else f"{file}: {err}"
         raise ExportError(f"{named}; the export config is damaged or from another version: {REEXPORT}") from None
+
+
+def check_every_key(file: Path, data: dict) -> None:
+    """ConfigError naming the first keys ``data`` lacks: save_export writes every key, so a missing one is a
+    truncated or edited file, whose defaults would silently change the model or its evaluation."""
+    missing = missing_keys(Config, data)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(f"{file} lacks {', '.join(missing[:3])}{more} (an export's config lists every key)")
 
 
 def _export_weights(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:

@@ -113,6 +113,21 @@ def test_a_garbled_export_config_is_named_in_one_line(export_copy, garbage, prob
         assert re.match(rf"error: {config}:? {problem}.*restore it, or export the run again", line), line
 
 
+@pytest.mark.parametrize("keep, first", [(0, "model, loss, data"), (None, "model.matcher.moe.top_k")],
+                         ids=["empty", "cut before top_k"])
+def test_a_truncated_export_config_names_the_file_and_the_first_missing_keys(export_copy, keep, first):
+    config = export_copy / EXPORT_CONFIG
+    lines = config.read_text().splitlines(keepends=True)
+    if keep is None:  # cut just before the MoE's top_k: still valid YAML, whose defaults would change the ranking
+        keep = next(i for i, line in enumerate(lines) if line.strip().startswith("top_k:"))
+    config.write_text("".join(lines[:keep]))
+    for main, extra in ((evaluate_main, []), (link_main, ["--sentence", SENTENCE, "--mention", MENTION])):
+        line = exit_line(main, ["--checkpoint", str(export_copy), *extra])
+        assert line.startswith(f"error: {config} lacks {first}") and " more (an export's config lists every key); " in line
+        assert line.endswith("the export config is damaged or from another version: restore it, or export the run again "
+                             "(python -m train.checkpointing export runs/NAME/checkpoints/step-N OUT)"), line
+
+
 def test_a_pickle_posing_as_the_weights_is_refused_and_never_run(export_copy, tmp_path):
     marker = tmp_path / "pwned"
 
