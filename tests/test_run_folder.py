@@ -259,3 +259,16 @@ def test_a_run_refused_before_training_leaves_nothing_that_refuses_the_same_fres
     proc = train(args, tmp_path, tiny_shards)  # the same fresh command, once the shards are good
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(losses(tmp_path / "again")) == [1, 2]
+
+
+def test_exporting_with_another_model_setting_than_the_trained_one_names_the_key(finished_run, tmp_path):
+    checkpoint = next((finished_run / "checkpoints").glob("step-*"))
+    other = tmp_path / "other.yaml"
+    other.write_text((finished_run / "config.yaml").read_text().replace("top_k: 2", "top_k: 1", 1))
+    assert other.read_text() != (finished_run / "config.yaml").read_text()
+    proc = export_command(checkpoint, tmp_path / "out", "--config", other)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: {other} has other model settings than {checkpoint} was trained with "
+                                   "(model.matcher.moe.top_k 2 -> 1): the export would carry a model that was not "
+                                   "trained; pass the run's own config.yaml with --config")
+    assert not (tmp_path / "out").exists()

@@ -322,6 +322,25 @@ def load_weights_only(path: Path) -> Any:
         raise ValueError(f"{path} is not a readable torch checkpoint file ({str(err).splitlines()[0][:160]})") from None
 
 
+def check_trained_settings(folder: Path, cfg, config: Path) -> None:
+    """ValueError naming the model settings of ``config`` that differ from those ``folder`` was trained with
+    (its complete.json's record, else the run's config.yaml): weights of the same shapes would load, and the
+    export would carry a model that was not trained (another top_k, gate, units)."""
+    from train.checkpoint_manager import changed_settings, fixed_settings  # it imports this module
+
+    try:
+        trained = json.loads((folder / COMPLETE).read_text()).get("fixed")
+    except (OSError, ValueError, AttributeError):
+        trained = None
+    run_config = folder.parent.parent / "config.yaml"
+    if trained is None and run_config.is_file():
+        trained = fixed_settings(load_config(run_config))
+    changed = [c for c in changed_settings(trained or {}, fixed_settings(cfg)) if c.startswith("model.")]
+    if changed:
+        raise ValueError(f"{config} has other model settings than {folder} was trained with ({'; '.join(changed)}): the "
+                         "export would carry a model that was not trained; pass the run's own config.yaml with --config")
+
+
 def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
     """Write a one-process export (local layout, ``model.export.save_export``) from a checkpoint of
     either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert
@@ -345,6 +364,7 @@ def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Pat
     except RuntimeError as err:  # another model's sizes: torch lists every mismatching tensor
         raise ValueError(f"the weights of {folder} do not fit {config} ({str(err).splitlines()[-1].strip()[:200]}): "
                          "pass the run's own config.yaml with --config") from None
+    check_trained_settings(folder, cfg, config)  # after the sizes, which torch names tensor by tensor
     return save_export(model, cfg, out_dir)
 
 
