@@ -272,3 +272,14 @@ def test_exporting_with_another_model_setting_than_the_trained_one_names_the_key
                                    "(model.matcher.moe.top_k 2 -> 1): the export would carry a model that was not "
                                    "trained; pass the run's own config.yaml with --config")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_full_at_the_first_checkpoint_says_none_was_written(tiny_shards, small_disk):
+    disk = small_disk(1000)  # the first checkpoint (about 1.3 MiB) does not fit
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.save_every_steps=2", "--set", "train.run_name=nock"]
+    proc = train(args, disk, tiny_shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the disk is full (no space left on device writing {disk / 'nock' / 'checkpoints' / 'step-0000002'}): "
+        "free space; no complete checkpoint was written yet: start the run again, with --overwrite to move what it "
+        "wrote aside")
