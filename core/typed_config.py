@@ -105,6 +105,20 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def missing_keys(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys of dataclass ``cls`` (nested sections included, in field order) that ``data`` does not give,
+    which :func:`build` fills with defaults; the keys inside a dict-typed field are the field's own."""
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.name not in data:
+            missing.append(key)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(data[f.name], dict):
+            missing += missing_keys(hints[f.name], data[f.name], key + ".")
+    return missing
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

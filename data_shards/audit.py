@@ -50,6 +50,7 @@ from data_shards.dme.candidates import normalise
 from data_shards.reader import SPLITS, DatasetLayout
 
 COMMAND = "data_shards.audit"  # marks the clean copies it writes (reader.claim_output_folder)
+REPORT = "audit_report.json"  # in the dataset folder (the default --report) and in a clean copy
 HASH_BITS = 256
 # Of 256 bits. On the synthetic demo, a resized and re-encoded copy of a KB image moves the hash by 0-20 bits
 # (99% <= 18), while a separate noisy render of the same object sits >= 22 bits from the gold's images and
@@ -323,7 +324,7 @@ def write_clean(root: Path, lay: DatasetLayout, out: Path, leaks: dict[tuple[str
     split_names = {reader.split_path(root, lay, sp).name for sp in SPLITS}
     families = {f"{p}_{sp}.json" for p, found in reader.split_families(root).items() for sp in found}
     for entry in sorted(root.iterdir()):
-        if entry.name in split_names or entry.name in families or entry.name == "audit_report.json":
+        if entry.name in split_names or entry.name in families or entry.name == REPORT:
             continue
         if entry.resolve() == out.resolve():  # OUT inside the dataset folder: never copied into itself
             continue
@@ -358,8 +359,35 @@ def write_clean(root: Path, lay: DatasetLayout, out: Path, leaks: dict[tuple[str
                                                        if clean_desc else ""),
              "dropped": {sp: len(v) for sp, v in dropped.items()}, "descriptions_emptied": dict(emptied),
              "dropped_mentions": dropped}
-    (out / "audit_report.json").write_text(json.dumps(report | {"clean": clean}, indent=1, ensure_ascii=False))
+    (out / REPORT).write_text(json.dumps(report | {"clean": clean}, indent=1, ensure_ascii=False))
     return clean
+
+
+REPORT_KEYS = ("dataset", "root", "entities", "splits", "duplicates", "images")  # what audit() reports, first
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` holds a report this command wrote (the JSON object of :func:`audit`)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in REPORT_KEYS)
+
+
+def check_report_path(report: Path, root: Path) -> None:
+    """FileExistsError unless ``report`` may be written: a new file or an earlier report of this command, and
+    inside the dataset folder only ROOT/audit_report.json (another name there may be read as part of the
+    dataset, or be one of its files)."""
+    inside = Path(root).resolve() in report.resolve().parents
+    if inside and report.resolve() != (Path(root) / REPORT).resolve():
+        raise FileExistsError(f"{report} lies in the dataset folder {root}: the audit writes its report there only as "
+                              f"{REPORT}; choose that name or a file outside the dataset (nothing was written)")
+    if report.is_dir():
+        raise FileExistsError(f"{report} is a folder: --report names the report's JSON file (nothing was written)")
+    if report.exists() and not is_report(report):
+        raise FileExistsError(f"{report} exists and is not a report of {COMMAND}: choose a new file for --report "
+                              "(nothing was written)")
 
 
 def main(argv: Iterable[str] | None = None) -> None:
@@ -368,7 +396,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     p.add_argument("--dataset", default="auto", help="a known dataset or auto (the one <prefix>_{train,dev,test}.json family)")
     p.add_argument("--split-files", default=None, metavar="PATTERN", help="split file names, e.g. 'MyArt_{split}.json'")
     p.add_argument("--dataset-name", default=None)
-    p.add_argument("--report", type=Path, default=None, help="report JSON (default: ROOT/audit_report.json)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="report JSON (default: ROOT/audit_report.json): a new file or an earlier report")
     p.add_argument("--hash-threshold", type=int, default=DEFAULT_THRESHOLD,
                    help=f"largest pHash Hamming distance (of {HASH_BITS} bits) that counts as near-identical")
     p.add_argument("--seed", type=int, default=0, help="seed of the control comparison's random entities")
@@ -383,6 +412,8 @@ def main(argv: Iterable[str] | None = None) -> None:
         sys.exit(f"error: --hash-threshold must lie in 0..{HASH_BITS - 1}")
     try:
         lay = reader.resolve_layout(a.dataset, a.root, a.split_files, a.dataset_name)
+        report_path = a.report or a.root / REPORT
+        check_report_path(report_path, a.root)
         if a.write_clean:  # before the audit's minutes of image hashing
             reader.check_output_folder(a.write_clean, COMMAND)
         report, leaks, copied = audit(a.root, lay, a.hash_threshold, a.seed, progress=not a.quiet,
@@ -396,7 +427,6 @@ def main(argv: Iterable[str] | None = None) -> None:
         if line is None:
             raise
         sys.exit(line)
-    report_path = a.report or a.root / "audit_report.json"
     report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print(summary(report))
     print(f"report: {report_path}")

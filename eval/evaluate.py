@@ -81,13 +81,7 @@ def kb_cache_location(checkpoint: str | Path, cfg: Config, device: torch.device)
 
 
 def _save_kb_cache(path: Path, kb: SideCache, key: str) -> bool:
-    try:
-        save_kb_cache(path, kb, key)
-        return True
-    except OSError as err:  # a read-only or full checkpoint folder costs the reuse, not the evaluation
-        print(f"warning: could not save the KB cache to {path} ({err}); it will be encoded again next time",
-              file=sys.stderr)
-        return False
+    return save_kb_cache(path, kb, key, warn=True)  # a read-only or full checkpoint folder costs the reuse only
 
 
 def kb_shard(cfg: Config, model: MMoEModel) -> KBShard | None:

@@ -19,6 +19,7 @@ of another :func:`cache_key`: the caller then encodes the KB again, never scores
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.cli import disk_full
 from data_shards.stream import manifest_hash
 from model.config import CACHE_DTYPES, Config, to_dict
 from model.export import EXPORT_WEIGHTS
@@ -246,10 +248,24 @@ def tensor_digests(data: dict[str, Tensor], threads: int | None = None) -> dict[
     return out
 
 
-def save_kb_cache(path: str | Path, cache: SideCache, key: str) -> None:
+def save_kb_cache(path: str | Path, cache: SideCache, key: str, warn: bool = False) -> bool:
     """Save ``cache`` under ``key`` with the digests of its tensors: written to a temporary name in the
-    same folder, then renamed, so the final name never holds a half-written file."""
-    path = Path(path)
+    same folder, then renamed, so the final name never holds a half-written file. A full disk (torch.save
+    names no errno) is OSError ENOSPC. ``warn``: a file that cannot be written (a read-only or full
+    folder) costs the reuse, not the command: one warning line on stderr, and False."""
+    try:
+        _save_kb_cache_file(Path(path), cache, key)
+        return True
+    except OSError as err:
+        if not warn:
+            raise
+        why = "the disk is full" if disk_full(err) else (err.strerror or str(err))
+        print(f"warning: could not save the KB cache to {path} ({why}); going on without it (the KB is encoded "
+              "again next time)", file=sys.stderr)
+        return False
+
+
+def _save_kb_cache_file(path: Path, cache: SideCache, key: str) -> None:
     data = {SIDE + k: v.detach().cpu().contiguous() for k, v in cache.tensors.items()}
     data.update({META + "version": torch.tensor(CACHE_VERSION), META + "key": _text(key),
                  META + "rows": torch.tensor(len(cache), dtype=torch.int64), META + "dtype": _text(cache_dtype_of(cache))})
@@ -258,6 +274,10 @@ def save_kb_cache(path: str | Path, cache: SideCache, key: str) -> None:
     try:
         torch.save(data, tmp)
         os.replace(tmp, path)
+    except RuntimeError as err:
+        if not disk_full(err):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

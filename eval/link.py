@@ -21,7 +21,6 @@ many queries.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +114,8 @@ class Linker:
         cache = encode_kb(self.model, self.shards, self.collator, self.device, batch_size=e.batch_size,
                           num_workers=e.num_workers, bf16=e.bf16, distributed=False, block=block)
         cache = compress(cache, e.cache_dtype)  # CacheValueError (a ValueError) names the key
-        if e.save_kb_cache:
-            try:
-                save_kb_cache(self.cache_file, cache, self.cache_key)
-                self.cache_saved = True
-            except OSError as err:  # a read-only checkpoint folder costs the reuse, not the query
-                print(f"warning: could not save the KB cache to {self.cache_file} ({err})", file=sys.stderr)
+        if e.save_kb_cache:  # a read-only or full checkpoint folder costs the reuse, not the query
+            self.cache_saved = save_kb_cache(self.cache_file, cache, self.cache_key, warn=True)
         return cache
 
     def query_batch(self, sentence: str, mention: str, image: str | Path | None = None, desc: str = "") -> dict:

@@ -86,8 +86,7 @@ def run(a: argparse.Namespace, cfg) -> str | int | None:
         msg = str(err)  # raised in a DataLoader worker: the message holds the worker's traceback, then ours
         return f"data error: {msg.rstrip().rsplit('ShardError: ', 1)[-1] if 'Original Traceback' in msg else msg}"
     except OSError as err:
-        line = disk_full_line(err, cfg.train.out_dir, then="free space; the last complete checkpoint is kept, continue "
-                                                             "with --resume auto")
+        line = disk_full_line(err, cfg.train.out_dir, then=after_full_disk(cfg))
         if line is None:
             raise
         return line
@@ -96,6 +95,14 @@ def run(a: argparse.Namespace, cfg) -> str | int | None:
             raise
         report_peer_failure(err, cfg)
     return None
+
+
+def after_full_disk(cfg) -> str:
+    """What to do after a full disk stopped the run: continue from its last complete checkpoint, if it has one."""
+    last = latest_complete(Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints")
+    if last is not None:
+        return f"free space; the last complete checkpoint ({last.name}) is kept, continue with --resume auto"
+    return "free space; no complete checkpoint was written yet: start the run again, with --overwrite to move what it wrote aside"
 
 
 def report_peer_failure(err: BaseException, cfg) -> None:

@@ -10,8 +10,10 @@ complete export exists at every instant.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,8 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from core.cli import disk_full
+from core.typed_config import load_yaml, missing_keys
 from data_shards.collate import load_tokenizer
-from data_shards.identity import check_identity, write_identity
+from data_shards.identity import IDENTITY_FILE, check_identity, write_identity
 from model import distributed as D
 from model.config import Config, ConfigError, apply_override, build, load_config, save_config, to_dict
 from model.factory import resolve_tokenizer
@@ -30,6 +34,7 @@ from moe.expert_parallel import local_state_dict
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
+EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, IDENTITY_FILE)
 
 
 def export_config(cfg: Config) -> Config:
@@ -56,20 +61,73 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
         return out_dir
     recover_export(out_dir)
     tmp, old = _sibling(out_dir, ".tmp"), _sibling(out_dir, ".old")
+    check_replaceable(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a process killed while writing it
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / EXPORT_WEIGHTS))
-    save_config(export_config(cfg), tmp / EXPORT_CONFIG)
-    write_data_identity(tmp, cfg)
-    if out_dir.exists():
+    _write_export(tmp, state, cfg, out_dir)
+    swapped = out_dir.exists()
+    if swapped:
         out_dir.rename(old)
         if os.environ.get("MMOE_TEST_KILL_IN_EXPORT_SWAP"):  # fault injection (tests): die between the renames
             os.kill(os.getpid(), 9)
     tmp.rename(out_dir)
-    if old.exists():
+    if swapped:
         shutil.rmtree(old)
     return out_dir
+
+
+class ExportTargetError(FileExistsError):
+    """The folder an export would replace holds something else than an export (the message names what)."""
+
+
+# What the evaluation commands write into an export folder, about its weights (eval/kb_cache.py cache_path and its
+# temporary name; eval/evaluate.py write_outputs, whose default --out is the export): replaced with the export.
+_COMPANIONS = re.compile(r"\.?kb_cache-[0-9a-f]+(\.rows\d+-\d+)?\.pt(\.tmp\d+)?|results-[\w.-]+\.json|"
+                         r"per_mention-[\w.-]+\.jsonl|leaderboard-[\w.-]+\.md")
+
+
+def _foreign(folder: Path, partial: bool = False) -> list[str]:
+    """What in ``folder`` is not part of an export of this project ([] for an export or an empty folder).
+    A complete export holds its weights and config; ``partial`` (one being written): its weights at least."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not entries:
+        return []
+    foreign = [n for n in entries if n not in EXPORT_FILES and not _COMPANIONS.fullmatch(n)]
+    needed = [EXPORT_WEIGHTS] if partial else [EXPORT_WEIGHTS, EXPORT_CONFIG]
+    return foreign or ([] if set(needed) <= set(entries) else entries)
+
+
+def check_replaceable(out_dir: str | Path) -> None:
+    """ExportTargetError unless ``out_dir`` and the siblings :func:`save_export` uses (``NAME.tmp/``, ``NAME.old/``)
+    are absent, empty or exports of this project: an export never replaces anyone else's files."""
+    out_dir = Path(out_dir)
+    for folder, partial in ((out_dir, False), (_sibling(out_dir, ".tmp"), True), (_sibling(out_dir, ".old"), False)):
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            raise ExportTargetError(f"{folder} exists and is not a folder: choose another folder for the export "
+                                    "(nothing was written)")
+        there = _foreign(folder, partial)
+        if there:
+            shown = ", ".join(there[:6]) + (f" and {len(there) - 6} more" if len(there) > 6 else "")
+            raise ExportTargetError(f"{folder} is not empty and is not a model export ({shown}): exporting would "
+                                    "replace it; choose a new or empty folder for the export (nothing was written)")
+
+
+def _write_export(tmp: Path, state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> None:
+    """The export's files in ``tmp``; on any failure ``tmp`` is removed. A full disk (safetensors names no
+    errno) is raised as OSError ENOSPC naming ``out_dir``, whose previous export is untouched."""
+    try:
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / EXPORT_WEIGHTS))
+        save_config(export_config(cfg), tmp / EXPORT_CONFIG)
+        write_data_identity(tmp, cfg)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not disk_full(err):
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on device while writing the export {out_dir} (the partial "
+                      f"{tmp.name}/ was removed; the previous export is untouched)", str(out_dir)) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,13 +163,13 @@ def recover_export(out_dir: str | Path) -> None:
     ``best/`` again (the export the last checkpoint knows); beside a complete ``best/`` it is removed."""
     out_dir = Path(out_dir)
     old = _sibling(out_dir, ".old")
-    if not old.is_dir():
-        return
+    if not old.is_dir() or old.is_symlink() or _foreign(old):
+        return  # not an export left by the swap: check_replaceable names it
     if (out_dir / EXPORT_WEIGHTS).is_file():
         shutil.rmtree(old)
-    else:
+    elif not out_dir.exists() or (out_dir.is_dir() and not out_dir.is_symlink() and not _foreign(out_dir)):
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            shutil.rmtree(out_dir)  # empty
         old.rename(out_dir)
 
 
@@ -149,10 +207,22 @@ def _export_cfg(path: Path) -> Config:
     if not file.is_file():
         raise ExportError(f"{path} holds {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}: the export is incomplete; {REEXPORT}")
     try:
-        return export_config(load_config(file))  # exports hold the local layout
-    except ConfigError as err:  # garbled YAML or text, or keys and values this code does not accept
+        data = load_yaml(file)
+        cfg = build(Config, data)
+        check_every_key(file, data)
+        return export_config(cfg)  # exports hold the local layout
+    except ConfigError as err:  # garbled YAML or text, keys and values this code does not accept, keys missing
         named = str(err) if str(err).startswith(str(file)) else f"{file}: {err}"
         raise ExportError(f"{named}; the export config is damaged or from another version: {REEXPORT}") from None
+
+
+def check_every_key(file: Path, data: dict) -> None:
+    """ConfigError naming the first keys ``data`` lacks: save_export writes every key, so a missing one is a
+    truncated or edited file, whose defaults would silently change the model or its evaluation."""
+    missing = missing_keys(Config, data)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(f"{file} lacks {', '.join(missing[:3])}{more} (an export's config lists every key)")
 
 
 def _export_weights(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:

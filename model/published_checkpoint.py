@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from core.cli import disk_full_line
 from data_shards.collate import load_tokenizer
 from model.config import ConfigError, load_config
 from model.export import save_export
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out, dropped = import_checkpoint(a.checkpoint, a.config, a.out, a.compat, a.overrides)
     except (ConfigError, PublishedWeightsError, FileNotFoundError, ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit(disk_full_line(err, a.out, then="free space, or write the export elsewhere (--out)") or f"error: {err}")
     print(f"wrote {out} (compat: {a.compat}); published keys not used: {dropped or 'none'}")
 
 

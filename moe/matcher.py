@@ -49,6 +49,9 @@ class MatcherSettings:
         if self.cross_gate not in CROSS_GATES:
             raise ConfigError(f"model.matcher.cross_gate: expected one of {CROSS_GATES}, got {self.cross_gate!r}")
         self.enabled()
+        # A unit not listed is on: every unit spelled out, so an override of one (units.cross=false, which replaces
+        # the whole mapping) changes only that key in the saved config and in a resume's comparison.
+        self.units = {u: self.units.get(u, True) for u in UNITS}
 
     @property
     def published(self) -> bool:

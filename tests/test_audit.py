@@ -161,3 +161,24 @@ def test_write_clean_writes_only_into_a_new_empty_or_own_folder(planted, tmp_pat
     main(args + [str(out), "--clean-desc"])  # its own folder: replaced (the image links unlinked, not followed)
     assert (out / "kb_image").is_symlink() and any((root / "kb_image").iterdir()) and not (out / "clean").exists()
     assert json.loads((out / "audit_report.json").read_text())["clean"]["descriptions_emptied"] == {"dev": 1}
+
+
+def test_the_report_replaces_only_an_earlier_report_and_stays_out_of_the_dataset(tiny_raw, tmp_path):
+    kb = tiny_raw / "kb_entity.json"
+    kb_bytes = kb.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for path, message in ((kb, f"{kb} lies in the dataset folder {tiny_raw}: the audit writes its report there only "
+                               "as audit_report.json; choose that name or a file outside the dataset (nothing was written)"),
+                          (tiny_raw / "other.json", f"{tiny_raw / 'other.json'} lies in the dataset folder"),
+                          (notes, f"{notes} exists and is not a report of data_shards.audit: choose a new file for "
+                                  "--report (nothing was written)"),
+                          (tmp_path, f"{tmp_path} is a folder")):
+        with pytest.raises(SystemExit) as info:
+            main(["--root", str(tiny_raw), "--report", str(path), "--quiet"])
+        assert str(info.value.code).startswith(f"error: {message}"), info.value.code
+    assert kb.read_bytes() == kb_bytes and notes.read_text() == "mine" and not (tiny_raw / "other.json").exists()
+    report = tmp_path / "report.json"
+    for _ in range(2):  # a new file, then the report written there
+        main(["--root", str(tiny_raw), "--report", str(report), "--quiet"])
+    assert json.loads(report.read_text())["entities"] == len(json.loads(kb_bytes))

@@ -4,6 +4,7 @@ UTF-8, and a disk that fills (a real, small tmpfs)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -110,6 +111,21 @@ def test_a_garbled_export_config_is_named_in_one_line(export_copy, garbage, prob
     for main, extra in ((evaluate_main, []), (link_main, ["--sentence", SENTENCE, "--mention", MENTION])):
         line = exit_line(main, ["--checkpoint", str(export_copy), *extra])
         assert re.match(rf"error: {config}:? {problem}.*restore it, or export the run again", line), line
+
+
+@pytest.mark.parametrize("keep, first", [(0, "model, loss, data"), (None, "model.matcher.moe.top_k")],
+                         ids=["empty", "cut before top_k"])
+def test_a_truncated_export_config_names_the_file_and_the_first_missing_keys(export_copy, keep, first):
+    config = export_copy / EXPORT_CONFIG
+    lines = config.read_text().splitlines(keepends=True)
+    if keep is None:  # cut just before the MoE's top_k: still valid YAML, whose defaults would change the ranking
+        keep = next(i for i, line in enumerate(lines) if line.strip().startswith("top_k:"))
+    config.write_text("".join(lines[:keep]))
+    for main, extra in ((evaluate_main, []), (link_main, ["--sentence", SENTENCE, "--mention", MENTION])):
+        line = exit_line(main, ["--checkpoint", str(export_copy), *extra])
+        assert line.startswith(f"error: {config} lacks {first}") and " more (an export's config lists every key); " in line
+        assert line.endswith("the export config is damaged or from another version: restore it, or export the run again "
+                             "(python -m train.checkpointing export runs/NAME/checkpoints/step-N OUT)"), line
 
 
 def test_a_pickle_posing_as_the_weights_is_refused_and_never_run(export_copy, tmp_path):
@@ -220,3 +236,61 @@ def test_weights_of_another_shape_than_the_config_are_named_in_one_line(export_c
     assert line.startswith(f"error: {export_copy / EXPORT_WEIGHTS} does not fit {config} (") and "size mismatch" in line
     assert line.endswith("restore it, or export the run again (python -m train.checkpointing export "
                          "runs/NAME/checkpoints/step-N OUT)")
+
+
+def test_an_export_that_fills_the_disk_keeps_the_previous_one(tiny_export, small_disk):
+    from model.export import load_export, save_export
+
+    size = sum(p.stat().st_size for p in tiny_export.iterdir())
+    best = small_disk(size * 3 // 2 // 1024 + 16) / "best"  # room for one export, not for a second beside it
+    shutil.copytree(tiny_export, best)
+    before = {p.name: p.read_bytes() for p in best.iterdir()}
+    model, cfg = load_export(tiny_export)
+    with pytest.raises(OSError) as info:
+        save_export(model, cfg, best)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(best)
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == before
+    assert [p.name for p in best.parent.iterdir()] == ["best"]  # no best.tmp/ left
+
+
+@pytest.mark.parametrize("command_main", [evaluate_main, link_main], ids=["evaluate", "link"])
+def test_a_kb_cache_that_fills_the_disk_is_skipped_with_a_warning(command_main, tiny_export, tmp_path, small_disk,
+                                                                  capsys):
+    size = sum(p.stat().st_size for p in tiny_export.iterdir())
+    best = small_disk(size // 1024 + 64) / "best"  # the export fits, its KB cache (about 300 KiB) does not
+    shutil.copytree(tiny_export, best)
+    args = {evaluate_main: ["--out", str(tmp_path / "res")], link_main: ["--sentence", SENTENCE, "--mention", MENTION]}
+    command_main(["--checkpoint", str(best), *args[command_main]])
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: could not save the KB cache to {re.escape(str(best))}/kb_cache-\w+\.pt \(the disk is "
+                     r"full\); going on without it \(the KB is encoded again next time\)", err), err
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in tiny_export.iterdir())  # no partial file
+
+
+def test_an_export_replaces_only_an_empty_folder_or_an_export(tiny_export, tmp_path):
+    from model.export import ExportTargetError, load_export, save_export
+
+    model, cfg = load_export(tiny_export)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "kb_entity.json").write_text("{}")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / EXPORT_CONFIG).write_text("mine: 1\n")  # an export's file name alone is not an export
+    for folder, shown in ((data, "images/, kb_entity.json"), (tmp_path / "configs", EXPORT_CONFIG)):
+        with pytest.raises(ExportTargetError) as info:
+            save_export(model, cfg, folder)
+        assert str(info.value) == (f"{folder} is not empty and is not a model export ({shown}): exporting would replace "
+                                   "it; choose a new or empty folder for the export (nothing was written)")
+    assert sorted(p.name for p in data.iterdir()) == ["images", "kb_entity.json"]
+    assert (tmp_path / "configs" / EXPORT_CONFIG).read_text() == "mine: 1\n"
+    best = tmp_path / "best"
+    shutil.copytree(tiny_export, best)  # an export, with what eval.evaluate writes next to it: replaced
+    (best / "kb_cache-0123456789abcdef.pt").write_bytes(b"cache")
+    (best / "results-test.json").write_text("{}")
+    save_export(model, cfg, best)
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in tiny_export.iterdir())
+    (tmp_path / "best.old").mkdir()  # a sibling the swap would use
+    (tmp_path / "best.old" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportTargetError, match=f"^{tmp_path / 'best.old'} is not empty and is not a model export"):
+        save_export(model, cfg, best)
+    assert (tmp_path / "best.old" / "notes.txt").read_text() == "mine"

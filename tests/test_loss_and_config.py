@@ -89,6 +89,17 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     assert load_config(path).loss.aux_coef == 1.0
 
 
+def test_switching_one_unit_off_changes_only_its_key_for_a_resume(tmp_path):
+    from train.checkpoint_manager import fixed_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  matcher:\n    hidden: 16\n")  # no units listed, as in launch/configs
+    before, after = (fixed_settings(load_config(config, extra)) for extra in ([], ["model.matcher.units.cross=false"]))
+    assert [k for k in before if before[k] != after.get(k)] == ["model.matcher.units.cross"]
+    assert load_config(config, ["model.matcher.units.cross=false"]).model.matcher.units == {
+        "text": True, "vision": True, "cross": False}
+
+
 def test_config_overrides_parse_yaml_scalars(tmp_path):
     cfg = load_config(None, ["model.matcher.moe.top_k=2", "model.matcher.units.cross=false", "loss.z_coef=0.5"])
     assert cfg.model.matcher.moe.top_k == 2

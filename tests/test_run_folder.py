@@ -21,6 +21,21 @@ from tests.test_trainer import ROOT, losses, train
 from train.run_folder import LOCK, RunFolderError, RunFolderLock
 
 
+@pytest.fixture(scope="module")
+def finished_run(tiny_shards, tmp_path_factory) -> Path:
+    """A finished 2-step run (checkpoint, best/, results-test.json); read-only: copy it before changing it."""
+    out = tmp_path_factory.mktemp("finished")
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.test_at_end=true", "--set", "train.run_name=done"]
+    proc = train(args, out, tiny_shards)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "done"
+
+
+def export_command(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.checkpointing", "export", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
 def hold_lock(run_dir: Path, then: str) -> subprocess.Popen:
     """Another process that takes the lock, then sleeps (``sleep``) or dies without releasing it (``die``)."""
     code = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
@@ -177,3 +192,94 @@ def test_exporting_with_the_config_of_another_model_size_says_so_in_one_line(tin
                            "--config", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"the weights of {checkpoint} do not fit {other} (" in proc.stderr and "--config" in proc.stderr
+
+
+def test_a_disk_that_fills_during_the_best_export_says_so_in_one_line_and_leaves_no_partial_export(
+        tiny_shards, small_disk):
+    disk = small_disk(300)  # the run's small files fit, the tiny export (about 390 KiB) does not
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.eval_every_steps=2", "--set", "train.run_name=fb"]
+    proc = train(args, disk, tiny_shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the disk is full (no space left on device writing {disk / 'fb' / 'best'}): free space; no complete "
+        "checkpoint was written yet: start the run again, with --overwrite to move what it wrote aside")
+    assert not (disk / "fb" / "best.tmp").exists() and not (disk / "fb" / "best").exists()
+
+
+def test_a_checkpoint_export_that_fills_the_disk_says_so_and_leaves_nothing(finished_run, small_disk):
+    disk = small_disk(100)
+    checkpoint = next((finished_run / "checkpoints").glob("step-*"))
+    proc = export_command(checkpoint, disk / "exp")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: the disk is full (no space left on device writing {disk / 'exp'}): free "
+                                   "space, or export elsewhere")
+    assert list(disk.iterdir()) == []
+
+
+def test_a_checkpoint_export_refuses_a_folder_that_is_not_an_export(finished_run, tmp_path):
+    checkpoint = next((finished_run / "checkpoints").glob("step-*"))
+    data = tmp_path / "dataset"
+    (data / "images").mkdir(parents=True)
+    (data / "kb_entity.json").write_text("{}")
+    proc = export_command(checkpoint, data)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: {data} is not empty and is not a model export (images/, kb_entity.json): "
+                                   "exporting would replace it; choose a new or empty folder for the export (nothing "
+                                   "was written)")
+    assert sorted(p.name for p in data.iterdir()) == ["images", "kb_entity.json"]
+    for _ in range(2):  # a new folder, then the export written there: replaced
+        assert export_command(checkpoint, tmp_path / "exp").returncode == 0
+
+
+def test_resume_auto_without_checkpoints_does_not_restart_over_a_trained_run(finished_run, tiny_shards, tmp_path):
+    run = tmp_path / "done"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "checkpoints")  # deleted to save space; best/ and the results stay
+    before = {name: (run / name).read_bytes() for name in ("best/model.safetensors", "metrics.jsonl", "results-test.json")}
+    proc = train(BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=done", "--resume", "auto"], tmp_path,
+                 tiny_shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {run} holds a trained run (best/, leaderboard-test.md, per_mention-test.jsonl, results-test.json) but "
+        "no complete checkpoint to continue: a fresh run would overwrite it. Choose another train.run_name, or pass "
+        "--overwrite to move its contents aside to done.replaced-<time>/")
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_run_refused_before_training_leaves_nothing_that_refuses_the_same_fresh_run(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    dev = sorted((shards / "dev").glob("*.tar"))[0]
+    data = bytearray(dev.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dev.write_bytes(bytes(data))
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.run_name=again"]
+    assert train(args, tmp_path, shards).returncode != 0  # refused by the shard check, before any step
+    assert (tmp_path / "again" / "run.json").is_file()
+    proc = train(args, tmp_path, tiny_shards)  # the same fresh command, once the shards are good
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(losses(tmp_path / "again")) == [1, 2]
+
+
+def test_exporting_with_another_model_setting_than_the_trained_one_names_the_key(finished_run, tmp_path):
+    checkpoint = next((finished_run / "checkpoints").glob("step-*"))
+    other = tmp_path / "other.yaml"
+    other.write_text((finished_run / "config.yaml").read_text().replace("top_k: 2", "top_k: 1", 1))
+    assert other.read_text() != (finished_run / "config.yaml").read_text()
+    proc = export_command(checkpoint, tmp_path / "out", "--config", other)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: {other} has other model settings than {checkpoint} was trained with "
+                                   "(model.matcher.moe.top_k 2 -> 1): the export would carry a model that was not "
+                                   "trained; pass the run's own config.yaml with --config")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_full_at_the_first_checkpoint_says_none_was_written(tiny_shards, small_disk):
+    disk = small_disk(1000)  # the first checkpoint (about 1.3 MiB) does not fit
+    args = BASE + ["--set", "train.max_steps=2", "--set", "train.save_every_steps=2", "--set", "train.run_name=nock"]
+    proc = train(args, disk, tiny_shards)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the disk is full (no space left on device writing {disk / 'nock' / 'checkpoints' / 'step-0000002'}): "
+        "free space; no complete checkpoint was written yet: start the run again, with --overwrite to move what it "
+        "wrote aside")

@@ -59,6 +59,11 @@ def fixed_settings(cfg: Config) -> dict:
     return {**{k: data[k] for k in FIXED_DATA}, **model}
 
 
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """``key old -> new`` for each of the ``saved`` fixed settings (flat, :func:`fixed_settings`) ``now`` changes."""
+    return [f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in saved if now.get(k) != saved[k]]
+
+
 class CheckpointManager:
     def __init__(self, engine, optimizer: torch.optim.Optimizer, stream: TrainStream, cfg: Config, ckpt_dir: Path,
                  console: RankLog, manifest_sha256: str, precision: str, allow_data_change: bool = False,
@@ -231,9 +236,7 @@ class CheckpointManager:
                 raise RunSetupError(f"checkpoint {folder} was written with {key}={was[key]}, this run has "
                                     f"{value}: the data position cannot be continued exactly; use the same setting")
         if "fixed" in saved:  # checkpoints written before the settings were recorded: not checked
-            now_fixed = fixed_settings(self.cfg)
-            changed = [f"{k} {saved['fixed'][k]!r} -> {now_fixed.get(k)!r}" for k in saved["fixed"]
-                       if now_fixed.get(k) != saved["fixed"][k]]
+            changed = changed_settings(saved["fixed"], fixed_settings(self.cfg))
             if changed and not self.allow_config_change:
                 raise RunSetupError(
                     f"checkpoint {folder} was trained with other settings than this run's: {'; '.join(changed)}. These "

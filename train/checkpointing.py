@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.cli import disk_full_line
+from core.cli import disk_full, disk_full_line
 from model import distributed as D
 from model.config import load_config
 from model.export import export_config, save_export
@@ -156,7 +156,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
             tmp.write_text(json.dumps(state, indent=1))
             os.replace(tmp, folder / COMPLETE)
     except (OSError, RuntimeError) as err:
-        if not _disk_full(err):
+        if not disk_full(err):
             raise
         if D.is_main():
             shutil.rmtree(folder, ignore_errors=True)  # ours, incomplete: give the space back
@@ -183,15 +183,6 @@ def _write_files(engine, ckpt_dir: Path, tag: str, write_extra) -> None:
         (folder / MOE_LAYOUT).write_text(json.dumps(moe_layout(engine.module)))
     if os.environ.get("MMOE_TEST_DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
         torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, folder / f"state-rank{D.rank()}.pt")
-
-
-def _disk_full(err: BaseException) -> bool:
-    """ENOSPC, or what torch.save makes of it: "[enforce fail at inline_container.cc] unexpected pos"
-    or "file write failed" (a RuntimeError that names no errno)."""
-    if isinstance(err, OSError):
-        return err.errno == errno.ENOSPC
-    text = str(err)
-    return "unexpected pos" in text or "file write failed" in text or "No space left" in text
 
 
 def _sha256(path: Path) -> str:
@@ -331,6 +322,25 @@ def load_weights_only(path: Path) -> Any:
         raise ValueError(f"{path} is not a readable torch checkpoint file ({str(err).splitlines()[0][:160]})") from None
 
 
+def check_trained_settings(folder: Path, cfg, config: Path) -> None:
+    """ValueError naming the model settings of ``config`` that differ from those ``folder`` was trained with
+    (its complete.json's record, else the run's config.yaml): weights of the same shapes would load, and the
+    export would carry a model that was not trained (another top_k, gate, units)."""
+    from train.checkpoint_manager import changed_settings, fixed_settings  # it imports this module
+
+    try:
+        trained = json.loads((folder / COMPLETE).read_text()).get("fixed")
+    except (OSError, ValueError, AttributeError):
+        trained = None
+    run_config = folder.parent.parent / "config.yaml"
+    if trained is None and run_config.is_file():
+        trained = fixed_settings(load_config(run_config))
+    changed = [c for c in changed_settings(trained or {}, fixed_settings(cfg)) if c.startswith("model.")]
+    if changed:
+        raise ValueError(f"{config} has other model settings than {folder} was trained with ({'; '.join(changed)}): the "
+                         "export would carry a model that was not trained; pass the run's own config.yaml with --config")
+
+
 def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
     """Write a one-process export (local layout, ``model.export.save_export``) from a checkpoint of
     either backend and any ep_size, without DeepSpeed or a process group: DeepSpeed's non-expert
@@ -354,6 +364,7 @@ def export_checkpoint(folder: str | Path, out_dir: str | Path, config: str | Pat
     except RuntimeError as err:  # another model's sizes: torch lists every mismatching tensor
         raise ValueError(f"the weights of {folder} do not fit {config} ({str(err).splitlines()[-1].strip()[:200]}): "
                          "pass the run's own config.yaml with --config") from None
+    check_trained_settings(folder, cfg, config)  # after the sizes, which torch names tensor by tensor
     return save_export(model, cfg, out_dir)
 
 
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         out = export_checkpoint(a.checkpoint, a.out, a.config)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
     except OSError as err:
         line = disk_full_line(err, a.out, then="free space, or export elsewhere")

@@ -7,15 +7,17 @@
   another host cannot be checked from here and needs ``--break-lock``. The same lock keeps a re-queued
   cluster job from racing the ranks of its predecessor.
 - **A fresh start** needs an empty (or absent) folder. A folder holding anything else is refused, naming
-  what is there; ``--overwrite`` moves those contents aside to ``NAME.replaced-<time>/`` first. A folder this
-  project made for a run that never finished a checkpoint (marked by ``run.json``) may be started afresh by
-  ``--resume auto``.
+  what is there; ``--overwrite`` moves those contents aside to ``NAME.replaced-<time>/`` first. What a run
+  that never trained left (``run.json``, its config, no metrics rows) counts as empty. A folder this project
+  made for a run that never finished a checkpoint (marked by ``run.json``) may be started afresh by
+  ``--resume auto`` unless it holds what a trained run leaves (``best/``, results).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -116,16 +118,40 @@ def foreign_contents(run_dir: Path) -> list[str]:
     return sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if not p.name.startswith(LOCK))
 
 
+# What a run that never trained leaves (refused at its start, or killed before its first step): its folder counts
+# as empty for a fresh run. metrics.jsonl only without rows, checkpoints/ only empty (the grace write probe's).
+UNTRAINED = (MARKER, "config.yaml", "metrics.jsonl", "checkpoints/")
+# What a trained run leaves besides checkpoints (train/trainer.py; eval/evaluate.py write_outputs): --resume auto
+# that finds no checkpoint must not start afresh over them.
+_TRAINED = re.compile(r"best(\.old|\.tmp)?/|results-.+\.json|per_mention-.+\.jsonl|leaderboard-.+\.md")
+
+
+def never_trained(run_dir: Path, there: list[str]) -> bool:
+    """Whether ``there`` (the folder's contents) is only what a run of this project that never trained wrote."""
+    if MARKER not in there or any(name not in UNTRAINED for name in there):
+        return False
+    metrics, checkpoints = run_dir / "metrics.jsonl", run_dir / "checkpoints"
+    return (not metrics.is_file() or not metrics.read_text(errors="replace").strip()) and (
+        not checkpoints.is_dir() or not any(checkpoints.iterdir()))
+
+
 def prepare_fresh(run_dir: Path, resume: str, overwrite: bool) -> str | None:
     """Rank 0, before a run that loads no checkpoint: refuse a folder with contents (RunFolderError), or move
     them aside with ``overwrite``; returns a message saying so. ``resume`` is ``none`` or ``auto`` (auto found
-    no checkpoint: a folder this project made, marked, may be reused)."""
+    no checkpoint: a folder this project made, marked, may be restarted while it holds nothing a trained run
+    leaves, e.g. a run killed before its first checkpoint)."""
     there = foreign_contents(run_dir)
-    if not there or (resume == "auto" and (run_dir / MARKER).is_file() and not overwrite):
+    if not there or never_trained(run_dir, there):
         return None
+    if resume == "auto" and (run_dir / MARKER).is_file() and not overwrite:
+        trained = [name for name in there if _TRAINED.fullmatch(name)]
+        if not trained:
+            return None
+        raise RunFolderError(f"{run_dir} holds a trained run ({_shown(trained)}) but no complete checkpoint to continue: "
+                             "a fresh run would overwrite it. Choose another train.run_name, or pass --overwrite to "
+                             f"move its contents aside to {run_dir.name}.replaced-<time>/")
     if not overwrite:
-        shown = ", ".join(there[:6]) + (f" and {len(there) - 6} more" if len(there) > 6 else "")
-        raise RunFolderError(f"{run_dir} is not empty ({shown}): a fresh run would overwrite it. Pass --resume auto to "
+        raise RunFolderError(f"{run_dir} is not empty ({_shown(there)}): a fresh run would overwrite it. Pass --resume auto to "
                              "continue the run there, choose another train.run_name, or pass --overwrite to move its "
                              f"contents aside to {run_dir.name}.replaced-<time>/")
     aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -133,6 +159,10 @@ def prepare_fresh(run_dir: Path, resume: str, overwrite: bool) -> str | None:
     for name in there:
         os.rename(run_dir / name.rstrip("/"), aside / name.rstrip("/"))
     return f"--overwrite: moved the earlier contents of {run_dir} to {aside}"
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 def mark(run_dir: Path, run_name: str) -> None:

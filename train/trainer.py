@@ -4,6 +4,7 @@ stopping on MRR, resumable checkpoints, best-model export, test evaluation and l
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from core.cli import disk_full
 from data_shards.collate import load_tokenizer
 from data_shards.store import ShardError
 from data_shards.stream import TrainStream, load_manifest, make_loader
@@ -26,7 +28,7 @@ from eval.encode import Interrupted
 from eval.evaluate import EvalResult, evaluate_split, manifest_hash, one_line, write_outputs
 from model import distributed as D
 from model.config import Config, save_config
-from model.export import load_export, recover_export, save_export
+from model.export import ExportTargetError, load_export, recover_export, save_export
 from model.factory import make_collator, resolve_tokenizer
 from model.mmoe import BATCH_KEYS, MMoEModel, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
@@ -571,7 +573,7 @@ class Trainer:
         st.evals.append({"step": st.step, "epoch": st.epoch, "MRR": m["MRR"], "H@1": m["H@1"]})
         if improved:
             st.best_mrr, st.best_step, st.bad_evals = m["MRR"], st.step, 0
-            save_export(self.engine.module, self.cfg, self.run_dir / "best")  # every rank (gathers experts); rank 0 writes
+            self._save_best()
         else:
             st.bad_evals += 1
         D.barrier()
@@ -581,6 +583,24 @@ class Trainer:
         if patience and st.bad_evals >= patience:
             st.stopped_early = True
         return True
+
+    def _save_best(self) -> None:
+        """Export the model to best/ (every rank gathers experts; rank 0 writes). A full disk on rank 0 (the
+        partial best.tmp/ removed, the previous best/ untouched) is raised on every rank as OSError ENOSPC; a
+        best/ holding someone else's files, as RunSetupError."""
+        failure = None
+        try:
+            save_export(self.engine.module, self.cfg, self.run_dir / "best")
+        except OSError as err:
+            if not (disk_full(err) or isinstance(err, ExportTargetError)):
+                raise
+            failure = ("full", str(err.filename)) if disk_full(err) else ("refused", str(err))
+        failure = D.from_main(failure)  # the other ranks would wait for rank 0 at the next collective
+        if failure and failure[0] == "full":
+            raise OSError(errno.ENOSPC, f"no space left on device while writing the best model export {failure[1]}",
+                          failure[1])
+        if failure:
+            raise RunSetupError(failure[1])
 
     def _evaluate_test(self) -> EvalResult | None:
         best = self.run_dir / "best"
