@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import errno
 import functools
+import hashlib
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -119,8 +120,9 @@ def _write_export(tmp: Path, state: dict[str, torch.Tensor], cfg: Config, out_di
     errno) is raised as OSError ENOSPC naming ``out_dir``, whose previous export is untouched."""
     try:
         tmp.mkdir(parents=True)
-        save_file(state, str(tmp / EXPORT_WEIGHTS))
         save_config(export_config(cfg), tmp / EXPORT_CONFIG)
+        # The weights carry their config's sha256: a config cut or edited afterwards is refused, not read with defaults.
+        save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={CONFIG_DIGEST: _sha256(tmp / EXPORT_CONFIG)})
         write_data_identity(tmp, cfg)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,19 +209,48 @@ def _export_cfg(path: Path) -> Config:
     if not file.is_file():
         raise ExportError(f"{path} holds {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}: the export is incomplete; {REEXPORT}")
     try:
-        data = load_yaml(file)
+        data = load_yaml(file)  # garbled YAML or text: named as such first
+        saved = _config_digest(path / EXPORT_WEIGHTS)
+        if saved is not None and saved != _sha256(file):
+            raise ConfigError(f"{file} is not the config exported with {EXPORT_WEIGHTS} (its sha256 differs from the "
+                              "one the weights record: cut or edited)" + _missing_note(data))
         cfg = build(Config, data)
-        check_every_key(file, data)
+        if saved is None:  # an export of an earlier version: no digest; its model section must be whole
+            check_every_key(file, data, sections=("model",))
         return export_config(cfg)  # exports hold the local layout
     except ConfigError as err:  # garbled YAML or text, keys and values this code does not accept, keys missing
         named = str(err) if str(err).startswith(str(file)) else f"{file}: {err}"
         raise ExportError(f"{named}; the export config is damaged or from another version: {REEXPORT}") from None
 
 
-def check_every_key(file: Path, data: dict) -> None:
-    """ConfigError naming the first keys ``data`` lacks: save_export writes every key, so a missing one is a
-    truncated or edited file, whose defaults would silently change the model or its evaluation."""
+CONFIG_DIGEST = "config_sha256"  # metadata of model.safetensors: the sha256 of the config.yaml written with it
+
+
+def _sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _config_digest(weights: Path) -> str | None:
+    """The config sha256 the weights file records (None: an earlier export, or a header that cannot be read,
+    which loading the weights then reports)."""
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return (fh.metadata() or {}).get(CONFIG_DIGEST)
+    except (SafetensorError, OSError):
+        return None
+
+
+def _missing_note(data: dict) -> str:
     missing = missing_keys(Config, data)
+    if not missing:
+        return ""
+    return f"; it lacks {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+
+
+def check_every_key(file: Path, data: dict, sections: tuple[str, ...] | None = None) -> None:
+    """ConfigError naming the first keys ``data`` lacks (within ``sections``, default all): save_export writes
+    every key, so a missing one is a truncated or edited file, whose defaults would silently change the model."""
+    missing = [k for k in missing_keys(Config, data) if sections is None or k.split(".", 1)[0] in sections]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ConfigError(f"{file} lacks {', '.join(missing[:3])}{more} (an export's config lists every key)")

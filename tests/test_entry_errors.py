@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from safetensors.torch import load_file, save_file
 
 from data_shards.convert import main as convert_main
 from data_shards.verify import verify
 from eval.evaluate import main as evaluate_main
 from eval.link import main as link_main
-from model.export import EXPORT_CONFIG, EXPORT_WEIGHTS
+from model.export import EXPORT_CONFIG, EXPORT_WEIGHTS, ExportError, load_export
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE, MENTION = "Kemor Fubrul was seen at the harbour", "Kemor Fubrul"
@@ -123,9 +125,26 @@ def test_a_truncated_export_config_names_the_file_and_the_first_missing_keys(exp
     config.write_text("".join(lines[:keep]))
     for main, extra in ((evaluate_main, []), (link_main, ["--sentence", SENTENCE, "--mention", MENTION])):
         line = exit_line(main, ["--checkpoint", str(export_copy), *extra])
-        assert line.startswith(f"error: {config} lacks {first}") and " more (an export's config lists every key); " in line
+        assert line.startswith(f"error: {config} is not the config exported with {EXPORT_WEIGHTS} (its sha256 differs "
+                               f"from the one the weights record: cut or edited); it lacks {first}"), line
         assert line.endswith("the export config is damaged or from another version: restore it, or export the run again "
                              "(python -m train.checkpointing export runs/NAME/checkpoints/step-N OUT)"), line
+
+
+def test_an_export_without_a_config_digest_needs_its_model_section_whole_only(export_copy):
+    """Exports of earlier versions record no config digest: their config may lack keys added since (defaults of
+    evaluation settings), never a model key."""
+    weights = export_copy / EXPORT_WEIGHTS
+    save_file(load_file(str(weights)), str(weights))  # the same tensors, no metadata: an earlier export
+    config = export_copy / EXPORT_CONFIG
+    data = yaml.safe_load(config.read_text())
+    del data["eval"]["kb_sharding"], data["eval"]["nprobe"]
+    config.write_text(yaml.safe_dump(data))
+    load_export(export_copy)  # accepted: the evaluation keys take their defaults
+    del data["model"]["matcher"]["moe"]["top_k"]
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ExportError, match="lacks model.matcher.moe.top_k"):
+        load_export(export_copy)
 
 
 def test_a_pickle_posing_as_the_weights_is_refused_and_never_run(export_copy, tmp_path):
@@ -226,14 +245,15 @@ def test_evaluate_on_a_full_disk_names_the_output_folder(tiny_export, small_disk
 
 
 def test_weights_of_another_shape_than_the_config_are_named_in_one_line(export_copy):
-    import yaml
-
-    config = export_copy / EXPORT_CONFIG
+    config, weights = export_copy / EXPORT_CONFIG, export_copy / EXPORT_WEIGHTS
     data = yaml.safe_load(config.read_text())
     data["model"]["matcher"]["hidden"] += 8  # the config of another model than the weights
     config.write_text(yaml.safe_dump(data))
     line = exit_line(evaluate_main, ["--checkpoint", str(export_copy)])
-    assert line.startswith(f"error: {export_copy / EXPORT_WEIGHTS} does not fit {config} (") and "size mismatch" in line
+    assert line.startswith(f"error: {config} is not the config exported with {EXPORT_WEIGHTS} (its sha256 differs")
+    save_file(load_file(str(weights)), str(weights))  # an earlier export (no config digest): the shapes tell
+    line = exit_line(evaluate_main, ["--checkpoint", str(export_copy)])
+    assert line.startswith(f"error: {weights} does not fit {config} (") and "size mismatch" in line
     assert line.endswith("restore it, or export the run again (python -m train.checkpointing export "
                          "runs/NAME/checkpoints/step-N OUT)")
 
