@@ -22,7 +22,7 @@ from data_shards.convert import main as convert_main
 from data_shards.verify import verify
 from eval.evaluate import main as evaluate_main
 from eval.link import main as link_main
-from model.export import EXPORT_CONFIG, EXPORT_WEIGHTS, ExportError, load_export
+from model.export import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS, ExportError, load_export
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE, MENTION = "Kemor Fubrul was seen at the harbour", "Kemor Fubrul"
@@ -258,12 +258,23 @@ def test_weights_of_another_shape_than_the_config_are_named_in_one_line(export_c
                          "runs/NAME/checkpoints/step-N OUT)")
 
 
-def test_an_export_that_fills_the_disk_keeps_the_previous_one(tiny_export, small_disk):
-    from model.export import load_export, save_export
+def _export_files(export: Path, to: Path) -> Path:
+    """A copy of an export's own files only: earlier tests may have saved entity caches beside the shared one."""
+    to.mkdir()
+    for name in EXPORT_FILES:
+        shutil.copy2(export / name, to / name)
+    return to
 
-    size = sum(p.stat().st_size for p in tiny_export.iterdir())
-    best = small_disk(size * 3 // 2 // 1024 + 16) / "best"  # room for one export, not for a second beside it
-    shutil.copytree(tiny_export, best)
+
+def _export_size(export: Path) -> int:
+    return sum((export / name).stat().st_size for name in EXPORT_FILES)
+
+
+def test_an_export_that_fills_the_disk_keeps_the_previous_one(tiny_export, small_disk):
+    from model.export import save_export
+
+    best = _export_files(tiny_export, small_disk(_export_size(tiny_export) * 3 // 2 // 1024 + 16) / "best")  # room for
+    # one export, not for a second beside it
     before = {p.name: p.read_bytes() for p in best.iterdir()}
     model, cfg = load_export(tiny_export)
     with pytest.raises(OSError) as info:
@@ -276,19 +287,18 @@ def test_an_export_that_fills_the_disk_keeps_the_previous_one(tiny_export, small
 @pytest.mark.parametrize("command_main", [evaluate_main, link_main], ids=["evaluate", "link"])
 def test_a_kb_cache_that_fills_the_disk_is_skipped_with_a_warning(command_main, tiny_export, tmp_path, small_disk,
                                                                   capsys):
-    size = sum(p.stat().st_size for p in tiny_export.iterdir())
-    best = small_disk(size // 1024 + 64) / "best"  # the export fits, its KB cache (about 300 KiB) does not
-    shutil.copytree(tiny_export, best)
+    best = _export_files(tiny_export, small_disk(_export_size(tiny_export) // 1024 + 64) / "best")  # the export fits,
+    # its KB cache (about 300 KiB) does not
     args = {evaluate_main: ["--out", str(tmp_path / "res")], link_main: ["--sentence", SENTENCE, "--mention", MENTION]}
     command_main(["--checkpoint", str(best), *args[command_main]])
     err = capsys.readouterr().err
     assert re.search(rf"warning: could not save the KB cache to {re.escape(str(best))}/kb_cache-\w+\.pt \(the disk is "
                      r"full\); going on without it \(the KB is encoded again next time\)", err), err
-    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in tiny_export.iterdir())  # no partial file
+    assert sorted(p.name for p in best.iterdir()) == sorted(EXPORT_FILES)  # no partial file
 
 
 def test_an_export_replaces_only_an_empty_folder_or_an_export(tiny_export, tmp_path):
-    from model.export import ExportTargetError, load_export, save_export
+    from model.export import ExportTargetError, save_export
 
     model, cfg = load_export(tiny_export)
     data = tmp_path / "data"
@@ -303,12 +313,12 @@ def test_an_export_replaces_only_an_empty_folder_or_an_export(tiny_export, tmp_p
                                    "it; choose a new or empty folder for the export (nothing was written)")
     assert sorted(p.name for p in data.iterdir()) == ["images", "kb_entity.json"]
     assert (tmp_path / "configs" / EXPORT_CONFIG).read_text() == "mine: 1\n"
-    best = tmp_path / "best"
-    shutil.copytree(tiny_export, best)  # an export, with what eval.evaluate writes next to it: replaced
+    best = _export_files(tiny_export, tmp_path / "best")  # an export, with what eval.evaluate writes next to it: replaced
     (best / "kb_cache-0123456789abcdef.pt").write_bytes(b"cache")
+    (best / "kb_cache-0123456789abcdef.rows0-128.pt").write_bytes(b"slice")
     (best / "results-test.json").write_text("{}")
     save_export(model, cfg, best)
-    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in tiny_export.iterdir())
+    assert sorted(p.name for p in best.iterdir()) == sorted(EXPORT_FILES)
     (tmp_path / "best.old").mkdir()  # a sibling the swap would use
     (tmp_path / "best.old" / "notes.txt").write_text("mine")
     with pytest.raises(ExportTargetError, match=f"^{tmp_path / 'best.old'} is not empty and is not a model export"):
