@@ -230,8 +230,9 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "data.train_fraction": (0, 1, "(]"),
     "data.seed": (0, None, "[]"),
     **{f"eval.{k}": (1, None, "[]") for k in ("top_k", "recall_at", "batch_size", "mention_chunk",
-                                              "compat_entity_block", "compat_mention_batch")},
+                                              "compat_entity_block", "compat_mention_batch", "nprobe")},
     "eval.num_workers": (0, None, "[]"),
+    "eval.ivf_lists": (0, None, "[]"),  # 0: 4 sqrt(KB size)
     "eval.max_pair_elements": (0, None, "[]"),
     **{f"train.{k}": (1, None, "[]") for k in ("epochs", "grad_accum", "log_every")},
     **{f"train.{k}": (0, None, "[]") for k in ("max_steps", "weight_decay", "warmup_steps", "grad_clip", "zero_stage",

@@ -90,7 +90,7 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
 
 
 def test_switching_one_unit_off_changes_only_its_key_for_a_resume(tmp_path):
-    from train.checkpoint_manager import fixed_settings
+    from train.checkpointing import fixed_settings
 
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  matcher:\n    hidden: 16\n")  # no units listed, as in launch/configs

@@ -23,7 +23,7 @@ import torch
 
 from data_shards.stream import TrainStream
 from model import distributed as D
-from model.config import Config, to_dict
+from model.config import Config
 from train import checkpointing as ckpt
 from train import relayout, universal, zero_merge
 from train.observe import RankLog
@@ -37,32 +37,6 @@ class RunSetupError(RuntimeError):
 # The data plan's keys a resumed run may change: the rest of the epoch is re-planned over the samples not
 # yet consumed (data_shards/stream.py). Any other layout key must stay as it was.
 REPLANNED = ("world", "batch_size", "num_workers", "shuffle_buffer")
-
-# Settings a resume keeps (saved in complete.json as "fixed"): the data plan's seed and make-up, and the model's
-# shape and behaviour, every model.* key but these (a path may move between machines; the seed only initialises
-# weights the checkpoint replaces; the MoE layout is converted).
-FIXED_DATA = ("data.seed", "data.train_fraction_mode", "data.mention_desc", "data.entity_desc")
-FREE_MODEL = ("model.clip_path", "model.tiny_clip.seed", "model.matcher.moe.backend", "model.matcher.moe.ep_size")
-
-
-def _flat(d: dict, prefix: str) -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def fixed_settings(cfg: Config) -> dict:
-    """The settings a resumed run must keep, flat (``section.key``: value)."""
-    data = _flat(to_dict(cfg.data), "data.")
-    model = {k: v for k, v in _flat(to_dict(cfg.model), "model.").items() if k not in FREE_MODEL}
-    return {**{k: data[k] for k in FIXED_DATA}, **model}
-
-
-def changed_settings(saved: dict, now: dict) -> list[str]:
-    """``key old -> new`` for each of the ``saved`` fixed settings (flat, :func:`fixed_settings`) ``now`` changes."""
-    return [f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in saved if now.get(k) != saved[k]]
-
 
 class CheckpointManager:
     def __init__(self, engine, optimizer: torch.optim.Optimizer, stream: TrainStream, cfg: Config, ckpt_dir: Path,
@@ -87,7 +61,7 @@ class CheckpointManager:
     def save(self, state: TrainState, metrics_rows: int) -> Path:
         """A complete checkpoint of the current step (collective)."""
         folder = ckpt.save(self.engine, self.ckpt_dir, state.step,
-                           {"trainer": state.state_dict(), "layout": self.layout(), "fixed": fixed_settings(self.cfg),
+                           {"trainer": state.state_dict(), "layout": self.layout(), "fixed": ckpt.fixed_settings(self.cfg),
                             "manifest_sha256": self.manifest_sha256, "metrics_rows": metrics_rows},
                            self.cfg.train.keep_checkpoints,
                            write_extra=self._write_names)
@@ -236,7 +210,7 @@ class CheckpointManager:
                 raise RunSetupError(f"checkpoint {folder} was written with {key}={was[key]}, this run has "
                                     f"{value}: the data position cannot be continued exactly; use the same setting")
         if "fixed" in saved:  # checkpoints written before the settings were recorded: not checked
-            changed = changed_settings(saved["fixed"], fixed_settings(self.cfg))
+            changed = ckpt.changed_settings(saved["fixed"], ckpt.fixed_settings(self.cfg))
             if changed and not self.allow_config_change:
                 raise RunSetupError(
                     f"checkpoint {folder} was trained with other settings than this run's: {'; '.join(changed)}. These "

@@ -41,7 +41,7 @@ from torch import nn
 
 from core.cli import disk_full, disk_full_line
 from model import distributed as D
-from model.config import load_config
+from model.config import Config, load_config, to_dict
 from model.export import export_config, save_export
 from model.mmoe import MMoEModel
 from moe.expert_parallel import moe_layout
@@ -322,12 +322,36 @@ def load_weights_only(path: Path) -> Any:
         raise ValueError(f"{path} is not a readable torch checkpoint file ({str(err).splitlines()[0][:160]})") from None
 
 
+# Settings a resume keeps (saved in complete.json as "fixed"): the data plan's seed and make-up, and the model's
+# shape and behaviour, every model.* key but these (a path may move between machines; the seed only initialises
+# weights the checkpoint replaces; the MoE layout is converted).
+FIXED_DATA = ("data.seed", "data.train_fraction_mode", "data.mention_desc", "data.entity_desc")
+FREE_MODEL = ("model.clip_path", "model.tiny_clip.seed", "model.matcher.moe.backend", "model.matcher.moe.ep_size")
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def fixed_settings(cfg: Config) -> dict:
+    """The settings a resumed run must keep, flat (``section.key``: value)."""
+    data = _flat(to_dict(cfg.data), "data.")
+    model = {k: v for k, v in _flat(to_dict(cfg.model), "model.").items() if k not in FREE_MODEL}
+    return {**{k: data[k] for k in FIXED_DATA}, **model}
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """``key old -> new`` for each of the ``saved`` fixed settings (flat, :func:`fixed_settings`) ``now`` changes."""
+    return [f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in saved if now.get(k) != saved[k]]
+
+
 def check_trained_settings(folder: Path, cfg, config: Path) -> None:
     """ValueError naming the model settings of ``config`` that differ from those ``folder`` was trained with
     (its complete.json's record, else the run's config.yaml): weights of the same shapes would load, and the
     export would carry a model that was not trained (another top_k, gate, units)."""
-    from train.checkpoint_manager import changed_settings, fixed_settings  # it imports this module
-
     try:
         trained = json.loads((folder / COMPLETE).read_text()).get("fixed")
     except (OSError, ValueError, AttributeError):
