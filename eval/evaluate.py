@@ -80,10 +80,6 @@ def kb_cache_location(checkpoint: str | Path, cfg: Config, device: torch.device)
     return cache_path(checkpoint, key), key
 
 
-def _save_kb_cache(path: Path, kb: SideCache, key: str) -> bool:
-    return save_kb_cache(path, kb, key, warn=True)  # a read-only or full checkpoint folder costs the reuse only
-
-
 def kb_shard(cfg: Config, model: MMoEModel) -> KBShard | None:
     """The KB slices the ranks hold under ``eval.kb_sharding: sharded``; None where every rank holds the whole
     KB: ``gathered``, one process, or ``compat: published`` (its entity blocks of 6,000 KB rows span slices)."""
@@ -130,7 +126,7 @@ def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device
         raise NonFiniteScoreError(f"evaluation of split {split!r}: {err}", []) from None
     saved = False
     if path is not None:
-        saved = D.is_main() and _save_kb_cache(path, kb, key)
+        saved = D.is_main() and save_kb_cache(path, kb, key, warn=True)  # a failed save costs the reuse only
         D.barrier()  # the file is complete before any rank goes on
     return kb, _cache_info(kb, path if saved else None, "built", None)
 
@@ -161,7 +157,7 @@ def _sharded_entity_cache(model: MMoEModel, cfg: Config, split: str, device: tor
     kb = empty_like_rank0(kb, device)
     saved = False
     if file is not None:
-        saved = has_rows and _save_kb_cache(file, kb, slice_key(key, rows))
+        saved = has_rows and save_kb_cache(file, kb, slice_key(key, rows), warn=True)
         D.barrier()
     return kb, _cache_info(kb, file if saved else None, "built", shard)
 

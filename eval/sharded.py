@@ -73,11 +73,15 @@ class KBShard:
         return torch.searchsorted(stops, ids, right=True)
 
 
+def _row_spec(cache: SideCache) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each tensor's shape past the row dimension and dtype: what a receiver needs to allocate its rows."""
+    return {k: (tuple(v.shape[1:]), v.dtype) for k, v in cache.tensors.items()}
+
+
 def empty_like_rank0(cache: SideCache | None, device: torch.device) -> SideCache:
     """This rank's cache, or, on a rank whose slice holds no entity (``cache`` None), a cache of no rows with
     rank 0's tensors' names, shapes and dtypes (rank 0's slice is never empty); collective."""
-    spec = D.broadcast_object({k: (tuple(v.shape[1:]), v.dtype) for k, v in cache.tensors.items()}
-                              if D.rank() == 0 else None, 0)
+    spec = D.broadcast_object(_row_spec(cache) if D.rank() == 0 else None, 0)
     if cache is not None:
         return cache
     return SideCache({k: torch.empty(0, *shape, dtype=dtype, device=device) for k, (shape, dtype) in spec.items()})
@@ -114,7 +118,7 @@ def sharded_exact_ranks(
     top entity. Collective."""
     device = cache_device(kb)
     counts = D.gather_objects(len(mentions))
-    specs = D.gather_objects({k: (tuple(v.shape[1:]), v.dtype) for k, v in mentions.tensors.items()})
+    specs = D.gather_objects(_row_spec(mentions))
     n_top = min(TOP_SAVED, shard.total)
     parts, bad = [], []
     for src in range(D.world()):

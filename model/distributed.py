@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
@@ -210,10 +211,7 @@ def broadcast_rows(t: Tensor | None, src: int, rows: int, shape: tuple[int, ...]
 
 
 def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
