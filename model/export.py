@@ -216,7 +216,7 @@ def _export_cfg(path: Path) -> Config:
                               "one the weights record: cut or edited)" + _missing_note(data))
         cfg = build(Config, data)
         if saved is None:  # an export of an earlier version: no digest; its model section must be whole
-            check_every_key(file, data, sections=("model",))
+            check_model_keys(file, data)
         return export_config(cfg)  # exports hold the local layout
     except ConfigError as err:  # garbled YAML or text, keys and values this code does not accept, keys missing
         named = str(err) if str(err).startswith(str(file)) else f"{file}: {err}"
@@ -240,20 +240,23 @@ def _config_digest(weights: Path) -> str | None:
         return None
 
 
+def _lacking(missing: list[str]) -> str:
+    """The first keys of ``missing``, and how many more."""
+    return ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+
+
 def _missing_note(data: dict) -> str:
     missing = missing_keys(Config, data)
-    if not missing:
-        return ""
-    return f"; it lacks {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return f"; it lacks {_lacking(missing)}" if missing else ""
 
 
-def check_every_key(file: Path, data: dict, sections: tuple[str, ...] | None = None) -> None:
-    """ConfigError naming the first keys ``data`` lacks (within ``sections``, default all): save_export writes
-    every key, so a missing one is a truncated or edited file, whose defaults would silently change the model."""
-    missing = [k for k in missing_keys(Config, data) if sections is None or k.split(".", 1)[0] in sections]
+def check_model_keys(file: Path, data: dict) -> None:
+    """ConfigError naming the first model keys ``data`` lacks (an export without a config digest): save_export
+    writes every key, so a missing one is a truncated or edited file, whose defaults would silently change the
+    model; keys of the other sections may postdate the export and take their defaults."""
+    missing = [k for k in missing_keys(Config, data) if k.split(".", 1)[0] == "model"]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ConfigError(f"{file} lacks {', '.join(missing[:3])}{more} (an export's config lists every key)")
+        raise ConfigError(f"{file} lacks {_lacking(missing)} (an export's config lists every key)")
 
 
 def _export_weights(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
