@@ -1,7 +1,8 @@
 """The cost of a large KB: one trained model ranked against KBs of growing size, stage by stage.
 
     python -m bench.bench_scale --work DIR [--sizes 2000,20000,200000,1000000] [--nproc 2]
-                                [--memory-max 1000000] [--exact-max 20000] [--paper-entities 110000]
+                                [--memory-max 1000000] [--int8-max 1000000] [--exact-max 20000]
+                                [--paper-entities 110000]
 
 1. Data: the demo benchmark at 32 px (data_shards.synthetic, preset demo, image_size 32), generated once per
    size with ``extra_entities`` = size - 2000: the same 2000 entities, mentions and tokenizer at every size,
@@ -11,7 +12,8 @@
 3. Evaluation of the test split at every size with ``--nproc`` processes (eval.evaluate, the real command):
    two-stage with the KB sharded across the ranks (the default), timed per stage; then, up to
    ``--memory-max`` entities, the same gathered and both with an int8 cache, for the peak resident memory
-   per process (beyond it the cache bytes are computed from the bytes per entity, which every row shares);
+   per process (beyond it, or beyond ``--int8-max`` for the int8 variants, the cache bytes are computed from
+   the bytes per entity of the largest size measured: they are the same at every size);
    exact mode too up to ``--exact-max`` entities.
 4. With ``--paper-entities``, the paper-size matcher (bench_eval's random features) two-stage at that size,
    one process, for comparison (not in the fit).
@@ -122,15 +124,15 @@ def paper_row(work: Path, entities: int) -> dict:
             "rerank_s": t["rerank_s"], "cache_bytes": r["saved_cache"]["bytes"], **r["recall"]}
 
 
-def row(size: int, runs: dict, nproc: int) -> dict:
+def row(size: int, runs: dict, nproc: int, per_entity: dict[str, float]) -> dict:
     """One size's figures from its evaluations: stages from the sharded fp32 run, memory from every variant run,
-    cache bytes per rank of the variants not run computed from the bytes per entity."""
+    cache bytes per rank of the variants not run computed from the bytes per entity (``per_entity``: cache bytes
+    per entity by dtype, updated from these runs and kept for the next sizes)."""
     main = runs[("two-stage", "sharded", "float32")]
     t = main["timings"]
     out = {"entities": size, "cache_s": t["encode_kb_s"], "index_s": t["index_s"], "search_s": t["search_s"],
            "rerank_s": t["rerank_s"], "H@1": main["metrics"]["H@1"], "MRR": main["metrics"]["MRR"],
            "recall@10": main["metrics"]["recall@10"], "recall@100": main["metrics"]["recall@100"]}
-    per_entity = {}
     for (mode, sharding, dtype), r in runs.items():
         if mode == "two-stage":
             per_entity[dtype] = sum(r["kb_cache"]["bytes_per_rank"]) / (size * (nproc if sharding == "gathered" else 1))
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="2000,20000,200000,1000000", help="KB sizes, comma-separated (>= 2000)")
     p.add_argument("--nproc", type=int, default=2, help="processes for training and evaluation")
     p.add_argument("--memory-max", type=int, default=1_000_000, help="largest KB evaluated in every variant (memory)")
+    p.add_argument("--int8-max", type=int, default=1_000_000, help="largest KB evaluated with an int8 cache")
     p.add_argument("--exact-max", type=int, default=20_000, help="largest KB also evaluated in exact mode")
     p.add_argument("--paper-entities", type=int, default=0, help="also the paper-size matcher at this KB size (0: no)")
     a = p.parse_args(argv)
@@ -226,16 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     base, data_s = data(a.work, BASE_ENTITIES)
     best = train(a.work, base, a.nproc)
-    rows, prep = [], {BASE_ENTITIES: data_s}
+    rows, prep, per_entity = [], {BASE_ENTITIES: data_s}, {}
     for size in sizes:
         shards, prep[size] = data(a.work, size)
         runs = {}
         variants = VARIANTS if size <= a.memory_max else VARIANTS[:1]
+        variants = [v for v in variants if v[1] != "int8" or size <= a.int8_max]
         for sharding, dtype in variants:
             runs[("two-stage", sharding, dtype)] = evaluate(a.work, best, shards, size, a.nproc, "two-stage", sharding, dtype)
         if size <= a.exact_max:
             runs[("exact", "sharded", "float32")] = evaluate(a.work, best, shards, size, a.nproc, "exact", "sharded", "float32")
-        rows.append(row(size, runs, a.nproc))
+        rows.append(row(size, runs, a.nproc, per_entity))
         print(f"[scale] {size:,} entities: {json.dumps(rows[-1])}", flush=True)
     fits = exponents(rows)
     paper = paper_row(a.work, a.paper_entities) if a.paper_entities else None
