@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.ranking import index_kind
 from eval.sharded import KBShard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,14 +48,21 @@ STAGE_NAMES = {"cache_s": "cache build", "index_s": "index build", "search_s": "
 VARIANTS = (("sharded", "float32"), ("gathered", "float32"), ("sharded", "int8"), ("gathered", "int8"))
 
 
-def _run(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    """Run ``cmd`` with its output in ``log``; its wall seconds. A failure stops the bench with the log's end."""
+KILLED = ("Signal 9 (SIGKILL)", "exitcode: -9")  # torchrun's report of a rank the kernel's OOM killer stopped
+
+
+def _run(cmd: list[str], log: Path, env: dict | None = None, may_be_killed: bool = False) -> float | None:
+    """Run ``cmd`` with its output in ``log``; its wall seconds. A failure stops the bench with the log's end,
+    except, with ``may_be_killed``, a process killed by SIGKILL (out of memory): then None."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+        text = log.read_text()
+        if may_be_killed and (proc.returncode in (-9, 137) or any(k in text for k in KILLED)):
+            return None
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{text[-3000:]}")
     return time.perf_counter() - t0
 
 
@@ -96,9 +104,13 @@ def train(work: Path, shards: Path, nproc: int) -> Path:
     return best
 
 
-def evaluate(work: Path, best: Path, shards: Path, size: int, nproc: int, mode: str, sharding: str, dtype: str) -> dict:
-    """results-test.json of one evaluation (reused when present)."""
+def evaluate(work: Path, best: Path, shards: Path, size: int, nproc: int, mode: str, sharding: str, dtype: str,
+             may_be_killed: bool = False) -> dict | None:
+    """results-test.json of one evaluation (reused when present); None when, with ``may_be_killed``, a rank was
+    killed for memory (recorded in the folder's killed.txt, so a rerun does not try again)."""
     out = work / "eval" / f"{size}-{mode}-{sharding}-{dtype}"
+    if (out / "killed.txt").is_file():
+        return None
     if not (out / "results-test.json").is_file():
         launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}"]
                     if nproc > 1 else [sys.executable])
@@ -106,7 +118,10 @@ def evaluate(work: Path, best: Path, shards: Path, size: int, nproc: int, mode: 
                     "eval.save_kb_cache=false", "eval.recall_at=[10,100]"]
         cmd = [*launcher, "-m", "eval.evaluate", "--checkpoint", str(best), "--split", "test", "--mode", mode,
                "--allow-other-kb", "--out", str(out)] + [x for s in settings for x in ("--set", s)]
-        _run(cmd, work / "logs" / f"eval-{out.name}.log", _env(nproc))
+        if _run(cmd, work / "logs" / f"eval-{out.name}.log", _env(nproc), may_be_killed) is None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "killed.txt").write_text("a rank was killed by SIGKILL (out of memory) during this evaluation\n")
+            return None
     return json.loads((out / "results-test.json").read_text())
 
 
@@ -120,7 +135,7 @@ def paper_row(work: Path, entities: int) -> dict:
         path.write_text(log.read_text().strip().splitlines()[-1])
     r = json.loads(path.read_text())
     t = r["times"]
-    return {"entities": entities, "cache_s": t["cache_s"], "index_s": t["index_s"], "search_s": t["search_s"],
+    return {"entities": entities, "index": "flat", "cache_s": t["cache_s"], "index_s": t["index_s"], "search_s": t["search_s"],
             "rerank_s": t["rerank_s"], "cache_bytes": r["saved_cache"]["bytes"], **r["recall"]}
 
 
@@ -130,11 +145,14 @@ def row(size: int, runs: dict, nproc: int, per_entity: dict[str, float]) -> dict
     per entity by dtype, updated from these runs and kept for the next sizes)."""
     main = runs[("two-stage", "sharded", "float32")]
     t = main["timings"]
-    out = {"entities": size, "cache_s": t["encode_kb_s"], "index_s": t["index_s"], "search_s": t["search_s"],
-           "rerank_s": t["rerank_s"], "H@1": main["metrics"]["H@1"], "MRR": main["metrics"]["MRR"],
+    out = {"entities": size, "index": index_kind(main["settings"]["eval"]["index"], size), "cache_s": t["encode_kb_s"],
+           "index_s": t["index_s"], "search_s": t["search_s"], "rerank_s": t["rerank_s"],
+           "H@1": main["metrics"]["H@1"], "MRR": main["metrics"]["MRR"],
            "recall@10": main["metrics"]["recall@10"], "recall@100": main["metrics"]["recall@100"]}
     for (mode, sharding, dtype), r in runs.items():
-        if mode == "two-stage":
+        if r is None:  # killed for memory: the cache bytes come from the bytes per entity, the peak is "killed"
+            out[f"peak_rss_{sharding}_{dtype}"] = None
+        elif mode == "two-stage":
             per_entity[dtype] = sum(r["kb_cache"]["bytes_per_rank"]) / (size * (nproc if sharding == "gathered" else 1))
             out[f"peak_rss_{sharding}_{dtype}"] = max(r["peak_rss_bytes_per_rank"])
     largest = max(b - a for a, b in _ranges(size, nproc))
@@ -166,22 +184,34 @@ def _mib(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**20:,.0f}"
 
 
+def _rss(r: dict, key: str) -> str:
+    if key in r and r[key] is None:
+        return f"killed (OOM, {_total_ram() / 2**30:.0f} GiB machine)"
+    return _mib(r.get(key))
+
+
+def _total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def table(rows: list[dict], fits: dict[str, float], paper: dict | None, nproc: int) -> str:
-    lines = ["| entities | cache build s | index s | search s | re-rank s | recall@10 | recall@100 | H@1 | MRR "
+    lines = ["| entities | first stage | cache build s | index s | search s | re-rank s | recall@10 | recall@100 | H@1 | MRR "
              "| exact H@1 / MRR | cache MiB per rank: gathered fp32 / sharded fp32 / gathered int8 / sharded int8 "
              "| peak RSS MiB per rank: gathered / sharded (fp32) |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     for r in rows:
         exact = f"{r['exact_H@1']:.2f} / {r['exact_MRR']:.2f}" if "exact_H@1" in r else "-"
         cache = " / ".join(_mib(r.get(f"cache_{s}_{d}")) for s, d in (VARIANTS[1], VARIANTS[0], VARIANTS[3], VARIANTS[2]))
-        rss = f"{_mib(r.get('peak_rss_gathered_float32'))} / {_mib(r.get('peak_rss_sharded_float32'))}"
-        lines.append(f"| {r['entities']:,} | {r['cache_s']:.1f} | {r['index_s']:.2f} | {r['search_s']:.2f} "
+        rss = f"{_rss(r, 'peak_rss_gathered_float32')} / {_rss(r, 'peak_rss_sharded_float32')}"
+        lines.append(f"| {r['entities']:,} | {r.get('index', '-')} | {r['cache_s']:.1f} | {r['index_s']:.2f} "
+                     f"| {r['search_s']:.2f} "
                      f"| {r['rerank_s']:.2f} | {r['recall@10']:.1f} | {r['recall@100']:.1f} | {r['H@1']:.2f} "
                      f"| {r['MRR']:.2f} | {exact} | {cache} | {rss} |")
-    lines.append("| exponent (fit) | " + " | ".join(f"{fits[s]:.2f}" if s in fits else "-" for s in STAGES) + " |" + " |" * 7)
+    lines.append("| exponent (fit) | | " + " | ".join(f"{fits[s]:.2f}" if s in fits else "-" for s in STAGES) + " |" + " |" * 7)
     if paper:
         sharded = paper["cache_bytes"] / nproc
-        lines.append(f"| {paper['entities']:,} paper-size matcher, random features, 1 process | {paper['cache_s']:.1f} "
+        lines.append(f"| {paper['entities']:,} paper-size matcher, random features, 1 process | {paper.get('index', '-')} "
+                     f"| {paper['cache_s']:.1f} "
                      f"| {paper['index_s']:.2f} | {paper['search_s']:.2f} | {paper['rerank_s']:.2f} | {paper['recall@10']:.1f} "
                      f"| {paper['recall@100']:.1f} | - | - | - | {_mib(paper['cache_bytes'])} / {_mib(sharded)} (fp32) | - |")
     return "\n".join(lines)
@@ -236,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         variants = VARIANTS if size <= a.memory_max else VARIANTS[:1]
         variants = [v for v in variants if v[1] != "int8" or size <= a.int8_max]
         for sharding, dtype in variants:
-            runs[("two-stage", sharding, dtype)] = evaluate(a.work, best, shards, size, a.nproc, "two-stage", sharding, dtype)
+            runs[("two-stage", sharding, dtype)] = evaluate(a.work, best, shards, size, a.nproc, "two-stage", sharding,
+                                                            dtype, may_be_killed=(sharding, dtype) != VARIANTS[0])
         if size <= a.exact_max:
             runs[("exact", "sharded", "float32")] = evaluate(a.work, best, shards, size, a.nproc, "exact", "sharded", "float32")
         rows.append(row(size, runs, a.nproc, per_entity))
