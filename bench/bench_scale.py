@@ -169,11 +169,21 @@ def _ranges(size: int, nproc: int) -> tuple[tuple[int, int], ...]:
     return KBShard.of(size, nproc, 0).ranges
 
 
+INDEX_STAGES = ("index_s", "search_s")  # their cost depends on the index kind: fitted over the smallest size's kind
+
+
+def _fit_rows(rows: list[dict], stage: str) -> list[dict]:
+    if stage in INDEX_STAGES and rows:
+        return [r for r in rows if r.get("index") == rows[0].get("index")]
+    return rows
+
+
 def exponents(rows: list[dict]) -> dict[str, float]:
-    """Least-squares slope of log(seconds) against log(KB size), per stage (1.0: linear in the KB)."""
+    """Least-squares slope of log(seconds) against log(KB size), per stage (1.0: linear in the KB); the index
+    build and the search over the sizes with the smallest size's index kind (flat and IVF differ in kind)."""
     out = {}
     for stage in STAGES:
-        pts = [(r["entities"], r[stage]) for r in rows if r.get(stage, 0) > 0]
+        pts = [(r["entities"], r[stage]) for r in _fit_rows(rows, stage) if r.get(stage, 0) > 0]
         if len(pts) >= 2:
             x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
             out[stage] = float(np.polyfit(x, y, 1)[0])
@@ -207,7 +217,9 @@ def table(rows: list[dict], fits: dict[str, float], paper: dict | None, nproc: i
                      f"| {r['search_s']:.2f} "
                      f"| {r['rerank_s']:.2f} | {r['recall@10']:.1f} | {r['recall@100']:.1f} | {r['H@1']:.2f} "
                      f"| {r['MRR']:.2f} | {exact} | {cache} | {rss} |")
-    lines.append("| exponent (fit) | | " + " | ".join(f"{fits[s]:.2f}" if s in fits else "-" for s in STAGES) + " |" + " |" * 7)
+    kind = rows[0].get("index", "-") if rows else "-"
+    lines.append(f"| exponent (fit; index and search: {kind} sizes) | | "
+                 + " | ".join(f"{fits[s]:.2f}" if s in fits else "-" for s in STAGES) + " |" + " |" * 7)
     if paper:
         sharded = paper["cache_bytes"] / nproc
         lines.append(f"| {paper['entities']:,} paper-size matcher, random features, 1 process | {paper.get('index', '-')} "
@@ -231,6 +243,8 @@ def plot(rows: list[dict], fits: dict[str, float], path: Path) -> None:
         x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
         line = ax.loglog(x, y, "o-", label=f"{STAGE_NAMES[stage]} (slope {fits.get(stage, float('nan')):.2f})")[0]
         if stage in fits:
+            fit = [(r["entities"], r[stage]) for r in _fit_rows(rows, stage) if r.get(stage, 0) > 0]
+            x, y = np.array([p[0] for p in fit], float), np.array([p[1] for p in fit], float)
             b = np.polyfit(np.log(x), np.log(y), 1)
             ax.loglog(x, np.exp(np.polyval(b, np.log(x))), "--", color=line.get_color(), alpha=0.6)
     ax.set_xlabel("KB entities")
