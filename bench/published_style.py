@@ -65,23 +65,28 @@ def _cross_side(unit: CrossUnit, tg: Tensor, tt: Tensor, tmask: Tensor, ig: Tens
 
 def published_style_scores(matcher: MMoEMatcher, mentions: Features, entities: Features) -> Tensor:
     """Overall scores [M, N] of the default model, computed the published way."""
+    return published_style_unit_scores(matcher, mentions, entities)["overall"]
+
+
+def published_style_unit_scores(matcher: MMoEMatcher, mentions: Features, entities: Features) -> dict[str, Tensor]:
+    """Each unit's scores [M, N] and their mean (``overall``), computed the published way."""
     sides = []
     for f in (mentions, entities):
         img_g, img_t = matcher._image(f)
         sides.append((matcher.text_global_norm(f.text_global), matcher.text_token_norm(f.text_tokens), f.text_mask,
                       matcher.image_global_norm(img_g), matcher.image_token_norm(img_t)))
     (mtg, mtt, mmask, mig, mit), (etg, ett, emask, eig, eit) = sides
-    per_unit = []
+    per_unit = {}
     for name in matcher.unit_names:
         unit = matcher.units[name]
         if name == "text":
-            per_unit.append(_intra(unit, mtg, mtt, mmask, etg, ett, emask))
+            per_unit[name] = _intra(unit, mtg, mtt, mmask, etg, ett, emask)
         elif name == "vision":
             ones_m = torch.ones(mit.shape[:2], dtype=torch.bool, device=mit.device)
             ones_e = torch.ones(eit.shape[:2], dtype=torch.bool, device=eit.device)
-            per_unit.append(_intra(unit, mig, mit, ones_m, eig, eit, ones_e))
+            per_unit[name] = _intra(unit, mig, mit, ones_m, eig, eit, ones_e)
         else:
             m_t2i, m_i2t = _cross_side(unit, mtg, mtt, mmask, mig, mit)
             e_t2i, e_i2t = _cross_side(unit, etg, ett, emask, eig, eit)
-            per_unit.append((m_t2i @ e_t2i.t() + m_i2t @ e_i2t.t()) / 2)
-    return sum(per_unit) / len(per_unit)
+            per_unit[name] = (m_t2i @ e_t2i.t() + m_i2t @ e_i2t.t()) / 2
+    return {"overall": sum(per_unit.values()) / len(per_unit), **per_unit}

@@ -71,6 +71,8 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     kb_cache: dict = field(default_factory=dict)  # path (None: in memory only), state (built | reused), dtype, bytes
     peak_rss: list[int] = field(default_factory=list)  # bytes, per rank: the most resident memory so far
+    # with keep_kb: this rank's entity cache and its kb_cache record, for another split of the same model
+    entities: tuple[SideCache, dict] | None = field(default=None, repr=False, compare=False)
 
 
 def kb_cache_location(checkpoint: str | Path, cfg: Config, device: torch.device) -> tuple[Path, str]:
@@ -165,29 +167,36 @@ def _sharded_entity_cache(model: MMoEModel, cfg: Config, split: str, device: tor
 def evaluate_split(
     model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator | None = None,
     kb_cache_path: Path | None = None, cache_key: str | None = None, interrupt: Callable[[], bool] | None = None,
+    entities: tuple[SideCache, dict] | None = None, keep_kb: bool = False,
 ) -> EvalResult:
     """Rank every mention of ``split`` against the whole KB; identical on any number of ranks.
 
     ``kb_cache_path`` and ``cache_key`` (:func:`kb_cache_location`): reuse the entity cache saved
     there, or save the one built; without them the cache is built in memory only (dev evaluation).
     ``interrupt`` (collective) is asked while encoding and between the stages; when it says stop, the
-    evaluation raises eval.encode.Interrupted (the trainer's way to honour a stop signal in a long one)."""
+    evaluation raises eval.encode.Interrupted (the trainer's way to honour a stop signal in a long one).
+    ``keep_kb``: the result keeps this rank's entity cache (``EvalResult.entities``); ``entities``: such a
+    cache of an evaluation of the same weights under the same config, used instead of encoding the KB."""
     collator = collator or make_collator(cfg, model)
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt)
+        return _evaluate(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt, entities, keep_kb)
     finally:
         model.train(was_training)
 
 
 def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator,
-              kb_cache_path: Path | None, cache_key: str | None, interrupt: Callable[[], bool] | None) -> EvalResult:
+              kb_cache_path: Path | None, cache_key: str | None, interrupt: Callable[[], bool] | None,
+              entities: tuple[SideCache, dict] | None = None, keep_kb: bool = False) -> EvalResult:
     e = cfg.eval
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     shard = kb_shard(cfg, model)
-    kb, kb_info = entity_cache(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt, shard)
+    if entities is not None:
+        kb, kb_info = entities[0], {**entities[1], "state": "reused in memory"}
+    else:
+        kb, kb_info = entity_cache(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt, shard)
     kb_size = len(kb) if shard is None else shard.total
     check_interrupt(interrupt, f"evaluation of {split}: after the KB")
     timings["encode_kb_s"] = time.perf_counter() - t0
@@ -258,7 +267,8 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
                 "ties": int(gathered["ties"][i]), "top_ids": gathered["top_ids"][i].tolist(),
                 "top_scores": [round(float(s), 5) for s in gathered["top_scores"][i]],
             } | {k: bool(v[i]) for k, v in flags.items()})
-    return EvalResult(split, metrics, per_mention, timings, kb_info, D.gather_objects(peak_rss_bytes()))
+    return EvalResult(split, metrics, per_mention, timings, kb_info, D.gather_objects(peak_rss_bytes()),
+                      (kb, kb_info) if keep_kb else None)
 
 
 def peak_rss_bytes() -> int:

@@ -133,15 +133,15 @@ def test_train_state_writes_the_json_checkpoints_have_always_held():
 
     fresh = {"epoch": 0, "batch": 0, "step": 0, "best_mrr": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False,
              "wandb_id": None, "evals": [], "negatives_file": None, "negatives_epoch": -1, "bad_steps": 0,
-             "epoch_segments": [], "eval_pending": False}
+             "epoch_segments": [], "eval_pending": False, "phase_s": {}}
     assert json.dumps(TrainState().state_dict()) == json.dumps(fresh)
     saved = {**fresh, "step": 7, "evals": [{"step": 5, "epoch": 0, "MRR": 50.0, "H@1": 40.0}], "later_key": 1}
-    del saved["bad_steps"], saved["epoch_segments"], saved["eval_pending"]  # older than the keys: the defaults
+    del saved["bad_steps"], saved["epoch_segments"], saved["eval_pending"], saved["phase_s"]  # older: the defaults
     state = TrainState()
     state.load_state_dict(json.loads(json.dumps(saved)))
     assert state.step == 7 and state.bad_steps == 0 and state.evals[0]["MRR"] == 50.0
     # An unknown key is written back as read.
-    assert state.state_dict() == {**saved, "bad_steps": 0, "epoch_segments": [], "eval_pending": False}
+    assert state.state_dict() == {**saved, "bad_steps": 0, "epoch_segments": [], "eval_pending": False, "phase_s": {}}
 
 
 def test_metrics_window_averages_the_applied_steps_over_their_micro_batches():
@@ -171,3 +171,36 @@ def test_half_precision_without_a_gpu_is_refused_by_name(half):
     assert resolve_precision("auto") == "fp32"
     with pytest.raises(RunSetupError, match=f"train.precision={half} needs a GPU"):
         resolve_precision(half)
+
+
+def test_a_run_books_its_time_to_phases_and_the_test_reuses_the_last_dev_kb_cache(tiny_shards, tmp_path):
+    """Every second of the run in one phase, the throughput against the matmul rate measured at the start, and
+    the test evaluation of the model the last dev evaluation chose reusing that evaluation's KB cache, with the
+    ranks eval.evaluate gives from the export."""
+    import time
+
+    from eval.evaluate import main as evaluate
+
+    args = ["--set", "train.max_steps=6", "--set", "train.eval_every_epochs=0", "--set", "negatives.enabled=true",
+            "--set", "negatives.warmup_epochs=0", "--set", "wandb.mode=disabled", "--set", "train.run_name=timed"]
+    t0 = time.perf_counter()
+    proc = train(args, tmp_path, tiny_shards)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "timed"
+    row = [r for r in map(json.loads, open(run / "metrics.jsonl")) if "time/total_s" in r][-1]
+    phases = ("setup", "train", "mining", "dev_eval", "test_eval", "checkpoint")
+    assert all(row[f"time/{p}_s"] > 0 for p in phases), row
+    assert sum(row[f"time/{p}_s"] for p in phases) == pytest.approx(row["time/total_s"])
+    assert row["time/total_s"] < wall  # the process's own time, inside the command's
+    assert row["throughput/matmul_gflops"] > 0 and row["throughput/flops_per_sample"] > 0
+    assert 0 < row["throughput/matmul_fraction"] < 1.5
+    assert "[time] setup" in proc.stdout + proc.stderr
+    results = json.loads((run / "results-test.json").read_text())
+    assert results["kb_cache"]["state"] == "reused in memory" and results["timings"]["encode_kb_s"] < 0.5
+    evaluate(["--checkpoint", str(run / "best"), "--out", str(tmp_path / "again"), "--split", "test"])
+    again = json.loads((tmp_path / "again" / "results-test.json").read_text())
+    assert again["kb_cache"]["state"] != "reused in memory"
+    mine = [json.loads(line) for line in open(run / "per_mention-test.jsonl")]
+    other = [json.loads(line) for line in open(tmp_path / "again" / "per_mention-test.jsonl")]
+    assert [(r["rank"], r["ties"], r["top_ids"]) for r in mine] == [(r["rank"], r["ties"], r["top_ids"]) for r in other]

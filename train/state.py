@@ -27,6 +27,7 @@ class TrainState:
     # epoch over the samples they did not consume (data_shards/stream.py, "the epoch plan").
     epoch_segments: list[dict[str, Any]] = field(default_factory=list)
     eval_pending: bool = False  # the dev evaluation due at this step was put off by a stop request
+    phase_s: dict[str, float] = field(default_factory=dict)  # wall seconds per phase so far (train/phases.py)
 
     def __post_init__(self) -> None:
         self._unknown: dict[str, Any] = {}  # keys of a saved state this version does not know: written back as read

@@ -37,6 +37,7 @@ from train.checkpoint_manager import CheckpointManager, RunSetupError
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
 from train.observe import MetricsWindow, RankLog, RunLog
+from train.phases import PhaseClock, count_flops, matmul_gflops, throughput_line
 from train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, clear_record, describe, write_rate_mb_s, write_record
 from train.run_folder import RunFolderError, RunFolderLock, mark, prepare_fresh
 from train.state import TrainState
@@ -153,6 +154,7 @@ class Trainer:
                  break_lock: bool = False, allow_config_change: bool = False) -> None:
         import deepspeed
 
+        self.clock = PhaseClock()  # 'setup' until the first step
         D.share_cpu_threads()
         self.stops = StopRequests(cfg.train.stop_signals)
         self.stops.install()  # first: a stop signal during set-up is honoured at the first step
@@ -198,6 +200,14 @@ class Trainer:
                                              manifest_hash(cfg.data.shards), self.precision, allow_data_change,
                                              allow_config_change)
         self.resumed = self.checkpoints.resume(resume, self.state)  # complete.json of the checkpoint resumed from
+        self.clock.resume_from(self.state.phase_s)
+        self.flops_per_row: float | None = None  # of one forward and backward, counted on this process's first batch
+        self.rows_trained = 0  # micro-batch rows (padding included) and real samples this process trained on
+        self.samples_trained = 0
+        rate_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        self.matmul_rate = D.all_reduce_sum(torch.tensor([matmul_gflops(self.device, rate_dtype)], dtype=torch.float64,
+                                                         device=self.device)).item()  # GFLOP/s, all ranks
+        self._dev_kb: tuple[int, EvalResult] | None = None  # the last dev evaluation's KB cache, for the test
         if D.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
             clear_record(self.run_dir)
@@ -252,6 +262,7 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
                         disable=not D.is_main() or None, dynamic_ncols=True)
         self.window.reset()  # the first window's clock starts with training
+        self.clock.switch("train")
         if st.eval_pending:  # due at the step this run resumed from (its stop request came first)
             if not self._evaluate_dev():
                 self._preempt(saved=True)  # stopped again in it: the checkpoint resumed from still holds
@@ -302,11 +313,32 @@ class Trainer:
                 self._preempt(saved=True)
             if res is not None:
                 result["test"] = res.metrics
+        result["time"] = self._report_time()
         folder = self.log.finish()
         self.console.info(f"run folder: {self.run_dir}")
         if folder:
             self.console.info(f"W&B offline run: {folder} (upload with `wandb sync {folder}`)")
         return result
+
+    def _report_time(self) -> dict[str, float]:
+        """The run's seconds per phase and this process's training throughput (samples/s and the fraction of the
+        matmul rate measured at the start): a console line and a metrics row (collective)."""
+        totals = self.clock.totals()
+        train_s = self.clock.seconds["train"]  # this process's (a resumed run's earlier steps are not counted)
+        achieved = self.rows_trained * (self.flops_per_row or 0.0) / max(train_s, 1e-9) / 1e9  # GFLOP/s
+        achieved, samples = D.all_reduce_sum(torch.tensor([achieved, float(self.samples_trained)], dtype=torch.float64,
+                                                          device=self.device)).tolist()
+        out = self.clock.metrics()
+        if samples > 0:
+            out["throughput/samples_per_s"] = samples / max(train_s, 1e-9)
+            out["throughput/matmul_gflops"] = self.matmul_rate
+            out["throughput/flops_per_sample"] = (self.flops_per_row or 0.0)
+            if self.matmul_rate > 0:
+                out["throughput/matmul_fraction"] = achieved / self.matmul_rate
+        self.log.log(self.state.step, out)
+        self.console.info(throughput_line(totals, out.get("throughput/samples_per_s"),
+                                          out.get("throughput/matmul_fraction"), self.matmul_rate))
+        return out
 
     # -- data checks ----------------------------------------------------------------------------
     @staticmethod
@@ -328,7 +360,9 @@ class Trainer:
             raise RunSetupError(str(err)) from None
 
     def _save(self) -> Path:
-        return self.checkpoints.save(self.state, self.log.rows)
+        with self.clock.phase("checkpoint"):
+            self.state.phase_s = self.clock.totals()
+            return self.checkpoints.save(self.state, self.log.rows)
 
     # -- preemption -------------------------------------------------------------------------------
     def _announce_grace(self) -> None:
@@ -364,8 +398,15 @@ class Trainer:
     def _train_micro_batch(self, batch: dict) -> bool:
         """Forward, backward and engine step on one micro-batch; True when it closed a gradient
         accumulation (the engine took an optimizer step)."""
-        parts, moe_log = self._micro_step(batch)
-        self.window.add(parts, moe_log.load, int((batch["weight"] > 0).sum()))
+        if self.flops_per_row is None:  # this process's first micro-batch: count what a forward and backward costs
+            (parts, moe_log), flops = count_flops(lambda: self._micro_step(batch))
+            self.flops_per_row = flops / max(1, len(batch["weight"]))
+        else:
+            parts, moe_log = self._micro_step(batch)
+        samples = int((batch["weight"] > 0).sum())
+        self.rows_trained += len(batch["weight"])
+        self.samples_trained += samples
+        self.window.add(parts, moe_log.load, samples)
         self.state.batch += 1
         return self._optimizer_stepped()
 
@@ -527,7 +568,7 @@ class Trainer:
         due = since == 0 or (since > 0 and n.refresh_epochs > 0 and since % n.refresh_epochs == 0)
         if due and st.batch == 0 and st.negatives_epoch != e:
             try:
-                with local_experts(self.engine.module) as model:  # every expert on every rank
+                with self.clock.phase("mining"), local_experts(self.engine.module) as model:  # every expert on every rank
                     table, stats = mine(model, self.cfg, self.device, self.collator, interrupt=self._stop_requested)
             except Interrupted as where:  # a stop signal: checkpoint now, mine again after the resume
                 self._stopped_during("mining", where)
@@ -562,21 +603,28 @@ class Trainer:
     def _evaluate_dev(self) -> bool:
         """Evaluate on dev, keep the best model, decide early stopping; False when a stop signal cut it short."""
         st = self.state
-        try:
-            with local_experts(self.engine.module) as model:  # DeepSpeed MoE layers: every expert on every rank
-                res = evaluate_split(model, self.cfg, "dev", self.device, self.collator, interrupt=self._stop_requested)
-        except Interrupted as where:
-            self._stopped_during("the dev evaluation", where)
-            return False
-        m = res.metrics
-        improved = m["MRR"] > st.best_mrr
-        st.evals.append({"step": st.step, "epoch": st.epoch, "MRR": m["MRR"], "H@1": m["H@1"]})
-        if improved:
-            st.best_mrr, st.best_step, st.bad_evals = m["MRR"], st.step, 0
-            self._save_best()
-        else:
-            st.bad_evals += 1
-        D.barrier()
+        # the last evaluation of the run keeps its KB cache: if it makes the best model, the test evaluation
+        # (the same weights, the same eval settings) uses it instead of encoding the KB again
+        last = self.cfg.train.test_at_end and st.step >= self.total_steps
+        with self.clock.phase("dev_eval"):
+            try:
+                with local_experts(self.engine.module) as model:  # DeepSpeed MoE layers: every expert on every rank
+                    res = evaluate_split(model, self.cfg, "dev", self.device, self.collator,
+                                         interrupt=self._stop_requested, keep_kb=last)
+            except Interrupted as where:
+                self._stopped_during("the dev evaluation", where)
+                return False
+            m = res.metrics
+            improved = m["MRR"] > st.best_mrr
+            st.evals.append({"step": st.step, "epoch": st.epoch, "MRR": m["MRR"], "H@1": m["H@1"]})
+            if improved:
+                st.best_mrr, st.best_step, st.bad_evals = m["MRR"], st.step, 0
+                self._save_best()
+            else:
+                st.bad_evals += 1
+            self._dev_kb = (st.step, res.entities) if improved and res.entities is not None else None
+            res.entities = None
+            D.barrier()
         self.console.info(one_line(res) + ("  * new best" if improved else f"  (best MRR {st.best_mrr:.2f})"))
         self.log.log(st.step, {f"dev/{k}": v for k, v in m.items()} | {"dev/best_MRR": st.best_mrr})
         patience = self.cfg.train.patience
@@ -590,7 +638,8 @@ class Trainer:
         best/ holding someone else's files, as RunSetupError."""
         failure = None
         try:
-            save_export(self.engine.module, self.cfg, self.run_dir / "best")
+            with self.clock.phase("checkpoint"):
+                save_export(self.engine.module, self.cfg, self.run_dir / "best")
         except OSError as err:
             if not (disk_full(err) or isinstance(err, ExportTargetError)):
                 raise
@@ -612,10 +661,12 @@ class Trainer:
             raise RunSetupError(str(err)) from None
         model, _ = load_export(best)
         self.engine.module.load_state_dict(model.state_dict())  # every rank evaluates the best weights
+        kept, self._dev_kb = self._dev_kb, None
+        entities = kept[1] if kept is not None and kept[0] == self.state.best_step else None  # of these weights
         try:
-            with local_experts(self.engine.module) as module:
+            with self.clock.phase("test_eval"), local_experts(self.engine.module) as module:
                 res = evaluate_split(module, self.cfg, "test", self.device, self.collator,
-                                     interrupt=self._stop_requested)
+                                     interrupt=self._stop_requested, entities=entities)
         except Interrupted as where:
             self._stopped_during("the test evaluation", where)
             return None
