@@ -249,7 +249,9 @@ def plot(rows: list[dict], fits: dict[str, float], path: Path) -> None:
             ax.loglog(x, np.exp(np.polyval(b, np.log(x))), "--", color=line.get_color(), alpha=0.6)
     ax.set_xlabel("KB entities")
     ax.set_ylabel("seconds")
-    ax.set_title("Two-stage evaluation cost against the KB size (dashed: least-squares fit)")
+    kinds = ", ".join(f"{r['index']} at {r['entities']:,}" for r in rows if "index" in r)
+    ax.set_title(f"Two-stage evaluation cost against the KB size (dashed: least-squares fit)\nfirst stage: {kinds}",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
