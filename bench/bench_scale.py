@@ -134,7 +134,7 @@ def paper_row(work: Path, entities: int) -> dict:
               "--mentions", "600", "--device", "cpu"], log)
         path.write_text(log.read_text().strip().splitlines()[-1])
     r = json.loads(path.read_text())
-    t = r["times"]
+    t = r["times"]  # bench_eval's two-stage variant builds a flat index (eval.ranking.kb_index's default)
     return {"entities": entities, "index": "flat", "cache_s": t["cache_s"], "index_s": t["index_s"], "search_s": t["search_s"],
             "rerank_s": t["rerank_s"], "cache_bytes": r["saved_cache"]["bytes"], **r["recall"]}
 
@@ -172,10 +172,13 @@ def _ranges(size: int, nproc: int) -> tuple[tuple[int, int], ...]:
 INDEX_STAGES = ("index_s", "search_s")  # their cost depends on the index kind: fitted over the smallest size's kind
 
 
-def _fit_rows(rows: list[dict], stage: str) -> list[dict]:
+def _fit_points(rows: list[dict], stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """(KB sizes, seconds) a stage's fit is made over: the index build and the search only at the sizes whose
+    index kind is the smallest size's."""
     if stage in INDEX_STAGES and rows:
-        return [r for r in rows if r.get("index") == rows[0].get("index")]
-    return rows
+        rows = [r for r in rows if r.get("index") == rows[0].get("index")]
+    pts = [(r["entities"], r[stage]) for r in rows if r.get(stage, 0) > 0]
+    return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
 
 
 def exponents(rows: list[dict]) -> dict[str, float]:
@@ -183,10 +186,9 @@ def exponents(rows: list[dict]) -> dict[str, float]:
     build and the search over the sizes with the smallest size's index kind (flat and IVF differ in kind)."""
     out = {}
     for stage in STAGES:
-        pts = [(r["entities"], r[stage]) for r in _fit_rows(rows, stage) if r.get(stage, 0) > 0]
-        if len(pts) >= 2:
-            x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-            out[stage] = float(np.polyfit(x, y, 1)[0])
+        x, y = _fit_points(rows, stage)
+        if len(x) >= 2:
+            out[stage] = float(np.polyfit(np.log(x), np.log(y), 1)[0])
     return out
 
 
@@ -196,7 +198,7 @@ def _mib(b: float | None) -> str:
 
 def _rss(r: dict, key: str) -> str:
     if key in r and r[key] is None:
-        return f"killed (OOM, {_total_ram() / 2**30:.0f} GiB machine)"
+        return f"killed (OOM, {_total_ram() / 2**30:.1f} GiB machine)"
     return _mib(r.get(key))
 
 
@@ -243,13 +245,14 @@ def plot(rows: list[dict], fits: dict[str, float], path: Path) -> None:
         x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
         line = ax.loglog(x, y, "o-", label=f"{STAGE_NAMES[stage]} (slope {fits.get(stage, float('nan')):.2f})")[0]
         if stage in fits:
-            fit = [(r["entities"], r[stage]) for r in _fit_rows(rows, stage) if r.get(stage, 0) > 0]
-            x, y = np.array([p[0] for p in fit], float), np.array([p[1] for p in fit], float)
+            x, y = _fit_points(rows, stage)
             b = np.polyfit(np.log(x), np.log(y), 1)
             ax.loglog(x, np.exp(np.polyval(b, np.log(x))), "--", color=line.get_color(), alpha=0.6)
     ax.set_xlabel("KB entities")
     ax.set_ylabel("seconds")
-    ax.set_title("Two-stage evaluation cost against the KB size (dashed: least-squares fit)")
+    kinds = ", ".join(f"{r['index']} at {r['entities']:,}" for r in rows if "index" in r)
+    ax.set_title(f"Two-stage evaluation cost against the KB size (dashed: least-squares fit)\nfirst stage: {kinds}",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
