@@ -1,6 +1,7 @@
 """Data path: conversion throughput, then training-loader throughput against a published-style loader.
 
     python -m bench.bench_loader [--preset demo] [--seconds 20] [--raw DIR] [--raw-image-size N]
+                                 [--loader-workers 1,2] [--step-rate SAMPLES_PER_S]
 
 1. Generates the synthetic benchmark (``data_shards.synthetic``) into a temporary folder, or reuses
    ``--raw DIR``.
@@ -15,6 +16,10 @@
               normalise) on each, and tokenises both texts with the same tokenizer.
    Ours runs for ``--seconds`` (whole epochs are restarted if it gets through one); the baseline then
    runs over the same number of samples. Both batches are checked to have the same tensor shapes.
+4. Our loader alone with each of ``--loader-workers`` DataLoader workers: samples/s, samples/s per
+   worker and samples per CPU second (every process's CPU time: a measure other jobs do not inflate),
+   and, given ``--step-rate`` (the samples/s a training step consumes, e.g. bench_train's projection for
+   a GPU), how many cores keep that step fed at the measured samples per CPU second.
 Both loaders' times include starting their workers. The synthetic images are small (64 px by
 default); real datasets' images are larger, which makes the per-sample path slower still
 (``--raw-image-size`` generates larger ones).
@@ -177,6 +182,23 @@ def run_published(raw: Path, collator: Collator, batch: int, workers: int, sampl
     return {"samples": samples, "seconds": seconds, "cpu_s": cpu_seconds() - c0, "shapes": shapes, "epochs": epoch}
 
 
+def per_worker(shards: Path, collator: Collator, batch: int, counts: list[int], seconds: float,
+               step_rate: float | None) -> None:
+    """Our loader alone with each worker count: its rate per worker and per CPU second, and the cores a
+    training step consuming ``step_rate`` samples/s needs (at the best samples per CPU second measured)."""
+    print(f"\nour loader by worker count (batch {batch}, {collator.image_size} px, {seconds:.0f} s each)")
+    print(f"{'workers':<9}{'samples/s':>11}{'per worker':>12}{'CPU s':>8}{'samples/CPU s':>15}")
+    best = 0.0
+    for w in counts:
+        r = run_ours(shards, collator, batch, w, seconds)
+        rate, per_cpu = r["samples"] / r["seconds"], r["samples"] / r["cpu_s"]
+        best = max(best, per_cpu)
+        print(f"{w:<9}{rate:>11.1f}{rate / max(w, 1):>12.1f}{r['cpu_s']:>8.1f}{per_cpu:>15.1f}")
+    if step_rate:
+        print(f"a step consuming {step_rate:,.0f} samples/s needs {step_rate / best:.1f} cores of this machine's kind "
+              f"at {best:.1f} samples per CPU second (decode, normalise, tokenise, collate; the main process included)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo", help="synthetic preset (data_shards.synthetic)")
@@ -186,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=224, help="CLIP input size (ViT-B/32: 224)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loaders, and of the faster conversion")
+    p.add_argument("--loader-workers", default="1,2", help="worker counts for our loader alone (comma-separated; '' skips)")
+    p.add_argument("--step-rate", type=float, help="samples/s a training step consumes: print the cores that feed it")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     np.random.seed(0)
@@ -234,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
         ratio = (ours["samples"] / ours["seconds"]) / (base["samples"] / base["seconds"])
         cpu_ratio = (ours["samples"] / ours["cpu_s"]) / (base["samples"] / base["cpu_s"])
         print(f"loader speed-up (ours / published-style): {ratio:.2f}x samples/s, {cpu_ratio:.2f}x samples per CPU second")
+        counts = [int(w) for w in a.loader_workers.split(",") if w.strip()]
+        if counts:
+            per_worker(shards, collator, a.batch, counts, a.seconds, a.step_rate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -54,7 +54,11 @@ from train.trainer import GuardedAdamW, deepspeed_config, param_groups
 
 TEXT_LEN = 50
 IMAGE_SIZE = 224
-PARTS = ("clip", "matcher", "loss", "backward", "optimizer")
+PARTS = ("clip", "matcher", "loss", "backward", "grad_norm", "optimizer")
+# Variants: the published step, our step, and our step with one measured option changed.
+OPTIONS = {"published": {}, "ours": {}, "ours+eager": {"attn": "eager"}, "ours+foreach": {"adamw": "foreach"},
+           "ours+fused": {"adamw": "fused"}}
+ADAMW_KWARGS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def paper_config(batch: int, top_k: int = 3) -> Config:
@@ -68,8 +72,9 @@ def paper_config(batch: int, top_k: int = 3) -> Config:
     return cfg
 
 
-def paper_model(cfg: Config, seed: int = 0) -> MMoEModel:
-    """MMoEModel with a random-init ViT-B/32 CLIP (Hugging Face's default CLIPConfig) and the paper's matcher."""
+def paper_model(cfg: Config, seed: int = 0, attn: str = "sdpa") -> MMoEModel:
+    """MMoEModel with a random-init ViT-B/32 CLIP (Hugging Face's default CLIPConfig) and the paper's matcher;
+    ``attn``: CLIP's attention implementation (``sdpa``: torch's scaled_dot_product_attention; ``eager``)."""
     small = Config()
     small.model.matcher = cfg.model.matcher
     t = small.model.tiny_clip
@@ -78,7 +83,7 @@ def paper_model(cfg: Config, seed: int = 0) -> MMoEModel:
     t.layers, t.heads = 1, 1
     torch.manual_seed(seed)
     model = MMoEModel(small.model)  # the matcher (and a throw-away tiny CLIP) ...
-    clip = CLIPModel(CLIPConfig())  # ... then the real architecture in its place
+    clip = CLIPModel._from_config(CLIPConfig(), attn_implementation=attn)  # ... then the real architecture
     model.encoder = ClipEncoder(clip, cfg.model.matcher.text_dim, cfg.model.matcher.image_dim)
     return model
 
@@ -137,12 +142,12 @@ def _forward(model: MMoEModel, m: dict, e: dict, timers: Timers, published: bool
 class OurStep:
     """The trainer's micro-step (one micro-batch per optimizer step, one process)."""
 
-    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str) -> None:
+    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str, adamw: str = "default") -> None:
         import deepspeed
 
         self.cfg, self.device, self.precision = cfg, device, precision
         opt = GuardedAdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                           eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+                           eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay, **ADAMW_KWARGS[adamw])
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, precision))
         self.gold = torch.arange(cfg.data.batch_size, device=device)
         self.weight = torch.ones(cfg.data.batch_size, device=device)
@@ -157,16 +162,17 @@ class OurStep:
             loss, _ = contrastive_loss(scores, self.gold, self.gold, self.cfg.loss, log, row_weight=self.weight)
         with timers("backward"):
             self.engine.backward(loss)
-        with timers("optimizer"):
+        with timers("grad_norm"):
             if self.precision == "fp32":  # the norm the trainer logs for a plain fp32 optimizer
                 global_grad_norm(self.engine.module, self.device, 1)
+        with timers("optimizer"):  # DeepSpeed's clipping (its own norm), the guard's finiteness norm, AdamW
             self.engine.step()
 
 
 class PublishedStep:
     """The published training step, written plainly: dense experts, CLIP on every row, no engine."""
 
-    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str) -> None:
+    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str, adamw: str = "default") -> None:
         t = cfg.train
         decay = [p for n, p in model.named_parameters() if "bias" not in n]
         no_decay = [p for n, p in model.named_parameters() if "bias" in n]
@@ -174,7 +180,7 @@ class PublishedStep:
         model.encoder.zero_pixels_for_missing = True
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+                                     lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, **ADAMW_KWARGS[adamw])
         self.target = torch.arange(cfg.data.batch_size, device=device)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
 
@@ -191,8 +197,9 @@ class PublishedStep:
 
 
 def model_flops(cfg: Config, m: dict, e: dict, device: torch.device) -> float:
-    """FLOPs of one training step of our model: 3x the forward (counted from the ops' shapes)."""
-    model = paper_model(cfg).to(device)
+    """FLOPs of one training step of our model: 3x the forward (counted from the ops' shapes; eager attention,
+    whose matmuls the counter sees as such)."""
+    model = paper_model(cfg, attn="eager").to(device)
     with torch.no_grad():
         _, flops = count_flops(lambda: model(m, e))
     return 3.0 * flops
@@ -207,8 +214,9 @@ def run_variant(variant: str, batch: int, iters: int, device: torch.device, bf16
     e = {k: v.to(device) for k, v in random_batch(batch, 2, vocab).items()}
     rate = matmul_gflops(device, torch.bfloat16 if bf16 else torch.float32, n=8192 if device.type == "cuda" else 2048)
     flops = model_flops(cfg, m, e, device)
-    model = paper_model(cfg).to(device)
-    step = (OurStep if variant == "ours" else PublishedStep)(cfg, model, device, precision)
+    opts = OPTIONS[variant]
+    model = paper_model(cfg, attn=opts.get("attn", "sdpa")).to(device)
+    step = (PublishedStep if variant == "published" else OurStep)(cfg, model, device, precision, opts.get("adamw", "default"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -259,12 +267,17 @@ def report(results: dict[str, dict]) -> str:
              f"{o['step_flops'] / 1e12:.2f} TFLOP (3x forward)",
              f"{'variant':<11}{'s/step':>9}{'samples/s':>11}{'of matmul rate':>16}{'peak MiB':>10}   split: "
              + " / ".join(PARTS)]
-    for r in (p, o):
+    for r in results.values():
         split = " / ".join(f"{r['split_s'][k]:.2f}" for k in PARTS)
         lines.append(f"{r['variant']:<11}{r['seconds_per_step']:>9.2f}{r['samples_per_s']:>11.1f}"
                      f"{100 * r['matmul_fraction']:>15.1f}%{r['peak_mem_mib']:>10,.0f}   {split} s")
     lines.append(f"speed-up (published / ours): {p['seconds_per_step'] / o['seconds_per_step']:.2f}x   "
                  f"peak memory ratio: {p['peak_mem_mib'] / o['peak_mem_mib']:.2f}x")
+    for name, r in results.items():
+        if name not in ("ours", "published"):
+            lines.append(f"{name}: {o['seconds_per_step'] / r['seconds_per_step']:.3f}x the speed of ours")
+    lines.append(f"one gradient norm: {o['split_s']['grad_norm']:.3f} s = "
+                 f"{100 * o['split_s']['grad_norm'] / o['seconds_per_step']:.2f}% of our step")
     return "\n".join(lines)
 
 
@@ -275,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 (DeepSpeed's bf16 for ours, autocast for the published step)")
     p.add_argument("--json", help="also write the figures to this file")
-    p.add_argument("--variant", choices=["ours", "published"], help=argparse.SUPPRESS)
+    p.add_argument("--variants", default="published,ours",
+                   help="comma-separated, from: " + ", ".join(OPTIONS) + " (published and ours are always run)")
+    p.add_argument("--variant", choices=list(OPTIONS), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if a.variant:
@@ -285,8 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"max |ours - published| score difference on the same weights: {diff:.2e}", flush=True)
     if diff > 1e-3:
         sys.exit("the two steps compute different models; the timing would compare different things")
+    variants = ["published", "ours"] + [v for v in a.variants.split(",") if v not in ("published", "ours")]
+    unknown = [v for v in variants if v not in OPTIONS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
     results = {}
-    for variant in ("published", "ours"):
+    for variant in variants:
         cmd = [sys.executable, "-m", "bench.bench_train", "--variant", variant, "--batch", str(a.batch),
                "--iters", str(a.iters), "--device", a.device] + (["--bf16"] if a.bf16 else [])
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

@@ -36,9 +36,12 @@ def run_args(name: str, out_dir: Path, shards: Path) -> list[str]:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without its timings (samples/s, mentions/s): every loss, learning rate, expert load and
-    dev/test metric, one row per step and evaluation."""
-    return [{k: v for k, v in rec.items() if not k.endswith("_per_s")}
+    """metrics.jsonl without its timings (samples/s, mentions/s, the phase seconds and the throughput): every
+    loss, learning rate, expert load and dev/test metric, one row per step and evaluation."""
+    def timing(k: str) -> bool:
+        return k.endswith("_per_s") or k.startswith(("time/", "throughput/"))
+
+    return [{k: v for k, v in rec.items() if not timing(k)}
             for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
