@@ -11,9 +11,12 @@ from model.config import Config
 
 
 def resolve_tokenizer(cfg: Config) -> str:
-    """``data.tokenizer``, else the shards' ``tokenizer/`` folder, else the CLIP folder's tokenizer."""
+    """``data.tokenizer``, else a pretrained text tower's own folder (``model.encoder: towers``), else the shards'
+    ``tokenizer/`` folder, else the CLIP folder's tokenizer."""
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
+    if cfg.model.encoder == "towers" and cfg.model.towers.text_path:
+        return cfg.model.towers.text_path
     local = Path(cfg.data.shards) / "tokenizer"
     if local.is_dir():
         return str(local)
@@ -24,7 +27,8 @@ def resolve_tokenizer(cfg: Config) -> str:
 
 
 def make_collator(cfg: Config, model) -> Collator:
-    """The collator for ``model`` (an ``MMoEModel``: its CLIP's image size) under ``cfg``."""
-    image_size = model.encoder.clip.config.vision_config.image_size
-    return Collator(load_tokenizer(resolve_tokenizer(cfg)), image_size, cfg.model.text_max_length,
-                    mention_desc=cfg.data.mention_desc, entity_desc=cfg.data.entity_desc)
+    """The collator for ``model`` (an ``MMoEModel``: its encoder's image size and normalisation) under ``cfg``."""
+    norm = model.encoder.image_mean_std
+    extra = {"mean": tuple(norm[0]), "std": tuple(norm[1])} if norm else {}
+    return Collator(load_tokenizer(resolve_tokenizer(cfg)), model.encoder.image_size, cfg.model.text_max_length,
+                    mention_desc=cfg.data.mention_desc, entity_desc=cfg.data.entity_desc, **extra)
