@@ -152,3 +152,31 @@ def test_clip_keeps_its_two_groups_and_refuses_tower_knobs(tiny_export):
         load_config(None, ["train.text_lr=1e-4"])
     with pytest.raises(ConfigError, match="model.encoder: expected one of"):
         load_config(None, ["model.encoder=siglip"])
+
+
+def test_training_with_a_frozen_pretrained_text_tower_leaves_it_as_loaded_and_logs_each_rate(tiny_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.test_trainer import train
+    from train.optim_groups import schedule_of
+
+    args = ["--set", "model.encoder=towers", "--set", f"model.towers.text_path={MINILM}",
+            "--set", "train.freeze_text_steps=-1", "--set", "train.vision_lr=5e-3", "--set", "train.max_steps=4",
+            "--set", "train.eval_every_epochs=0", "--set", "train.eval_every_steps=4", "--set", "train.test_at_end=false",
+            "--set", "train.run_name=frozen"]
+    proc = train(args, tmp_path, tiny_shards)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "frozen"
+    trained = load_file(str(run / "best" / "model.safetensors"))
+    loaded = AutoModel.from_pretrained(MINILM).state_dict()
+    text = {k.removeprefix("encoder.text."): v for k, v in trained.items() if schedule_of(k) == "text"}
+    assert text and all(torch.equal(v, loaded[k]) for k, v in text.items())  # not one weight of MiniLM moved
+    _, cfg = load_export(run / "best")
+    from model.towers import tiny_vision_tower
+
+    init = tiny_vision_tower(cfg.model.tiny_clip).state_dict()
+    vision = {k.removeprefix("encoder.vision."): v for k, v in trained.items() if schedule_of(k) == "vision"}
+    assert sum(not torch.equal(v, init[k]) for k, v in vision.items()) > len(vision) // 2  # the ViT trained
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    lrs = [r for r in rows if "train/lr" in r]
+    assert lrs and all(r["train/lr_vision"] == 5e-3 and "train/lr_text" not in r for r in lrs)
