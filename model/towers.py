@@ -8,10 +8,11 @@ image_global  = Linear(pool(vision last hidden states))   [B, dv]
 image_tokens  = Linear(vision last hidden states)         [B, Lv, dv]
 
 Pooling (``text_pooling`` / ``vision_pooling``): ``auto`` is the model's own rule: a sentence-transformers
-folder's ``1_Pooling/config.json`` (all-MiniLM-L6-v2: mean), else the model's ``pooler_output`` when it has
-one (BERT: tanh over [CLS]; CLIP/DINOv2 vision: the normalised class token; SigLIP: its attention head),
-else the first token; ``cls`` (the first real token), ``mean`` (over real tokens), ``last`` (the last real
-token) or ``pooler`` choose one. Padding never enters a pooled vector, whichever side the tokenizer pads.
+folder's ``1_Pooling/config.json`` (all-MiniLM-L6-v2: mean), else the model's ``pooler_output`` when it
+returns one (BERT: tanh over [CLS]; CLIP text: the eos token; CLIP vision: the normalised class token;
+SigLIP: its attention head), else the first token (DINOv2: the normalised class token); ``cls`` (the first
+real token), ``mean`` (over real tokens), ``last`` (the last real token: decoder-only text models) or
+``pooler`` choose one. Padding never enters a pooled vector, whichever side the tokenizer pads.
 A folder holding a dual model (CLIP, SigLIP) gives its text or vision half.
 """
 
@@ -122,6 +123,12 @@ def pool(rule: str, out, mask: Tensor) -> Tensor:
     return {"cls": pool_first_token, "mean": pool_mean, "last": pool_last_token}[rule](hidden, mask)
 
 
+def _own_rule(probe) -> str:
+    """A tower's own pooling: its ``pooler_output`` when it has a pooling head (BERT, CLIP, SigLIP), else the
+    first token (the class token of encoders without a head, e.g. DINOv2, whose last states are normalised)."""
+    return "pooler" if getattr(probe, "pooler_output", None) is not None else "cls"
+
+
 def _width(tower: nn.Module) -> int:
     return tower.config.hidden_size
 
@@ -139,27 +146,22 @@ class TowersEncoder(nn.Module):
         self.settings = s
         self.text = load_tower(s.text_path, "text_model") if s.text_path else tiny_text_tower(tiny)
         self.vision = load_tower(s.vision_path, "vision_model") if s.vision_path else tiny_vision_tower(tiny)
-        self.text_rule = s.text_pooling
-        if self.text_rule == "auto":
-            self.text_rule = sentence_transformers_pooling(s.text_path) or self._default_rule(self.text, text=True)
-        self.vision_rule = s.vision_pooling
-        if self.vision_rule == "auto":
-            self.vision_rule = self._default_rule(self.vision, text=False)
         self.text_global_proj = _linear_or_identity(_width(self.text), text_dim)
         self.text_token_proj = _linear_or_identity(_width(self.text), text_dim)
         self.image_global_proj = nn.Linear(_width(self.vision), image_dim)
         self.image_token_proj = nn.Linear(_width(self.vision), image_dim)
         self.image_dim = image_dim
         self.image_size = int(self.vision.config.image_size)
-        with torch.no_grad():  # the vision tower's token count (class token, registers: model-specific)
-            probe = self.vision(pixel_values=torch.zeros(1, 3, self.image_size, self.image_size))
-        self.image_tokens = probe.last_hidden_state.shape[1]
-
-    @staticmethod
-    def _default_rule(tower: nn.Module, text: bool) -> str:
-        """``pooler`` when the tower has a pooling head, else the first token (BERT-style encoders' [CLS])."""
-        has_pooler = any(getattr(tower, name, None) is not None for name in ("pooler", "post_layernorm", "head"))
-        return "pooler" if has_pooler else "cls"
+        # one probe of each tower: its token count and whether it has a pooling head (its dropout draws no numbers
+        # from the seeded generator the matcher's initialisation uses next)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            text_probe = self.text(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2, dtype=torch.long))
+            image_probe = self.vision(pixel_values=torch.zeros(1, 3, self.image_size, self.image_size))
+        self.image_tokens = image_probe.last_hidden_state.shape[1]
+        self.text_rule = s.text_pooling
+        if self.text_rule == "auto":
+            self.text_rule = sentence_transformers_pooling(s.text_path) or _own_rule(text_probe)
+        self.vision_rule = _own_rule(image_probe) if s.vision_pooling == "auto" else s.vision_pooling
 
     @property
     def image_mean_std(self) -> tuple[list[float], list[float]] | None:

@@ -180,3 +180,21 @@ def test_training_with_a_frozen_pretrained_text_tower_leaves_it_as_loaded_and_lo
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     lrs = [r for r in rows if "train/lr" in r]
     assert lrs and all(r["train/lr_vision"] == 5e-3 and "train/lr_text" not in r for r in lrs)
+
+
+def test_a_saved_clip_folder_gives_its_vision_half_pooled_by_its_own_head(tiny_shards, tmp_path):
+    from transformers import CLIPModel
+
+    from model.encoder import load_clip
+    from model.towers import TowersEncoder, TowersSettings
+
+    tiny = tiny_model_config().tiny_clip
+    clip = load_clip("", tiny)
+    clip.save_pretrained(tmp_path / "clip")
+    enc = TowersEncoder(TowersSettings(vision_path=str(tmp_path / "clip")), tiny, 24, 16).eval()
+    assert type(enc.vision).__name__.startswith("CLIPVision") and enc.vision_rule == "pooler"
+    pixels = torch.randn(2, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(1))
+    ref = CLIPModel.from_pretrained(tmp_path / "clip").eval().vision_model(pixel_values=pixels)
+    with torch.no_grad():
+        tokens, pooled = enc.image_states(pixels)
+    assert torch.allclose(pooled, ref.pooler_output, atol=1e-5) and torch.allclose(tokens, ref.last_hidden_state, atol=1e-5)
