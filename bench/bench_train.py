@@ -57,7 +57,7 @@ IMAGE_SIZE = 224
 PARTS = ("clip", "matcher", "loss", "backward", "grad_norm", "optimizer")
 # Variants: the published step, our step, and our step with one measured option changed.
 OPTIONS = {"published": {}, "ours": {}, "ours+eager": {"attn": "eager"}, "ours+foreach": {"adamw": "foreach"},
-           "ours+fused": {"adamw": "fused"}}
+           "ours+fused": {"adamw": "fused"}, "ours+ckpt": {"checkpointing": True}}
 ADAMW_KWARGS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
@@ -216,6 +216,8 @@ def run_variant(variant: str, batch: int, iters: int, device: torch.device, bf16
     flops = model_flops(cfg, m, e, device)
     opts = OPTIONS[variant]
     model = paper_model(cfg, attn=opts.get("attn", "sdpa")).to(device)
+    if opts.get("checkpointing"):  # train.activation_checkpointing
+        model.encoder.enable_activation_checkpointing()
     step = (PublishedStep if variant == "published" else OurStep)(cfg, model, device, precision, opts.get("adamw", "default"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

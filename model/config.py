@@ -144,6 +144,9 @@ class TrainConfig:
     schedule: str = "constant"  # constant | linear | cosine (decay after warm-up)
     grad_accum: int = 1
     grad_clip: float = 1.0  # 0 = off
+    # the encoder's transformer layers keep no activations for backward and recompute them (Hugging Face's
+    # activation checkpointing): less memory for large batches, about one more forward of the encoder per step
+    activation_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
     zero_stage: int = 0  # 0, 1 or 2
     eval_every_epochs: int = 2  # paper: dev check every 2 epochs

@@ -123,6 +123,10 @@ class ClipEncoder(nn.Module):
         self.image_dim = image_dim
         self.image_tokens = image_token_count(clip)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the CLIP layers' activations in backward instead of keeping them (non-reentrant)."""
+        self.clip.activation_checkpointing_enable({"use_reentrant": False})
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor) -> Features:
         text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         # last_hidden_state is already after CLIP's final LayerNorm (as the pooler's input is), so this

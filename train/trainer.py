@@ -174,6 +174,8 @@ class Trainer:
             raise RunSetupError(f"model.matcher.moe.ep_size={ep_size} must divide the number of processes ({D.world()})")
         model, self.cfg = build_model(cfg, tokenizer)
         cfg = self.cfg
+        if cfg.train.activation_checkpointing:
+            model.encoder.enable_activation_checkpointing()
         self._check_data(cfg)
         self.collator = make_collator(cfg, model)
         self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
