@@ -77,6 +77,9 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+ADAMW_KWARGS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
+
+
 def resolve_precision(requested: str) -> str:
     if requested in ("bf16", "fp16") and not torch.cuda.is_available():
         # Our layers compute in fp32 on CPUs (DESIGN: bf16 pays only with AMX); DeepSpeed would then fail deep in
@@ -187,7 +190,8 @@ class Trainer:
         self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
         self.precision = resolve_precision(cfg.train.precision)
         optimizer = GuardedAdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                                      eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+                                 eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay,
+                                 **ADAMW_KWARGS[cfg.train.adamw])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(cfg.train.schedule, cfg.train.warmup_steps, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
