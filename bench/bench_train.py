@@ -50,15 +50,14 @@ from moe.matcher import MatcherSettings
 from moe.units import MoESettings
 from train.loss import contrastive_loss
 from train.phases import count_flops, matmul_gflops
-from train.trainer import GuardedAdamW, deepspeed_config, param_groups
+from train.trainer import ADAMW_KWARGS, GuardedAdamW, deepspeed_config, param_groups
 
 TEXT_LEN = 50
 IMAGE_SIZE = 224
 PARTS = ("clip", "matcher", "loss", "backward", "grad_norm", "optimizer")
 # Variants: the published step, our step, and our step with one measured option changed.
 OPTIONS = {"published": {}, "ours": {}, "ours+eager": {"attn": "eager"}, "ours+foreach": {"adamw": "foreach"},
-           "ours+fused": {"adamw": "fused"}}
-ADAMW_KWARGS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+           "ours+fused": {"adamw": "fused"}, "ours+ckpt": {"checkpointing": True}}
 
 
 def paper_config(batch: int, top_k: int = 3) -> Config:
@@ -142,7 +141,7 @@ def _forward(model: MMoEModel, m: dict, e: dict, timers: Timers, published: bool
 class OurStep:
     """The trainer's micro-step (one micro-batch per optimizer step, one process)."""
 
-    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str, adamw: str = "default") -> None:
+    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str, adamw: str = "auto") -> None:
         import deepspeed
 
         self.cfg, self.device, self.precision = cfg, device, precision
@@ -172,7 +171,7 @@ class OurStep:
 class PublishedStep:
     """The published training step, written plainly: dense experts, CLIP on every row, no engine."""
 
-    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str, adamw: str = "default") -> None:
+    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str, adamw: str = "auto") -> None:
         t = cfg.train
         decay = [p for n, p in model.named_parameters() if "bias" not in n]
         no_decay = [p for n, p in model.named_parameters() if "bias" in n]
@@ -216,7 +215,9 @@ def run_variant(variant: str, batch: int, iters: int, device: torch.device, bf16
     flops = model_flops(cfg, m, e, device)
     opts = OPTIONS[variant]
     model = paper_model(cfg, attn=opts.get("attn", "sdpa")).to(device)
-    step = (PublishedStep if variant == "published" else OurStep)(cfg, model, device, precision, opts.get("adamw", "default"))
+    if opts.get("checkpointing"):  # train.activation_checkpointing
+        model.encoder.enable_activation_checkpointing()
+    step = (PublishedStep if variant == "published" else OurStep)(cfg, model, device, precision, opts.get("adamw", "auto"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

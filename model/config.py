@@ -167,6 +167,12 @@ class TrainConfig:
     schedule: str = "constant"  # constant | linear | cosine (decay after warm-up)
     grad_accum: int = 1
     grad_clip: float = 1.0  # 0 = off
+    # the encoder's transformer layers keep no activations for backward and recompute them (Hugging Face's
+    # activation checkpointing): less memory for large batches, about one more forward of the encoder per step
+    activation_checkpointing: bool = False
+    # AdamW's implementation: auto (torch's choice: foreach on GPUs, a per-tensor loop on CPUs) | foreach | fused
+    # (one kernel for all tensors; CPU and CUDA) | loop; the same update up to rounding
+    adamw: str = "auto"
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
     zero_stage: int = 0  # 0, 1 or 2
     eval_every_epochs: int = 2  # paper: dev check every 2 epochs
@@ -185,7 +191,8 @@ class TrainConfig:
     collective_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
-        choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32")}
+        choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32"),
+                   "adamw": ("auto", "foreach", "fused", "loop")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key}: expected one of {allowed}, got {getattr(self, key)!r}")

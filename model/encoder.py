@@ -137,6 +137,10 @@ class ClipEncoder(nn.Module):
 
     image_mean_std = None  # the collator's default normalisation is CLIP's
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the CLIP layers' activations in backward instead of keeping them (non-reentrant)."""
+        self.clip.activation_checkpointing_enable({"use_reentrant": False})
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor) -> Features:
         text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         # last_hidden_state is already after CLIP's final LayerNorm (as the pooler's input is), so this

@@ -182,6 +182,11 @@ class TowersEncoder(nn.Module):
     def max_text_positions(self) -> int | None:
         return getattr(self.text.config, "max_position_embeddings", None)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute both towers' layer activations in backward instead of keeping them (non-reentrant)."""
+        for tower in (self.text, self.vision):
+            tower.activation_checkpointing_enable({"use_reentrant": False})
+
     def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """The text tower's last hidden states [B, L, h] and pooled vector [B, h], before the projections."""
         out = self.text(input_ids=input_ids, attention_mask=attention_mask)

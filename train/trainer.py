@@ -78,6 +78,9 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+ADAMW_KWARGS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
+
+
 def resolve_precision(requested: str) -> str:
     if requested in ("bf16", "fp16") and not torch.cuda.is_available():
         # Our layers compute in fp32 on CPUs (DESIGN: bf16 pays only with AMX); DeepSpeed would then fail deep in
@@ -138,6 +141,8 @@ class Trainer:
             raise RunSetupError(f"model.matcher.moe.ep_size={ep_size} must divide the number of processes ({D.world()})")
         model, self.cfg = build_model(cfg, tokenizer)
         cfg = self.cfg
+        if cfg.train.activation_checkpointing:
+            model.encoder.enable_activation_checkpointing()
         self._check_data(cfg)
         self.collator = make_collator(cfg, model)
         self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
@@ -151,7 +156,8 @@ class Trainer:
         freeze(model, frozen_towers(cfg))
         groups = param_groups(model, cfg)
         optimizer = GuardedAdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                                 eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+                                 eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay,
+                                 **ADAMW_KWARGS[cfg.train.adamw])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(groups, cfg, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.precision))
