@@ -23,6 +23,15 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 SEP = " [SEP] "
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model",
+                   "spiece.model")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder holds a tokenizer (any of the files Hugging Face tokenizers are saved as)."""
+    return bool(folder) and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(path))

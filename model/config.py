@@ -54,7 +54,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     shards: str = "data/synthetic/shards"  # output folder of data_shards.convert
-    tokenizer: str = ""  # "": <shards>/tokenizer if present, else model.clip_path
+    tokenizer: str = ""  # "": a pretrained text encoder's own, else <shards>/tokenizer, else the encoder's folder
     # Append the (DME) description to the mention text / the entity text. The paper's "w/o DME"
     # ablation removes only the mention's: mention_desc: false.
     mention_desc: bool = True

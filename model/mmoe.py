@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from pathlib import Path
 
 from torch import Tensor, nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from data_shards.collate import has_tokenizer, load_tokenizer
 from model.config import Config, ModelConfig
 from model.encoder import ClipEncoder, load_clip
 from model.towers import TowersEncoder
@@ -112,7 +112,7 @@ def check_tokenizer(model: MMoEModel, cfg: Config, tokenizer: PreTrainedTokenize
         raise ModelSetupError(f"model.text_max_length is {cfg.model.text_max_length} but the {what} has {positions} "
                               f"positions: set model.text_max_length to at most {positions}")
     path = cfg.model.towers.text_path if towers else cfg.model.clip_path
-    own = _own_tokenizer(path)
+    own = load_tokenizer(path) if has_tokenizer(path) else None
     if own is not None and own.get_vocab() != tokenizer.get_vocab():
         ours, theirs = tokenizer.get_vocab(), own.get_vocab()
         differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
@@ -120,14 +120,3 @@ def check_tokenizer(model: MMoEModel, cfg: Config, tokenizer: PreTrainedTokenize
             f"the tokenizer ({tokenizer.name_or_path or 'data.tokenizer'}, {len(ours)} tokens) is not the one the {what} "
             f"in {path} was trained with ({len(theirs)} tokens; e.g. {differ} differ): its ids would index the wrong "
             "embeddings. Leave data.tokenizer empty to use the model folder's tokenizer")
-
-
-def _own_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
-    """The tokenizer saved in a model folder, if it has one."""
-    if not path or not any((Path(path) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                                                               "vocab.json", "sentencepiece.bpe.model")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
