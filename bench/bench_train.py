@@ -173,7 +173,7 @@ class OurStep:
 class PublishedStep:
     """The published training step, written plainly: dense experts, CLIP on every row, no engine."""
 
-    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str, adamw: str = "auto") -> None:
+    def __init__(self, cfg: Config, model: MMoEModel, device: torch.device, precision: str) -> None:
         t = cfg.train
         decay = [p for n, p in model.named_parameters() if "bias" not in n]
         no_decay = [p for n, p in model.named_parameters() if "bias" in n]
@@ -219,7 +219,8 @@ def run_variant(variant: str, batch: int, iters: int, device: torch.device, bf16
     model = paper_model(cfg, attn=opts.get("attn", "sdpa")).to(device)
     if opts.get("checkpointing"):  # train.activation_checkpointing
         model.encoder.enable_activation_checkpointing()
-    step = (PublishedStep if variant == "published" else OurStep)(cfg, model, device, precision, opts.get("adamw", "auto"))
+    step = (PublishedStep(cfg, model, device, precision) if variant == "published"
+            else OurStep(cfg, model, device, precision, opts.get("adamw", "auto")))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -170,8 +170,8 @@ class TrainConfig:
     # the encoder's transformer layers keep no activations for backward and recompute them (Hugging Face's
     # activation checkpointing): less memory for large batches, about one more forward of the encoder per step
     activation_checkpointing: bool = False
-    # AdamW's implementation: auto (= fused: one kernel over all tensors, CPU and CUDA; the fastest measured) |
-    # fused | foreach | loop (one tensor at a time); the same update up to rounding
+    # AdamW's implementation: auto (torch's choice: foreach on GPUs, one tensor at a time on CPUs) | fused (one
+    # kernel over all tensors, CPU and CUDA; the fastest update measured) | foreach | loop; equal up to rounding
     adamw: str = "auto"
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
     zero_stage: int = 0  # 0, 1 or 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from pathlib import Path
 
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from data_shards.collate import has_tokenizer, load_tokenizer
 from model.config import Config, ModelConfig
 from model.encoder import ClipEncoder, load_clip
+from model.factory import text_model_folder
 from model.towers import TowersEncoder
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
@@ -62,18 +64,13 @@ class ModelSetupError(ValueError):
     """The tokenizer and the model do not fit together; the message says what to do."""
 
 
-def _random_text_encoder(cfg: ModelConfig) -> bool:
-    """Whether the text encoder is built from model.tiny_clip (no folder): it takes its vocabulary from the tokenizer."""
-    return not (cfg.towers.text_path if cfg.encoder == "towers" else cfg.clip_path)
-
-
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[MMoEModel, Config]:
     """Build the model; a random-init text encoder (tiny CLIP or tower) takes its vocabulary size and special
     tokens from the tokenizer; a pretrained one must come with a tokenizer that fits it. Returns the config with
     those values filled in (save that one)."""
     cfg = copy.deepcopy(cfg)
     tiny = cfg.model.tiny_clip
-    if _random_text_encoder(cfg.model) and tokenizer is not None:
+    if not text_model_folder(cfg) and tokenizer is not None:  # random-init: its vocabulary is the tokenizer's
         if tiny.vocab_size <= 0:
             tiny.vocab_size = len(tokenizer)
         # A BERT-style tokenizer has [CLS]/[SEP] instead of bos/eos; the encoder pools at the last real
@@ -111,9 +108,11 @@ def check_tokenizer(model: MMoEModel, cfg: Config, tokenizer: PreTrainedTokenize
     if positions is not None and cfg.model.text_max_length > positions:
         raise ModelSetupError(f"model.text_max_length is {cfg.model.text_max_length} but the {what} has {positions} "
                               f"positions: set model.text_max_length to at most {positions}")
-    path = cfg.model.towers.text_path if towers else cfg.model.clip_path
-    own = load_tokenizer(path) if has_tokenizer(path) else None
-    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+    path = text_model_folder(cfg)
+    if not has_tokenizer(path) or Path(tokenizer.name_or_path) == Path(path):
+        return  # no tokenizer saved with the encoder, or it is the one in use
+    own = load_tokenizer(path)
+    if own.get_vocab() != tokenizer.get_vocab():
         ours, theirs = tokenizer.get_vocab(), own.get_vocab()
         differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
         raise ModelSetupError(

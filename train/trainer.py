@@ -78,8 +78,8 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-# train.adamw -> torch.optim.AdamW's implementation. auto is the fused kernel (CPU and CUDA): on our CPU its update
-# of ViT-B/32 CLIP's 151M parameters takes 0.29 s vs 0.71 s for torch's default per-tensor loop (bench.bench_train)
+# train.adamw -> torch.optim.AdamW's implementation; auto is torch's own choice (docs/training-speed.md: fused is
+# faster but moved the demo's result, so it is an option)
 ADAMW_KWARGS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
                 "loop": {"foreach": False, "fused": False}}
 
