@@ -223,7 +223,7 @@ def per_sample_split(shards: Path, collator: Collator, n: int = 256) -> dict[str
         raw = np.stack(arrays[:32])
         t0 = time.perf_counter()
         for _ in range(5):
-            (torch.from_numpy(raw).permute(0, 3, 1, 2).float().div_(255.0) - collator.mean) / collator.std
+            collator.normalise(raw)
         normalise = (time.perf_counter() - t0) / (5 * len(raw))
         t0 = time.perf_counter()
         for i in range(0, len(texts), 32):
