@@ -20,6 +20,10 @@
    worker and samples per CPU second (every process's CPU time: a measure other jobs do not inflate),
    and, given ``--step-rate`` (the samples/s a training step consumes, e.g. bench_train's projection for
    a GPU), how many cores keep that step fed at the measured samples per CPU second.
+5. The per-sample split on one core (torch and the loop in this process, one thread): JPEG decode,
+   normalisation to float pixels, tokenisation of the two texts, per mention plus its gold entity, from
+   the train shards; what the rest of the loader costs (shard reads, JSON, collation, worker transfer)
+   is the difference to 1 / (samples per CPU second).
 Both loaders' times include starting their workers. The synthetic images are small (64 px by
 default); real datasets' images are larger, which makes the per-sample path slower still
 (``--raw-image-size`` generates larger ones).
@@ -44,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_shards import reader
 from data_shards.collate import Collator, load_tokenizer
 from data_shards.convert import ConvertSettings, convert
-from data_shards.stream import TrainStream, make_loader
+from data_shards.stream import ShardSet, TrainStream, make_loader, read_positions
 from data_shards.synthetic import generate, preset
 
 DATASET = "synthetic"
@@ -199,6 +203,41 @@ def per_worker(shards: Path, collator: Collator, batch: int, counts: list[int], 
               f"at {best:.1f} samples per CPU second (decode, normalise, tokenise, collate; the main process included)")
 
 
+def per_sample_split(shards: Path, collator: Collator, n: int = 256) -> dict[str, float]:
+    """Milliseconds per training sample (a mention and its gold entity, so two images and two texts) of
+    JPEG decode, normalisation and tokenisation, on one core, from the first ``n`` train mentions."""
+    import io
+    import json
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples = list(read_positions(ShardSet.from_manifest(shards, "train"), [0], 0, n))
+        jpgs = [s["jpg"] for s in samples if s.get("jpg")]
+        texts = [collator.mention_text(json.loads(s["json"])) for s in samples]
+        t0 = time.perf_counter()
+        arrays = []
+        for jpg in jpgs:
+            with Image.open(io.BytesIO(jpg)) as img:
+                arrays.append(np.asarray(img.convert("RGB")))
+        decode = (time.perf_counter() - t0) / len(jpgs)
+        raw = np.stack(arrays[:32])
+        t0 = time.perf_counter()
+        for _ in range(5):
+            collator.normalise(raw)
+        normalise = (time.perf_counter() - t0) / (5 * len(raw))
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), 32):
+            collator._tokens(texts[i:i + 32])
+        tokenise = (time.perf_counter() - t0) / len(texts)
+    finally:
+        torch.set_num_threads(threads)
+    # Two images and two texts per training sample; the mentions' share of rows with an image is used for both.
+    share = len(jpgs) / len(samples)
+    return {"images": len(jpgs), "jpeg_kib": float(np.mean([len(j) for j in jpgs])) / 1024, "image_share": share,
+            "decode_ms": 2 * share * decode * 1e3, "normalise_ms": 2 * normalise * 1e3,
+            "tokenise_ms": 2 * tokenise * 1e3}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo", help="synthetic preset (data_shards.synthetic)")
@@ -261,6 +300,11 @@ def main(argv: list[str] | None = None) -> None:
         counts = [int(w) for w in a.loader_workers.split(",") if w.strip()]
         if counts:
             per_worker(shards, collator, a.batch, counts, a.seconds, a.step_rate)
+        split = per_sample_split(shards, collator)
+        print(f"\nper training sample on one core (mention + gold entity; {split['images']} JPEGs of "
+              f"{split['jpeg_kib']:.1f} KiB, {split['image_share']:.0%} of rows with an image): "
+              f"decode {split['decode_ms']:.2f} ms, normalise {split['normalise_ms']:.2f} ms, "
+              f"tokenise {split['tokenise_ms']:.2f} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

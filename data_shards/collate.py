@@ -23,6 +23,15 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 SEP = " [SEP] "
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model",
+                   "spiece.model")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder holds a tokenizer (any of the files Hugging Face tokenizers are saved as)."""
+    return bool(folder) and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(path))
@@ -72,10 +81,16 @@ class Collator:
                                  f"{self.image_size}: convert again with --image-size {self.image_size}")
             raw[i] = arr
             mask[i] = True
-        # One normalisation for the whole batch; rows without an image stay exactly zero.
-        pixels = (torch.from_numpy(raw).permute(0, 3, 1, 2).float().div_(255.0) - self.mean) / self.std
-        pixels[~mask] = 0.0
+        pixels = self.normalise(raw)
+        pixels[~mask] = 0.0  # rows without an image stay exactly zero
         return {"pixel_values": pixels, "image_mask": mask}
+
+    def normalise(self, raw: np.ndarray) -> Tensor:
+        """uint8 [B, H, W, 3] -> float [B, 3, H, W], ``(x / 255 - mean) / std``: one contiguous buffer updated in
+        place (the same arithmetic, so the same bits, as three out-of-place ops, at a third of the cost)."""
+        pixels = torch.empty(raw.shape[0], 3, raw.shape[1], raw.shape[2])
+        pixels.copy_(torch.from_numpy(raw).permute(0, 3, 1, 2))
+        return pixels.div_(255.0).sub_(self.mean).div_(self.std)
 
     def mentions(self, samples: list[dict]) -> dict[str, Tensor]:
         metas = [s["json"] for s in samples]

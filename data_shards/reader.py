@@ -1,6 +1,6 @@
 """Readers for the released MEL datasets (MIMIC format, with MMoE's ``desc`` when present).
 
-Quirks handled (the README's "Data" section describes the format):
+Quirks handled (docs/data.md describes the format):
 * split files named per dataset: ``WIKIMEL_{split}.json``, ``RichpediaMEL_{split}.json``,
   ``wiki_diverse_{split}.json`` (MIMIC) or ``WikiDiverse_{split}.json`` (MMoE re-release), and our
   synthetic benchmark's ``SyntheticMEL_{split}.json``; any other dataset in this format through

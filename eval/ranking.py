@@ -64,8 +64,8 @@ def pair_budget(max_pair_elements: int, device: torch.device) -> int:
 
     On CPUs the map is written by the GEMM, read and rewritten by the softmax and read by the
     pooling; when it stays in the last-level cache the scoring runs about twice as fast as with
-    a map streamed through memory (bench.bench_eval --max-pair-elements: 95k pairs/s at 2^22
-    elements, 42k at 2^24 on our 2-core CPUs). GPUs prefer fewer, larger kernels."""
+    a map streamed through memory (bench.bench_eval --max-pair-elements; figures in docs/benchmarks.md).
+    GPUs prefer fewer, larger kernels."""
     if max_pair_elements > 0:
         return max_pair_elements
     return GPU_PAIR_BUDGET if device.type == "cuda" else CPU_PAIR_BUDGET

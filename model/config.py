@@ -14,15 +14,28 @@ import yaml
 
 from core.typed_config import ConfigError, apply_override, build, load_yaml, to_dict  # noqa: F401 (re-exported)
 from model.encoder import TinyClipSettings
+from model.towers import TowersSettings
 from moe.matcher import MatcherSettings
+
+ENCODERS = ("clip", "towers")
 
 
 @dataclass
 class ModelConfig:
+    encoder: str = "clip"  # clip: one CLIPModel (the paper's) | towers: a text and a vision tower (model.towers)
     clip_path: str = ""  # local folder or hub id of a CLIPModel; empty: build tiny_clip
+    # the random-init CLIP's sizes; with encoder: towers, the sizes of a random-init tower (a path left empty)
     tiny_clip: TinyClipSettings = field(default_factory=TinyClipSettings)
+    towers: TowersSettings = field(default_factory=TowersSettings)
     text_max_length: int = 50
     matcher: MatcherSettings = field(default_factory=MatcherSettings)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"model.encoder: expected one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder == "towers" and self.matcher.compat == "published":
+            raise ConfigError("model.matcher.compat: published reproduces the published code, which encodes with one "
+                              "CLIP: use model.encoder: clip with it")
 
 
 @dataclass
@@ -41,7 +54,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     shards: str = "data/synthetic/shards"  # output folder of data_shards.convert
-    tokenizer: str = ""  # "": <shards>/tokenizer if present, else model.clip_path
+    tokenizer: str = ""  # "": a pretrained text encoder's own, else <shards>/tokenizer, else the encoder's folder
     # Append the (DME) description to the mention text / the entity text. The paper's "w/o DME"
     # ablation removes only the mention's: mention_desc: false.
     mention_desc: bool = True
@@ -136,7 +149,17 @@ class TrainConfig:
     epochs: int = 20
     max_steps: int = 0  # optimizer steps; 0 = no limit (epochs decide)
     lr: float = 1e-5  # paper: 5e-6 for WikiMEL, 1e-5 otherwise
-    clip_lr: float = -1.0  # CLIP encoder learning rate; < 0: the same as lr (the paper's single rate)
+    clip_lr: float = -1.0  # encoder learning rate (CLIP, or both towers); < 0: the same as lr (the paper's single rate)
+    # model.encoder: towers only: each tower's rate (< 0: clip_lr) and its freezing: lr 0 for its first N optimizer
+    # steps (its warm-up then starts), -1: never trained (no gradient through it)
+    text_lr: float = -1.0
+    vision_lr: float = -1.0
+    freeze_text_steps: int = 0
+    freeze_vision_steps: int = 0
+    encoder_warmup_steps: int = -1  # the encoder groups' warm-up (CLIP or each tower); -1: warmup_steps
+    # layer-wise LR decay of the encoder: layer i of L at clip_lr * decay^(L - i), the embeddings at decay^(L + 1),
+    # the rest (final norms, pooling heads) at clip_lr; 1 = off
+    layer_decay: float = 1.0
     weight_decay: float = 1e-4
     adam_eps: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -144,6 +167,12 @@ class TrainConfig:
     schedule: str = "constant"  # constant | linear | cosine (decay after warm-up)
     grad_accum: int = 1
     grad_clip: float = 1.0  # 0 = off
+    # the encoder's transformer layers keep no activations for backward and recompute them (Hugging Face's
+    # activation checkpointing): less memory for large batches, about one more forward of the encoder per step
+    activation_checkpointing: bool = False
+    # AdamW's implementation: auto (torch's choice: foreach on GPUs, one tensor at a time on CPUs) | fused (one
+    # kernel over all tensors, CPU and CUDA; the fastest update measured) | foreach | loop; equal up to rounding
+    adamw: str = "auto"
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
     zero_stage: int = 0  # 0, 1 or 2
     eval_every_epochs: int = 2  # paper: dev check every 2 epochs
@@ -162,7 +191,8 @@ class TrainConfig:
     collective_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
-        choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32")}
+        choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32"),
+                   "adamw": ("auto", "foreach", "fused", "loop")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
@@ -240,7 +270,9 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
                                                "keep_checkpoints", "seed", "max_bad_steps")},
     "train.collective_timeout_s": (1, None, "[]"),
     **{f"train.{k}": (0, None, "(]") for k in ("lr", "adam_eps")},
-    "train.clip_lr": (None, None, "[]"),  # < 0: the same as train.lr; 0 freezes the CLIP encoder
+    **{f"train.{k}": (None, None, "[]") for k in ("clip_lr", "text_lr", "vision_lr")},  # < 0: inherited; 0 freezes
+    **{f"train.{k}": (-1, None, "[]") for k in ("freeze_text_steps", "freeze_vision_steps", "encoder_warmup_steps")},
+    "train.layer_decay": (0, 1, "(]"),
     "train.adam_betas": (0, 1, "[)"),
     **{f"negatives.{k}": (0, None, "[]") for k in ("warmup_epochs", "refresh_epochs")},
     **{f"negatives.{k}": (1, None, "[]") for k in ("top_k", "n_hard")},
@@ -280,6 +312,11 @@ def check_ranges(cfg: Config) -> None:
     if tiny.patch_size > tiny.image_size:
         raise ConfigError(f"model.tiny_clip.patch_size ({tiny.patch_size}) cannot exceed model.tiny_clip.image_size "
                           f"({tiny.image_size})")
+    tower_knobs = {"text_lr": -1.0, "vision_lr": -1.0, "freeze_text_steps": 0, "freeze_vision_steps": 0}
+    changed = [k for k, default in tower_knobs.items() if getattr(t, k) != default]
+    if changed and cfg.model.encoder != "towers":
+        raise ConfigError(f"train.{changed[0]} applies to model.encoder: towers; the CLIP encoder is one group "
+                          "(train.clip_lr, 0 freezes it)")
     if len(t.adam_betas) != 2:
         raise ConfigError(f"train.adam_betas: expected two numbers [beta1, beta2], got {t.adam_betas}")
     heads = ("overall_weight", "text_weight", "vision_weight", "cross_weight")

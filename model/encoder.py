@@ -123,6 +123,24 @@ class ClipEncoder(nn.Module):
         self.image_dim = image_dim
         self.image_tokens = image_token_count(clip)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.clip.config.text_config.vocab_size)
+
+    @property
+    def max_text_positions(self) -> int:
+        return int(self.clip.config.text_config.max_position_embeddings)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.clip.config.vision_config.image_size)
+
+    image_mean_std = None  # the collator's default normalisation is CLIP's
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the CLIP layers' activations in backward instead of keeping them (non-reentrant)."""
+        self.clip.activation_checkpointing_enable({"use_reentrant": False})
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor) -> Features:
         text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         # last_hidden_state is already after CLIP's final LayerNorm (as the pooler's input is), so this

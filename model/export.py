@@ -138,7 +138,7 @@ def _tokenizer_at(path: str) -> PreTrainedTokenizerBase:
 
 
 def data_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
-    """The tokenizer ``cfg`` resolves to (data.tokenizer, <shards>/tokenizer, model.clip_path)."""
+    """The tokenizer ``cfg`` resolves to (model.factory.resolve_tokenizer)."""
     return _tokenizer_at(resolve_tokenizer(cfg))
 
 

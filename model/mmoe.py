@@ -1,4 +1,5 @@
-"""MMoE model = CLIP encoder + matcher, with the batch layout the data loaders produce.
+"""MMoE model = encoder (one CLIP, or a text and a vision tower) + matcher, with the batch layout the data
+loaders produce.
 
 A batch (mentions or entities) is a mapping with
   input_ids [B, Lt] long, attention_mask [B, Lt], pixel_values [B, 3, S, S] float,
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from pathlib import Path
 
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from data_shards.collate import has_tokenizer, load_tokenizer
 from model.config import Config, ModelConfig
 from model.encoder import ClipEncoder, load_clip
+from model.factory import text_model_folder
+from model.towers import TowersEncoder
 from moe.features import Features, SideCache
 from moe.matcher import MMoEMatcher
 from moe.units import MoELog
@@ -27,8 +32,11 @@ class MMoEModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         s = cfg.matcher
-        self.encoder = ClipEncoder(load_clip(cfg.clip_path, cfg.tiny_clip), s.text_dim, s.image_dim,
-                                   zero_pixels_for_missing=s.published)
+        if cfg.encoder == "towers":
+            self.encoder: ClipEncoder | TowersEncoder = TowersEncoder(cfg.towers, cfg.tiny_clip, s.text_dim, s.image_dim)
+        else:
+            self.encoder = ClipEncoder(load_clip(cfg.clip_path, cfg.tiny_clip), s.text_dim, s.image_dim,
+                                       zero_pixels_for_missing=s.published)
         self.matcher = MMoEMatcher(s)
 
     def features(self, batch: Mapping[str, Tensor]) -> Features:
@@ -57,11 +65,12 @@ class ModelSetupError(ValueError):
 
 
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[MMoEModel, Config]:
-    """Build the model; a tiny CLIP takes its vocabulary size and special tokens from the
-    tokenizer. Returns the config with those values filled in (save that one)."""
+    """Build the model; a random-init text encoder (tiny CLIP or tower) takes its vocabulary size and special
+    tokens from the tokenizer; a pretrained one must come with a tokenizer that fits it. Returns the config with
+    those values filled in (save that one)."""
     cfg = copy.deepcopy(cfg)
     tiny = cfg.model.tiny_clip
-    if not cfg.model.clip_path and tokenizer is not None:
+    if not text_model_folder(cfg) and tokenizer is not None:  # random-init: its vocabulary is the tokenizer's
         if tiny.vocab_size <= 0:
             tiny.vocab_size = len(tokenizer)
         # A BERT-style tokenizer has [CLS]/[SEP] instead of bos/eos; the encoder pools at the last real
@@ -81,8 +90,32 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -
                         "from the dataset with python -m data_shards.tokenizer --root DATASET --out DATASET/tokenizer")
                 setattr(tiny, attr, value)
     model = MMoEModel(cfg.model)
-    vocab = model.encoder.clip.config.text_config.vocab_size
-    if tokenizer is not None and len(tokenizer) > vocab:
-        raise ModelSetupError(f"the tokenizer has {len(tokenizer)} tokens but the CLIP text model only {vocab}: use the "
-                         "tokenizer the CLIP was trained with (data.tokenizer), or leave model.clip_path empty")
+    if tokenizer is not None:
+        check_tokenizer(model, cfg, tokenizer)
     return model, cfg
+
+
+def check_tokenizer(model: MMoEModel, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
+    """ModelSetupError unless ``tokenizer`` fits the text encoder: no id beyond its embeddings, no text longer
+    than its positions, and for a pretrained tower the same vocabulary as the tokenizer saved with it."""
+    enc, towers = model.encoder, cfg.model.encoder == "towers"
+    what = "text tower" if towers else "CLIP text model"
+    if len(tokenizer) > enc.vocab_size:
+        raise ModelSetupError(f"the tokenizer has {len(tokenizer)} tokens but the {what} only {enc.vocab_size}: use the "
+                              f"tokenizer the {what} was trained with (data.tokenizer), or build a random-init one "
+                              "(an empty model path)")
+    positions = enc.max_text_positions
+    if positions is not None and cfg.model.text_max_length > positions:
+        raise ModelSetupError(f"model.text_max_length is {cfg.model.text_max_length} but the {what} has {positions} "
+                              f"positions: set model.text_max_length to at most {positions}")
+    path = text_model_folder(cfg)
+    if not has_tokenizer(path) or Path(tokenizer.name_or_path) == Path(path):
+        return  # no tokenizer saved with the encoder, or it is the one in use
+    own = load_tokenizer(path)
+    if own.get_vocab() != tokenizer.get_vocab():
+        ours, theirs = tokenizer.get_vocab(), own.get_vocab()
+        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
+        raise ModelSetupError(
+            f"the tokenizer ({tokenizer.name_or_path or 'data.tokenizer'}, {len(ours)} tokens) is not the one the {what} "
+            f"in {path} was trained with ({len(theirs)} tokens; e.g. {differ} differ): its ids would index the wrong "
+            "embeddings. Leave data.tokenizer empty to use the model folder's tokenizer")

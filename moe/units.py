@@ -112,8 +112,8 @@ def key_bias_column(key: Tensor, key_mask: Tensor) -> Tensor:
     """``key`` [M, Lk, h] with one more column: 0 for a real token, a large negative number for padding.
 
     Paired with a column of ones appended to the query, the logits GEMM itself adds the padding
-    mask, so no masked copy of the attention map is written (masked_fill on the map was about a
-    fifth of the scoring time on our CPUs). Real tokens get exactly ``+ 1 * 0``: the same logits.
+    mask, so no masked copy of the attention map is written (a masked_fill on the map costs a pass over
+    it). Real tokens get exactly ``+ 1 * 0``: the same logits.
     """
     return torch.cat([key, mask_bias(key_mask, key.dtype).unsqueeze(-1)], dim=-1)
 
@@ -132,7 +132,7 @@ def global_to_local(query: Tensor, query_mask: Tensor, key: Tensor, value: Tenso
     m, lk, _ = key.shape
     # One GEMM [N*Lq, h+1] x [h+1, M*Lk] laid out [N, Lq, M, Lk]: the softmax runs over the last dimension and
     # the mean over entity tokens is one batched matvec, with no permuted copy of the attention map
-    # (the einsum "nqh,mkh->mnqk" layout cost a full copy; about 2x slower on our CPUs). The extra
+    # (the einsum "nqh,mkh->mnqk" layout costs a full copy of the map). The extra
     # column carries the key padding mask (key_bias_column).
     q = torch.cat([query * (1.0 / math.sqrt(h)), query.new_ones(n, lq, 1)], dim=-1)
     logits = q.reshape(n * lq, h + 1) @ key_bias_column(key, key_mask).reshape(m * lk, h + 1).t()

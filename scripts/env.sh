@@ -2,7 +2,7 @@
 # Create (or reuse) the project's virtualenv and activate it. Source it: `source scripts/env.sh`.
 # The venv is cached per hash of requirements.txt, so a second run costs seconds. It holds third-party
 # packages only: nothing of this project is installed into it (it may serve several checkouts), and
-# every entry point imports the folders of the checkout it is started from (README, "Layout").
+# every entry point imports the folders of the checkout it is started from (docs/layout.md, "Which code runs").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"

@@ -1,4 +1,4 @@
-"""The matcher against the published MMoE equations (README, "How the model works"), computed independently.
+"""The matcher against the published MMoE equations (docs/model.md), computed independently.
 
 The reference below is written from the equations alone: explicit loops over pairs, tokens and
 experts, plain matmuls, its own LayerNorm, softmax and gates. It reads the weights by name from

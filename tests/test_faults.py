@@ -1,5 +1,5 @@
 """Fault injection end to end on the tiny preset: what the trainer and the evaluator refuse, recover
-from or count instead of producing a wrong number (README, "What the trainer checks")."""
+from or count instead of producing a wrong number (docs/checks.md)."""
 
 from __future__ import annotations
 

@@ -156,3 +156,22 @@ def test_export_round_trip_gives_the_same_scores(tmp_path):
     mentions, entities = random_batch(3, 1), random_batch(4, 2)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(mentions, entities)[0]["overall"], model(mentions, entities)[0]["overall"])
+
+
+def test_activation_checkpointing_gives_the_gradients_of_keeping_the_activations():
+    import copy
+
+    torch.manual_seed(0)
+    plain = MMoEModel(tiny_model_config())
+    recomputing = copy.deepcopy(plain)
+    recomputing.encoder.enable_activation_checkpointing()
+    m, e = random_batch(4, 1, missing=(2,)), random_batch(5, 2)
+    for model in (plain, recomputing):
+        scores, log = model(m, e)
+        (sum(s.logsumexp(1).sum() for s in scores.values()) + sum(log.total())).backward()
+    grads = dict(plain.named_parameters())
+    checked = [n for n, p in recomputing.named_parameters() if n.startswith("encoder.clip.") and p.grad is not None]
+    assert len(checked) > 20
+    for n in checked:
+        assert torch.allclose(dict(recomputing.named_parameters())[n].grad, grads[n].grad, atol=1e-6), n
+    assert recomputing.encoder.clip.text_model.encoder.gradient_checkpointing  # it really recomputes

@@ -3,6 +3,7 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,15 @@ def test_collation_texts_images_and_desc_switch(tiny_shards, collator):
     assert wo_dme.entity_text({"name": "abc", "desc": "a long river"}) == "abc [SEP] a long river"
     # Rows without an image are zero and masked out.
     assert (b["pixel_values"][~b["image_mask"]] == 0).all()
+
+
+def test_normalisation_is_the_clip_formula_bit_for_bit_in_a_contiguous_buffer(collator):
+    raw = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    expected = (torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255.0 - collator.mean) / collator.std
+    got = collator.normalise(raw)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    assert not torch.equal(got[0], got[1])  # each row is its own image
 
 
 def test_train_fraction_is_a_seeded_subset_seen_exactly_once(tiny_shards, collator):

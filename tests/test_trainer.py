@@ -204,3 +204,23 @@ def test_a_run_books_its_time_to_phases_and_the_test_reuses_the_last_dev_kb_cach
     mine = [json.loads(line) for line in open(run / "per_mention-test.jsonl")]
     other = [json.loads(line) for line in open(tmp_path / "again" / "per_mention-test.jsonl")]
     assert [(r["rank"], r["ties"], r["top_ids"]) for r in mine] == [(r["rank"], r["ties"], r["top_ids"]) for r in other]
+
+
+def test_every_adamw_implementation_makes_the_same_update():
+    from train.trainer import ADAMW_KWARGS, GuardedAdamW
+
+    results = {}
+    for name, kwargs in ADAMW_KWARGS.items():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3))]
+        opt = GuardedAdamW([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                           lr=1e-2, eps=1e-8, **kwargs)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 1))
+            opt.step()
+        results[name] = [p.detach().clone() for p in params]
+    start = [torch.randn(7, 5, generator=torch.Generator().manual_seed(0))]
+    for name, got in results.items():
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, results["loop"], strict=True)), name
+    assert not torch.allclose(results["loop"][0], start[0])  # the steps moved the weights

@@ -326,7 +326,8 @@ def load_weights_only(path: Path) -> Any:
 # shape and behaviour, every model.* key but these (a path may move between machines; the seed only initialises
 # weights the checkpoint replaces; the MoE layout is converted).
 FIXED_DATA = ("data.seed", "data.train_fraction_mode", "data.mention_desc", "data.entity_desc")
-FREE_MODEL = ("model.clip_path", "model.tiny_clip.seed", "model.matcher.moe.backend", "model.matcher.moe.ep_size")
+FREE_MODEL = ("model.clip_path", "model.towers.text_path", "model.towers.vision_path", "model.tiny_clip.seed",
+              "model.matcher.moe.backend", "model.matcher.moe.ep_size")
 
 
 def _flat(d: dict, prefix: str) -> dict:

@@ -9,8 +9,8 @@ complete checkpoint and exit with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL: "try
 Launchers in between: the deepspeed launcher, on SIGTERM or SIGINT, sends SIGTERM to its whole process
 tree (ranks and DataLoader workers) and SIGKILL 30 s later; torchrun's agent sends SIGTERM to its workers.
 The grace a job needs (one step plus one checkpoint) is printed at start. A rank whose launcher dies
-(``kill`` of the ``deepspeed`` command alone used to leave the ranks training, racing the next job)
-treats that as a stop request too.
+(``kill`` of the ``deepspeed`` command alone would otherwise leave the ranks training, racing the next
+job) treats that as a stop request too.
 """
 
 from __future__ import annotations

@@ -30,13 +30,14 @@ from model import distributed as D
 from model.config import Config, save_config
 from model.export import ExportTargetError, load_export, recover_export, save_export
 from model.factory import make_collator, resolve_tokenizer
-from model.mmoe import BATCH_KEYS, MMoEModel, build_model
+from model.mmoe import BATCH_KEYS, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
 from train import checkpointing as ckpt
 from train.checkpoint_manager import CheckpointManager, RunSetupError
 from train.loss import contrastive_loss
 from train.negatives import load_table, mine, save_table
 from train.observe import MetricsWindow, RankLog, RunLog
+from train.optim_groups import freeze, frozen_towers, group_lr_factors, lr_metrics, param_groups
 from train.phases import PhaseClock, count_flops, matmul_gflops, throughput_line
 from train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, clear_record, describe, write_rate_mb_s, write_record
 from train.run_folder import RunFolderError, RunFolderLock, mark, prepare_fresh
@@ -77,6 +78,12 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+# train.adamw -> torch.optim.AdamW's implementation; auto is torch's own choice (docs/training-speed.md: fused is
+# faster but moved the demo's result, so it is an option)
+ADAMW_KWARGS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
+                "loop": {"foreach": False, "fused": False}}
+
+
 def resolve_precision(requested: str) -> str:
     if requested in ("bf16", "fp16") and not torch.cuda.is_available():
         # Our layers compute in fp32 on CPUs (DESIGN: bf16 pays only with AMX); DeepSpeed would then fail deep in
@@ -100,43 +107,6 @@ def deepspeed_config(cfg: Config, precision: str) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-
-
-def param_groups(model: MMoEModel, cfg: Config) -> list[dict]:
-    """Matcher parameters at train.lr and CLIP encoder parameters at train.clip_lr (default: the single
-    rate), each with weight decay train.weight_decay except parameters whose name contains ``bias``
-    (weight decay 0, as published; its ``LayerNorm`` names match no module, so LayerNorm weights decay).
-    Order: matcher, clip, then their no-decay halves (the schedule's lr list keeps clip at index 1).
-
-    With DeepSpeed MoE layers, their expert parameters move to extra groups marked ``moe`` (one per
-    expert-parallel group name, at the rate of the group they came from), appended after these,
-    as DeepSpeed requires for ZeRO and for reducing expert gradients over the expert-data-parallel group."""
-    buckets: dict[tuple[str, bool], list] = {(g, d): [] for g in ("matcher", "clip") for d in (True, False)}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            buckets[("clip" if name.startswith("encoder.clip.") else "matcher", "bias" not in name)].append(p)
-    lr = {"matcher": cfg.train.lr, "clip": cfg.train.lr if cfg.train.clip_lr < 0 else cfg.train.clip_lr}
-    groups = [{"params": buckets[(g, True)], "lr": lr[g], "weight_decay": cfg.train.weight_decay, "name": g}
-              for g in ("matcher", "clip")]
-    groups += [{"params": buckets[(g, False)], "lr": lr[g], "weight_decay": 0.0, "name": f"{g}_no_decay"}
-               for g in ("matcher", "clip")]
-    if cfg.model.matcher.moe.backend == "deepspeed":
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return groups
-
-
-def lr_factor(schedule: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 def seed_everything(seed: int) -> None:
@@ -174,6 +144,8 @@ class Trainer:
             raise RunSetupError(f"model.matcher.moe.ep_size={ep_size} must divide the number of processes ({D.world()})")
         model, self.cfg = build_model(cfg, tokenizer)
         cfg = self.cfg
+        if cfg.train.activation_checkpointing:
+            model.encoder.enable_activation_checkpointing()
         self._check_data(cfg)
         self.collator = make_collator(cfg, model)
         self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
@@ -184,10 +156,12 @@ class Trainer:
         steps_by_epochs = cfg.train.epochs * self.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
         self.precision = resolve_precision(cfg.train.precision)
-        optimizer = GuardedAdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                                      eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_factor(cfg.train.schedule, cfg.train.warmup_steps, self.total_steps))
+        freeze(model, frozen_towers(cfg))
+        groups = param_groups(model, cfg)
+        optimizer = GuardedAdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                 eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay,
+                                 **ADAMW_KWARGS[cfg.train.adamw])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(groups, cfg, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.precision))
         self.grad_norm: float | None = None
@@ -513,8 +487,7 @@ class Trainer:
         st, w = self.state, self.window
         samples_per_s = w.samples_per_s(D.world())
         metrics = w.mean_losses()
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        metrics["train/lr_clip"] = self.scheduler.get_last_lr()[1]
+        metrics.update(lr_metrics(self.guard.param_groups, self.scheduler.get_last_lr()))
         norm = self._last_grad_norm()
         if norm is not None:
             metrics["train/grad_norm"] = float(norm)

@@ -5,8 +5,8 @@ or ``generate(out_dir, SyntheticSettings(...))``. The same settings and seed giv
 (whatever the number of worker processes). The dataset is built in a temporary folder beside DIR and
 renamed at the end, so a crash never leaves a half-written dataset under DIR.
 
-Files (the MIMIC layout of the real datasets, read by ``data_shards.reader``; the README's "Data"
-section describes it)::
+Files (the MIMIC layout of the real datasets, read by ``data_shards.reader``; docs/data.md
+describes it)::
 
     kb_entity.json              [{"id", "qid", "entity_name", "desc", "image_list", "type": "entity"}, ...] (id order)
     qid2id.json                 one line: {"Q...": id, ...}
