@@ -59,7 +59,7 @@ IMAGE_SIZE = 224
 PARTS = ("clip", "matcher", "loss", "backward", "grad_norm", "optimizer")
 # Variants: the published step, our step, and our step with one measured option changed.
 OPTIONS = {"published": {}, "ours": {}, "ours+eager": {"attn": "eager"}, "ours+loop": {"adamw": "loop"},
-           "ours+foreach": {"adamw": "foreach"}, "ours+ckpt": {"checkpointing": True}}
+           "ours+foreach": {"adamw": "foreach"}, "ours+fused": {"adamw": "fused"}, "ours+ckpt": {"checkpointing": True}}
 
 
 def paper_config(batch: int, top_k: int = 3) -> Config:
