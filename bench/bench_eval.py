@@ -141,14 +141,15 @@ def entity_side_flops(matcher: MMoEMatcher, text_len: int = TEXT_LEN, image_len:
         moe = unit.moe
         if not isinstance(moe, SwitchMoE):
             raise TypeError("FLOP counting knows the local backend's SwitchMoE only")
-        per_route = 2 * (moe.d_model * moe.d_ff + moe.d_ff * moe.d_out)
+        spec = moe.spec
+        per_route = 2 * (spec.d_model * spec.d_ff + spec.d_ff * spec.d_out)
         if name == "cross":
             # text_fc / image_fc on globals and tokens, two routed sequences of L + 1 rows each
             flops += 2 * s.cross_dim * ((text_len + 1) * s.text_dim + (image_len + 1) * s.image_dim)
-            flops += per_route * moe.k * ((image_len + 1) + (text_len + 1))
+            flops += per_route * spec.top_k * ((image_len + 1) + (text_len + 1))
         else:
             length = text_len if name == "text" else image_len
-            flops += per_route * moe.k * (length + 1) + 2 * length * s.hidden * s.hidden  # MoE + W_q
+            flops += per_route * spec.top_k * (length + 1) + 2 * length * s.hidden * s.hidden  # MoE + W_q
     return flops
 
 

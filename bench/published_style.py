@@ -26,12 +26,12 @@ def dense_moe(moe: SwitchMoE, x: Tensor, gate_input: Tensor | None = None) -> Te
     """Every expert on every token, weighted by the switch gate's (sparse) weights."""
     tokens = x.reshape(-1, x.shape[-1])
     g = (x if gate_input is None else gate_input).reshape(tokens.shape[0], -1)
-    r = switch_route(moe.router_logits(g), moe.k, min_capacity=moe.min_capacity)
+    r = switch_route(moe.router_logits(g), moe.spec.top_k, min_capacity=moe.spec.min_capacity)
     weights = tokens.new_zeros(tokens.shape[0], moe.num_experts).scatter_add(1, r.expert_index, r.weight)
     out = 0
     for e in range(moe.num_experts):  # the published loop over experts
         out = out + weights[:, e : e + 1] * moe.expert_forward(e, tokens)
-    return out.view(*x.shape[:-1], moe.d_out)
+    return out.view(*x.shape[:-1], moe.spec.d_out)
 
 
 def _intra(unit: IntraUnit, mg: Tensor, mt: Tensor, mmask: Tensor, eg: Tensor, et: Tensor, emask: Tensor) -> Tensor:

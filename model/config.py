@@ -15,6 +15,7 @@ import yaml
 from core.typed_config import ConfigError, apply_override, build, load_yaml, to_dict  # noqa: F401 (re-exported)
 from model.encoder import TinyClipSettings
 from model.towers import TowersSettings
+from moe.layer_spec import check_top_k
 from moe.matcher import MatcherSettings
 
 ENCODERS = ("clip", "towers")
@@ -306,9 +307,7 @@ def check_ranges(cfg: Config) -> None:
             if not _in_range(v, low, high, kind):
                 raise ConfigError(f"{where}: must be {_describe(low, high, kind)}, got {v!r}")
     moe, tiny, t = cfg.model.matcher.moe, cfg.model.tiny_clip, cfg.train
-    if moe.top_k > moe.num_experts:
-        raise ConfigError(f"model.matcher.moe.top_k ({moe.top_k}) cannot exceed model.matcher.moe.num_experts "
-                          f"({moe.num_experts})")
+    check_top_k(moe.top_k, moe.num_experts)  # after the ranges: num_experts >= 1 first
     if tiny.patch_size > tiny.image_size:
         raise ConfigError(f"model.tiny_clip.patch_size ({tiny.patch_size}) cannot exceed model.tiny_clip.image_size "
                           f"({tiny.image_size})")

@@ -26,7 +26,8 @@ from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating, topkgati
 from torch import Tensor, nn
 
 from moe.expert_layout import LOCAL_KEYS, local_to_deepspeed, take_prefixed
-from moe.switch import MoEOutput, SwitchMoE, check_layer_args
+from moe.layer_spec import LayerSpec, check_ep_size, check_ep_world, check_gate_backend
+from moe.switch import MoEOutput, SwitchMoE
 
 
 class ExpertFFN(nn.Module):
@@ -60,12 +61,11 @@ class SeparateInputGate(TopKGate):
     DeepSpeed's own; the gate also keeps the router z-loss and which tokens lost every route.
     """
 
-    def __init__(self, gate_dim: int, num_experts: int, k: int, capacity_factor: float, eval_capacity_factor: float,
-                 min_capacity: int, drop_tokens: bool) -> None:
-        super().__init__(gate_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
-                         noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False, ep_group=None,
-                         top2_2nd_expert_sampling=False)
-        self.wg = nn.Linear(gate_dim, num_experts).float()  # the published router has a bias
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__(spec.gate_dim, spec.num_experts, spec.top_k, spec.capacity_factor, spec.eval_capacity_factor,
+                         spec.min_capacity, noisy_gate_policy=None, drop_tokens=spec.drop_tokens, use_rts=False,
+                         ep_group=None, top2_2nd_expert_sampling=False)
+        self.wg = nn.Linear(spec.gate_dim, spec.num_experts).float()  # the published router has a bias
         self.z_loss: Tensor | None = None
         self.lost: Tensor | None = None  # [tokens] bool, every route dropped by the capacity limit
 
@@ -103,7 +103,9 @@ def _default_ep_rank(ep_size: int) -> int:
 
 
 class DeepSpeedSwitchMoE(MoE):
-    """``deepspeed.moe.layer.MoE`` behind the ``SwitchMoE`` interface (see the module docstring).
+    """``deepspeed.moe.layer.MoE`` behind the ``SwitchMoE`` interface (see the module docstring): the
+    layer ``spec`` describes (:class:`moe.layer_spec.LayerSpec`, switch gate only), its experts shared
+    by ``ep_size`` ranks.
 
     Initialised from the same random draws as ``SwitchMoE`` (same seed, same weights: this rank
     keeps its slice of the experts), so switching the backend does not change a run's start.
@@ -113,44 +115,22 @@ class DeepSpeedSwitchMoE(MoE):
     """
 
     backend = "deepspeed"
-    gate_type = "switch"
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int,
-        k: int,
-        *,
-        d_out: int | None = None,
-        gate_dim: int | None = None,
-        ep_size: int = 1,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        drop_tokens: bool = False,
-        dropped: str = "zero",
-    ) -> None:
-        check_layer_args(num_experts, k, dropped)
-        d_out = d_out or d_model
-        if dropped == "passthrough" and drop_tokens and d_out != d_model:
-            raise ValueError(f"dropped: passthrough needs equal input and output widths, got {d_model} -> {d_out}")
-        if ep_size < 1 or num_experts % ep_size:
-            raise ValueError(f"moe.ep_size={ep_size} must divide moe.num_experts={num_experts}")
+    def __init__(self, spec: LayerSpec, *, ep_size: int = 1) -> None:
+        check_gate_backend(spec.gate, self.backend)
+        check_ep_size(ep_size, spec.num_experts)
         with torch.random.fork_rng(devices=[]):  # DeepSpeed's own init draws are replaced below
-            super().__init__(max(d_model, d_out), ExpertFFN(d_model, d_ff, d_out), num_experts=num_experts, ep_size=ep_size, k=k,
-                             capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                             min_capacity=min_capacity, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
+            super().__init__(spec.width, ExpertFFN(spec.d_model, spec.d_ff, spec.d_out), num_experts=spec.num_experts,
+                             ep_size=ep_size, k=spec.top_k, capacity_factor=spec.capacity_factor,
+                             eval_capacity_factor=spec.eval_capacity_factor, min_capacity=spec.min_capacity,
+                             noisy_gate_policy=None, drop_tokens=spec.drop_tokens, use_rts=False,
                              top2_2nd_expert_sampling=False)
-            self.deepspeed_moe.gate = SeparateInputGate(gate_dim or d_model, num_experts, k, capacity_factor,
-                                                        eval_capacity_factor, min_capacity, drop_tokens)
-        self.d_model, self.d_ff, self.d_out, self.k, self.gate_dim = d_model, d_ff, d_out, k, gate_dim or d_model
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.min_capacity, self.drop_tokens, self.dropped = min_capacity, drop_tokens, dropped
+            self.deepspeed_moe.gate = SeparateInputGate(spec)
+        self.spec = spec
         # True: allow eval-mode calls with ep_size > 1 (the caller keeps every rank in lockstep).
         self.lockstep_eval = False
         # Same draws as SwitchMoE (router first, then w1, w2, b1, b2); keep this rank's experts.
-        ref = SwitchMoE(d_model, d_ff, num_experts, k, d_out=d_out, gate_dim=gate_dim)
+        ref = SwitchMoE(spec)
         self.load_local_state({n: v.detach() for n, v in ref.state_dict().items()}, _default_ep_rank(ep_size))
         self.register_load_state_dict_pre_hook(_accept_local_layout)
 
@@ -162,8 +142,7 @@ class DeepSpeedSwitchMoE(MoE):
         if self.ep_size > 1:
             if not dist.is_initialized():
                 raise RuntimeError("expert parallelism (moe.ep_size > 1) needs deepspeed.init_distributed() first")
-            if dist.get_world_size() % self.ep_size:
-                raise ValueError(f"moe.ep_size={self.ep_size} must divide the number of processes ({dist.get_world_size()})")
+            check_ep_world(self.ep_size, dist.get_world_size())
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
     @property
@@ -191,14 +170,14 @@ class DeepSpeedSwitchMoE(MoE):
                 "an expert-parallel MoE layer (ep_size > 1) is a collective even in eval mode, and evaluation runs "
                 "different batches on each rank: evaluate inside `with moe.expert_parallel.local_experts(model) as m:` (every "
                 "rank gathers all experts) or from an export (model.export.save_export)")
-        width = max(self.d_model, self.d_out)
+        s = self.spec
         # The gate always gets its input explicitly: the routed tensor may be zero-padded.
-        routed = F.pad(x, (0, width - self.d_model)) if self.d_model < width else x
+        routed = F.pad(x, (0, s.width - s.d_model)) if s.d_model < s.width else x
         output, l_aux, counts = super().forward(routed, x if gate_input is None else gate_input)
-        output = output[..., : self.d_out]
+        output = output[..., : s.d_out]
         gate = self.deepspeed_moe.gate
         lost = gate.lost
-        if self.dropped == "passthrough" and self.drop_tokens:
+        if s.dropped == "passthrough" and s.drop_tokens:
             output = torch.where(lost.view(*x.shape[:-1], 1), x, output)
         return MoEOutput(output, l_aux, gate.z_loss, counts, lost.sum())
 
@@ -243,9 +222,7 @@ class DeepSpeedSwitchMoE(MoE):
         """A ``SwitchMoE`` with every expert (collective when ep_size > 1), on this layer's device and dtype."""
         ref = self.deepspeed_moe.gate.wg.weight
         with torch.random.fork_rng(devices=[]):  # its init is overwritten; leave the RNG stream alone
-            local = SwitchMoE(self.d_model, self.d_ff, self.num_experts, self.k, d_out=self.d_out, gate_dim=self.gate_dim,
-                              capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
-                              min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, dropped=self.dropped)
+            local = SwitchMoE(self.spec)
         local.load_state_dict(self.gathered_local_state())
         return local.to(ref.device, ref.dtype).train(self.training)
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from core.typed_config import ConfigError
 from moe.features import Features, SideCache
+from moe.layer_spec import check_gate_backend
 from moe.units import CROSS_GATES, CrossUnit, IntraUnit, MoELog, MoESettings
 
 UNITS = ("text", "vision", "cross")
@@ -43,9 +44,7 @@ class MatcherSettings:
     def __post_init__(self) -> None:
         if self.compat not in COMPAT:
             raise ConfigError(f"model.matcher.compat: expected one of {COMPAT}, got {self.compat!r}")
-        if self.published and self.moe.backend != "local":
-            raise ConfigError("model.matcher.compat: published runs the published gate, which exists only in the local "
-                              "backend (model.matcher.moe.backend: local)")
+        check_gate_backend("published" if self.published else "switch", self.moe.backend)
         if self.cross_gate not in CROSS_GATES:
             raise ConfigError(f"model.matcher.cross_gate: expected one of {CROSS_GATES}, got {self.cross_gate!r}")
         self.enabled()

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe.layer_spec import check_top_k
+
 
 @dataclass
 class Routing:
@@ -65,8 +67,7 @@ def switch_route(
     if logits.dim() != 2:
         raise ValueError(f"router logits must be [tokens, experts], got {tuple(logits.shape)}")
     num_tokens, num_experts = logits.shape
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"top-k must be in [1, num_experts={num_experts}], got k={k}")
+    check_top_k(k, num_experts)
     logits = logits.float()
     probs = F.softmax(logits, dim=1)
     top_p, top_i = probs.topk(k, dim=1)  # [T, k]

@@ -10,18 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe.expert_layout import deepspeed_to_local, ds_keys, take_prefixed
+from moe.layer_spec import LayerSpec
 from moe.routing import Routing, published_gate, switch_route
-
-GATES = ("switch", "published")
-DROPPED_POLICIES = ("zero", "passthrough")
-
-
-def check_layer_args(num_experts: int, k: int, dropped: str) -> None:
-    """Arguments every switch layer (local or DeepSpeed backend) must satisfy."""
-    if dropped not in DROPPED_POLICIES:
-        raise ValueError(f"unknown dropped-token policy {dropped!r}; choose one of {DROPPED_POLICIES}")
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"top-k must be in [1, num_experts={num_experts}], got k={k}")
 
 
 @dataclass
@@ -43,7 +33,8 @@ def _accept_deepspeed_layout(module: SwitchMoE, state_dict: dict, prefix: str, *
 
 
 class SwitchMoE(nn.Module):
-    """Top-k switch MoE over FFN experts ``d_model -> d_ff -> d_out`` (GELU; MMoE: d_ff = 4 d_model).
+    """Top-k switch MoE over FFN experts ``d_model -> d_ff -> d_out`` (GELU; MMoE: d_ff = 4 d_model),
+    as its :class:`moe.layer_spec.LayerSpec` describes.
 
     * ``gate="switch"`` (default): per-token routing with DeepSpeed ``TopKGate`` semantics
       (:func:`moe.routing.switch_route`); a token's output never depends on the other tokens
@@ -58,48 +49,28 @@ class SwitchMoE(nn.Module):
     DeepSpeed) or keep their input (``dropped="passthrough"``, only when d_out == d_model).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int,
-        k: int,
-        *,
-        d_out: int | None = None,
-        gate_dim: int | None = None,
-        gate: str = "switch",
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        drop_tokens: bool = False,
-        dropped: str = "zero",
-    ) -> None:
+    def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
-        if gate not in GATES:
-            raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
-        check_layer_args(num_experts, k, dropped)
-        d_out = d_out or d_model
-        if dropped == "passthrough" and drop_tokens and d_out != d_model:
-            raise ValueError(f"dropped: passthrough needs equal input and output widths, got {d_model} -> {d_out}")
-        self.d_model, self.d_ff, self.d_out, self.num_experts, self.k = d_model, d_ff, d_out, num_experts, k
-        self.gate_dim = gate_dim or d_model
-        self.gate_type, self.dropped = gate, dropped
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.min_capacity, self.drop_tokens = min_capacity, drop_tokens
+        self.spec = spec
+        e, d_model, d_ff, d_out = spec.num_experts, spec.d_model, spec.d_ff, spec.d_out
         # Router with bias (the published w_gate), applied in fp32 like DeepSpeed's TopKGate.wg.
-        self.wg = nn.Linear(self.gate_dim, num_experts)
+        self.wg = nn.Linear(spec.gate_dim, e)
         # Stacked expert FFNs: expert e computes gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e].
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff))
-        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_out))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, d_out))
+        self.w1 = nn.Parameter(torch.empty(e, d_model, d_ff))
+        self.b1 = nn.Parameter(torch.zeros(e, d_ff))
+        self.w2 = nn.Parameter(torch.empty(e, d_ff, d_out))
+        self.b2 = nn.Parameter(torch.zeros(e, d_out))
         self.reset_parameters()
         # A DeepSpeed-layout state dict holding every expert loads too (moe.expert_layout).
         self.register_load_state_dict_pre_hook(_accept_deepspeed_layout)
 
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
     def reset_parameters(self) -> None:
         # Same init as nn.Linear for each expert, so a per-expert nn.Linear copy matches in scale.
-        for w, b, fan_in in ((self.w1, self.b1, self.d_model), (self.w2, self.b2, self.d_ff)):
+        for w, b, fan_in in ((self.w1, self.b1, self.spec.d_model), (self.w2, self.b2, self.spec.d_ff)):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
@@ -116,28 +87,29 @@ class SwitchMoE(nn.Module):
         gate_input = x if gate_input is None else gate_input
         if gate_input.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"gate input {tuple(gate_input.shape)} must match tokens {tuple(x.shape)} but the last dim")
-        if self.gate_type == "published":
+        s = self.spec
+        if s.gate == "published":
             return self._forward_published(x, gate_input)
-        tokens = x.reshape(-1, self.d_model)
+        tokens = x.reshape(-1, s.d_model)
         routing = switch_route(
             self.router_logits(gate_input.reshape(-1, gate_input.shape[-1])),
-            self.k,
-            capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
-            min_capacity=self.min_capacity,
-            drop_tokens=self.drop_tokens,
+            s.top_k,
+            capacity_factor=s.capacity_factor if self.training else s.eval_capacity_factor,
+            min_capacity=s.min_capacity,
+            drop_tokens=s.drop_tokens,
         )
         out = self._dispatch(tokens, routing)
         dropped = routing.dropped_tokens
-        if self.dropped == "passthrough" and self.drop_tokens:
+        if s.dropped == "passthrough" and s.drop_tokens:
             lost = ~routing.kept.any(dim=1)
             out = torch.where(lost.unsqueeze(1), tokens, out)
-        return MoEOutput(out.view(*x.shape[:-1], self.d_out), routing.l_aux, routing.z_loss, routing.expert_counts, dropped)
+        return MoEOutput(out.view(*x.shape[:-1], s.d_out), routing.l_aux, routing.z_loss, routing.expert_counts, dropped)
 
     def _dispatch(self, tokens: Tensor, routing: Routing) -> Tensor:
         """Sort kept routes by expert into an [E, C, d] buffer, run all experts with two batched
         matmuls, and add each route's weighted result back to its token."""
-        num_tokens = tokens.shape[0]
-        out = tokens.new_zeros(num_tokens, self.d_out)
+        num_tokens, num_experts, d_model, d_out = tokens.shape[0], self.spec.num_experts, self.spec.d_model, self.spec.d_out
+        out = tokens.new_zeros(num_tokens, d_out)
         route_token = torch.arange(num_tokens, device=tokens.device).unsqueeze(1).expand_as(routing.expert_index)
         kept = routing.kept.reshape(-1)
         expert = routing.expert_index.reshape(-1)[kept]
@@ -147,17 +119,17 @@ class SwitchMoE(nn.Module):
             return out
         # Position of every route inside its expert's block (stable sort keeps token order).
         order = torch.sort(expert, stable=True).indices
-        counts = torch.bincount(expert, minlength=self.num_experts)
+        counts = torch.bincount(expert, minlength=num_experts)
         starts = counts.cumsum(0) - counts
         position = torch.empty_like(order)
         position[order] = torch.arange(order.numel(), device=order.device) - starts[expert[order]]
         cap = int(counts.max().item())
         slot = expert * cap + position
-        buffer = tokens.new_zeros(self.num_experts * cap, self.d_model).index_copy(0, slot, tokens[token])
-        buffer = buffer.view(self.num_experts, cap, self.d_model)
+        buffer = tokens.new_zeros(num_experts * cap, d_model).index_copy(0, slot, tokens[token])
+        buffer = buffer.view(num_experts, cap, d_model)
         hidden = F.gelu(torch.baddbmm(self.b1.unsqueeze(1).to(tokens.dtype), buffer, self.w1.to(tokens.dtype)))
         result = torch.baddbmm(self.b2.unsqueeze(1).to(tokens.dtype), hidden, self.w2.to(tokens.dtype))
-        routed = result.reshape(-1, self.d_out)[slot] * weight.unsqueeze(1).to(tokens.dtype)
+        routed = result.reshape(-1, d_out)[slot] * weight.unsqueeze(1).to(tokens.dtype)
         return out.index_add(0, token, routed)
 
     def _forward_published(self, x: Tensor, gate_input: Tensor) -> MoEOutput:
@@ -167,7 +139,7 @@ class SwitchMoE(nn.Module):
         machine, not merely to rounding. Slow by design (dense); only for ``compat: published``."""
         if x.dim() != 3:
             raise ValueError("the published gate needs [batch, seq, d_model] inputs")
-        weights = published_gate(self.router_logits(gate_input), self.k).to(x.dtype)  # [N, L, E]
+        weights = published_gate(self.router_logits(gate_input), self.spec.top_k).to(x.dtype)  # [N, L, E]
         outs = []
         for e in range(self.num_experts):
             hidden = F.gelu(F.linear(x, self.w1[e].t().contiguous(), self.b1[e]))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.typed_config import ConfigError  # a ValueError; light module, no cycle
+from moe.layer_spec import LayerSpec, check_ep_size
 from moe.switch import MoEOutput, SwitchMoE
 
 BACKENDS = ("local", "deepspeed")
@@ -46,29 +47,27 @@ class MoESettings:
         key = "model.matcher.moe."
         if self.backend not in BACKENDS:
             raise ConfigError(f"{key}backend: expected one of {BACKENDS}, got {self.backend!r}")
-        if self.ep_size < 1 or self.num_experts % self.ep_size:
-            raise ConfigError(f"{key}ep_size: {self.ep_size} must be >= 1 and divide num_experts ({self.num_experts})")
+        check_ep_size(self.ep_size, self.num_experts)
         if self.ep_size > 1 and self.backend != "deepspeed":
             raise ConfigError(f"{key}ep_size: {self.ep_size} needs backend: deepspeed (the local backend keeps every expert "
                               "on every rank)")
 
+    def layer_spec(self, d_model: int, d_out: int, gate_dim: int | None = None, gate: str = "switch") -> LayerSpec:
+        """The switch layer ``d_model -> expert_mult * d_model -> d_out`` these settings describe."""
+        return LayerSpec(d_model, self.expert_mult * d_model, self.num_experts, self.top_k, d_out=d_out,
+                         gate_dim=gate_dim, gate=gate, capacity_factor=self.capacity_factor,
+                         eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
+                         drop_tokens=self.drop_tokens, dropped=self.dropped)
+
     def build(self, d_model: int, d_out: int, gate_dim: int | None = None, gate: str = "switch") -> nn.Module:
-        """A switch layer ``d_model -> expert_mult * d_model -> d_out`` of the configured backend (same
-        interface: ``layer(x, gate_input) -> MoEOutput``); ``gate: published`` only on the local backend."""
-        d_ff = self.expert_mult * d_model
+        """That layer in the configured backend (same interface: ``layer(x, gate_input) -> MoEOutput``);
+        ``gate: published`` only on the local backend."""
+        spec = self.layer_spec(d_model, d_out, gate_dim, gate)
         if self.backend == "deepspeed":
-            if gate != "switch":
-                raise ConfigError("model.matcher.compat: published runs the published gate, which exists only in the "
-                                  "local backend (model.matcher.moe.backend: local)")
             from moe.deepspeed_backend import DeepSpeedSwitchMoE  # imports deepspeed: only when asked for
 
-            return DeepSpeedSwitchMoE(d_model, d_ff, self.num_experts, self.top_k, d_out=d_out, gate_dim=gate_dim,
-                                      ep_size=self.ep_size, capacity_factor=self.capacity_factor,
-                                      eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
-                                      drop_tokens=self.drop_tokens, dropped=self.dropped)
-        return SwitchMoE(d_model, d_ff, self.num_experts, self.top_k, d_out=d_out, gate_dim=gate_dim, gate=gate,
-                         capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
-                         min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, dropped=self.dropped)
+            return DeepSpeedSwitchMoE(spec, ep_size=self.ep_size)
+        return SwitchMoE(spec)
 
 
 class MoELog:

@@ -30,6 +30,7 @@ from moe.expert_parallel import (  # noqa: E402
     local_state_dict,
     setup_expert_parallel,  # noqa: E402
 )
+from moe.layer_spec import LayerSpec  # noqa: E402
 from moe.switch import SwitchMoE  # noqa: E402
 from tests.helpers import random_batch, tiny_model_config  # noqa: E402
 from train.loss import contrastive_loss  # noqa: E402
@@ -53,10 +54,11 @@ def layer_parity(ep: int, k: int, drop: bool, gate_dim: int | None, rank: int, d
     """One switch layer ``d_in -> 4 d_in -> d_out``; d_out != d_in is the published text unit's shape (512 -> 96)."""
     kw = dict(d_out=d_out, gate_dim=gate_dim, capacity_factor=8.0 if drop else 1.0,
               eval_capacity_factor=8.0 if drop else 1.0, min_capacity=1, drop_tokens=drop)
+    spec = LayerSpec(d_in, 4 * d_in, 4, k, **kw)
     torch.manual_seed(10 + k)
-    local = SwitchMoE(d_in, 4 * d_in, 4, k, **kw)
+    local = SwitchMoE(spec)
     torch.manual_seed(10 + k)
-    ds = DeepSpeedSwitchMoE(d_in, 4 * d_in, 4, k, ep_size=ep, **kw)
+    ds = DeepSpeedSwitchMoE(spec, ep_size=ep)
     setup_expert_parallel(ds)
     g = torch.Generator().manual_seed(1000 * rank + 7 * k)
     n = 3 + rank  # ranks route different token counts

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import top1gating, top2gating, topkgating
 
+from moe.layer_spec import LayerSpec
 from moe.routing import published_gate, switch_route
 from moe.switch import SwitchMoE
 
@@ -57,7 +58,7 @@ def expert_mixture(moe, x, weights):
 
 def test_top_k_equal_to_num_experts_is_dense_softmax_mixture():
     torch.manual_seed(0)
-    moe = SwitchMoE(8, 16, num_experts=4, k=4)
+    moe = SwitchMoE(LayerSpec(8, 16, num_experts=4, top_k=4))
     x = torch.randn(30, 8)
     out = moe(x).output
     probs = F.softmax(moe.router_logits(x), dim=-1)
@@ -66,7 +67,7 @@ def test_top_k_equal_to_num_experts_is_dense_softmax_mixture():
 
 def test_top1_routes_each_token_to_exactly_one_expert():
     torch.manual_seed(1)
-    moe = SwitchMoE(8, 16, num_experts=4, k=1)
+    moe = SwitchMoE(LayerSpec(8, 16, num_experts=4, top_k=1))
     x = torch.randn(30, 8)
     routing = switch_route(moe.router_logits(x), 1)
     assert routing.expert_index.shape == (30, 1)
@@ -86,7 +87,7 @@ def test_top1_routes_each_token_to_exactly_one_expert():
 
 def test_top2_renormalises_over_kept_experts_and_matches_loop():
     torch.manual_seed(2)
-    moe = SwitchMoE(8, 16, num_experts=4, k=2)
+    moe = SwitchMoE(LayerSpec(8, 16, num_experts=4, top_k=2))
     x = torch.randn(50, 8)
     probs = F.softmax(moe.router_logits(x), dim=-1)
     top_p, top_i = probs.topk(2, dim=-1)
@@ -97,7 +98,7 @@ def test_top2_renormalises_over_kept_experts_and_matches_loop():
 def test_capacity_drops_tokens_zero_or_passthrough():
     torch.manual_seed(3)
     x = torch.randn(64, 8)
-    zero = SwitchMoE(8, 16, num_experts=4, k=1, capacity_factor=0.25, min_capacity=1, drop_tokens=True)
+    zero = SwitchMoE(LayerSpec(8, 16, num_experts=4, top_k=1, capacity_factor=0.25, min_capacity=1, drop_tokens=True))
     with torch.no_grad():
         zero.wg.weight.zero_()
         zero.wg.weight[0] = 5.0 * x.mean(0).sign()  # most tokens want expert 0
@@ -109,8 +110,8 @@ def test_capacity_drops_tokens_zero_or_passthrough():
     assert lost.sum() > 0
     out = zero(x).output
     assert torch.all(out[lost] == 0)
-    passthrough = SwitchMoE(8, 16, num_experts=4, k=1, capacity_factor=0.25, min_capacity=1, drop_tokens=True,
-                            dropped="passthrough")
+    passthrough = SwitchMoE(LayerSpec(8, 16, num_experts=4, top_k=1, capacity_factor=0.25, min_capacity=1,
+                                      drop_tokens=True, dropped="passthrough"))
     passthrough.load_state_dict(zero.state_dict())
     out_p = passthrough(x).output
     torch.testing.assert_close(out_p[lost], x[lost])
@@ -119,7 +120,7 @@ def test_capacity_drops_tokens_zero_or_passthrough():
 
 def test_gate_can_read_a_different_tensor():
     torch.manual_seed(4)
-    moe = SwitchMoE(8, 16, num_experts=4, k=2, gate_dim=5)
+    moe = SwitchMoE(LayerSpec(8, 16, num_experts=4, top_k=2, gate_dim=5))
     x, g = torch.randn(10, 8), torch.randn(10, 5)
     out = moe(x, g).output
     probs = F.softmax(g @ moe.wg.weight.t() + moe.wg.bias, dim=-1)
@@ -169,7 +170,7 @@ def test_published_gate_zeroes_late_positions_and_uses_first_k_experts():
 def test_experts_can_change_width_like_the_published_text_unit():
     """d -> 4d -> out with out != d (the text unit: 512 -> 2048 -> 96), checked against a loop."""
     torch.manual_seed(6)
-    moe = SwitchMoE(12, 48, num_experts=4, k=3, d_out=5)
+    moe = SwitchMoE(LayerSpec(12, 48, num_experts=4, top_k=3, d_out=5))
     x = torch.randn(2, 9, 12)
     out = moe(x).output
     assert out.shape == (2, 9, 5)
@@ -182,7 +183,7 @@ def test_experts_can_change_width_like_the_published_text_unit():
 
 def test_published_layer_is_the_dense_mixture_under_the_published_gate():
     torch.manual_seed(7)
-    moe = SwitchMoE(6, 24, num_experts=4, k=2, d_out=3, gate="published")
+    moe = SwitchMoE(LayerSpec(6, 24, num_experts=4, top_k=2, d_out=3, gate="published"))
     x = torch.randn(5, 8, 6)
     weights = published_gate(moe.router_logits(x), 2)  # [N, L, E]
     expected = torch.stack([expert_mixture(moe, x[n], weights[n]) for n in range(5)])

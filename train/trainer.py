@@ -32,6 +32,7 @@ from model.export import ExportTargetError, load_export, recover_export, save_ex
 from model.factory import make_collator, resolve_tokenizer
 from model.mmoe import BATCH_KEYS, build_model
 from moe.expert_parallel import global_grad_norm, local_experts
+from moe.layer_spec import check_ep_world
 from train import checkpointing as ckpt
 from train.checkpoint_manager import CheckpointManager, RunSetupError
 from train.loss import contrastive_loss
@@ -139,9 +140,7 @@ class Trainer:
         self.lock = RunFolderLock(self.run_dir)
         self._claim_run_folder(resume, overwrite, break_lock)
         tokenizer = load_tokenizer(resolve_tokenizer(cfg))
-        ep_size = cfg.model.matcher.moe.ep_size
-        if D.world() % ep_size:
-            raise RunSetupError(f"model.matcher.moe.ep_size={ep_size} must divide the number of processes ({D.world()})")
+        check_ep_world(cfg.model.matcher.moe.ep_size, D.world(), error=RunSetupError)
         model, self.cfg = build_model(cfg, tokenizer)
         cfg = self.cfg
         if cfg.train.activation_checkpointing:
