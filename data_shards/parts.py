@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_text_atomic
+
 RECORD = "part.json"
 PART_FORMAT = 1
 
@@ -73,9 +75,7 @@ def input_digests(files: dict[str, Path]) -> dict[str, str]:
 
 
 def write_record(folder: Path, record: dict) -> None:
-    tmp = folder / f"{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False))
-    os.replace(tmp, folder / RECORD)
+    write_text_atomic(folder / RECORD, json.dumps(record, indent=1, ensure_ascii=False))
 
 
 def read_parts(staging: Path) -> dict[int, dict | None]:

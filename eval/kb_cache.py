@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.atomic import atomic_path
 from core.cli import disk_full
 from data_shards.stream import manifest_hash
 from model.config import CACHE_DTYPES, Config, to_dict
@@ -270,16 +270,13 @@ def _save_kb_cache_file(path: Path, cache: SideCache, key: str) -> None:
     data.update({META + "version": torch.tensor(CACHE_VERSION), META + "key": _text(key),
                  META + "rows": torch.tensor(len(cache), dtype=torch.int64), META + "dtype": _text(cache_dtype_of(cache))})
     data[DIGEST] = _text(json.dumps(tensor_digests(data), sort_keys=True))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)  # by name: torch writes a file name itself
     except RuntimeError as err:
         if not disk_full(err):
             raise
         raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def digest_mismatch(data: dict[str, Tensor]) -> str | None:

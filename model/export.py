@@ -83,7 +83,7 @@ class ExportTargetError(FileExistsError):
 
 # What the evaluation commands write into an export folder, about its weights (eval/kb_cache.py cache_path and its
 # temporary name; eval/evaluate.py write_outputs, whose default --out is the export): replaced with the export.
-_COMPANIONS = re.compile(r"\.?kb_cache-[0-9a-f]+(\.rows\d+-\d+)?\.pt(\.tmp\d+)?|results-[\w.-]+\.json|"
+_COMPANIONS = re.compile(r"\.?kb_cache-[0-9a-f]+(\.rows\d+-\d+)?\.pt(\.tmp-?\d+)?|results-[\w.-]+\.json|"
                          r"per_mention-[\w.-]+\.jsonl|leaderboard-[\w.-]+\.md")
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.atomic import write_text_atomic
 from core.cli import disk_full, disk_full_line
 from model import distributed as D
 from model.config import Config, load_config, to_dict
@@ -152,9 +153,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
         if D.is_main():
             state = {**state, "files": file_record(folder),  # what load() verifies before trusting the folder
                      "save_s": round(time.perf_counter() - started, 3)}  # the grace a stop needs (train/preemption.py)
-            tmp = folder / (COMPLETE + ".tmp")
-            tmp.write_text(json.dumps(state, indent=1))
-            os.replace(tmp, folder / COMPLETE)
+            write_text_atomic(folder / COMPLETE, json.dumps(state, indent=1))
     except (OSError, RuntimeError) as err:
         if not disk_full(err):
             raise

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.atomic import atomic_write
 from core.cli import disk_full_line
 from data_shards.store import EntityStore
 from eval.encode import check_interrupt, encode_kb, encode_split
@@ -112,9 +112,8 @@ def _mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: 
 
 def save_table(table: np.ndarray, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, table.astype(np.int64))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        np.save(fh, table.astype(np.int64))
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 
