@@ -30,7 +30,6 @@ this command wrote before (marked by ``reader.OWNER_FILE``; its contents are the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 from core.atomic import write_text_atomic
 from core.cli import disk_full_line
+from core.hashing import file_sha256
 from data_shards import reader
 from data_shards.dme.candidates import normalise
 from data_shards.reader import SPLITS, DatasetLayout
@@ -109,7 +109,7 @@ class _ImageHashes:
     def get(self, path: Path) -> tuple[str, int] | None:
         if path not in self._cache:
             h = phash(path) if path.is_file() else None
-            self._cache[path] = None if h is None else (hashlib.sha256(path.read_bytes()).hexdigest(), h)
+            self._cache[path] = None if h is None else (file_sha256(path), h)
         return self._cache[path]
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -67,6 +66,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from core.atomic import atomic_write, write_text_atomic
+from core.hashing import file_sha256
 from data_shards import parts, reader
 from data_shards.images import confined, prepare_image
 from data_shards.reader import SPLITS, DatasetFormatError, Entity, KBNotSorted, Mention
@@ -219,9 +219,8 @@ def _write_shard(job: tuple) -> dict:
                 writer.close()
             raise
         writer.close()
-    data = Path(path).read_bytes()
-    return {"group": group, "path": str(path), "samples": len(items), "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data), "stats": asdict(stats)}
+    return {"group": group, "path": str(path), "samples": len(items), "sha256": file_sha256(path),
+            "bytes": Path(path).stat().st_size, "stats": asdict(stats)}
 
 
 def _member_offsets(path: Path) -> dict[str, tuple[int, int]]:
@@ -311,7 +310,7 @@ class _KBIndex:
             raise DatasetFormatError(f"kb_entity.json has {self.next_id} entities but qid2id.json maps {len(self.rows)} QIDs")
         with atomic_write(kb_dir / "index.npy", "wb") as fh:
             np.save(fh, self.rows)
-        return hashlib.sha256((kb_dir / "index.npy").read_bytes()).hexdigest()
+        return file_sha256(kb_dir / "index.npy")
 
 
 # What a shards folder holds; anything else in --out is someone else's and stops the conversion.

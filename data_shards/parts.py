@@ -15,7 +15,6 @@ retried array task) replaces that index's part. The merge removes the staging fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import write_text_atomic
+from core.hashing import file_sha256
 
 RECORD = "part.json"
 PART_FORMAT = 1
@@ -58,14 +58,6 @@ def check_job_args(num_jobs: int, job_index: int | None = None) -> None:
         raise ValueError(f"--num-jobs must be at least 1 (got {num_jobs})")
     if job_index is not None and not 0 <= job_index < num_jobs:
         raise ValueError(f"--job-index must be in 0..{num_jobs - 1} for --num-jobs {num_jobs} (got {job_index})")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_digests(files: dict[str, Path]) -> dict[str, str]:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from core.atomic import atomic_path
 from core.cli import disk_full
+from core.hashing import file_sha256
 from data_shards.stream import manifest_hash
 from model.config import CACHE_DTYPES, Config, to_dict
 from model.export import EXPORT_WEIGHTS
@@ -167,14 +168,6 @@ def cache_dtype_of(cache: SideCache) -> str:
     if len(dtypes) != 1 or next(iter(dtypes)) not in names:
         raise ValueError(f"entity cache holds floating tensors of {sorted(map(str, dtypes))}, not one cache dtype")
     return names[dtypes.pop()]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(checkpoint: str | Path, cfg: Config, *, autocast: bool) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import errno
 import functools
-import hashlib
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from core.cli import disk_full
+from core.hashing import file_sha256
 from core.typed_config import load_yaml, missing_keys
 from data_shards.collate import load_tokenizer
 from data_shards.identity import IDENTITY_FILE, check_identity, write_identity
@@ -122,7 +122,7 @@ def _write_export(tmp: Path, state: dict[str, torch.Tensor], cfg: Config, out_di
         tmp.mkdir(parents=True)
         save_config(export_config(cfg), tmp / EXPORT_CONFIG)
         # The weights carry their config's sha256: a config cut or edited afterwards is refused, not read with defaults.
-        save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={CONFIG_DIGEST: _sha256(tmp / EXPORT_CONFIG)})
+        save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={CONFIG_DIGEST: file_sha256(tmp / EXPORT_CONFIG)})
         write_data_identity(tmp, cfg)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,7 +211,7 @@ def _export_cfg(path: Path) -> Config:
     try:
         data = load_yaml(file)  # garbled YAML or text: named as such first
         saved = _config_digest(path / EXPORT_WEIGHTS)
-        if saved is not None and saved != _sha256(file):
+        if saved is not None and saved != file_sha256(file):
             raise ConfigError(f"{file} is not the config exported with {EXPORT_WEIGHTS} (its sha256 differs from the "
                               "one the weights record: cut or edited)" + _missing_note(data))
         cfg = build(Config, data)
@@ -224,10 +224,6 @@ def _export_cfg(path: Path) -> Config:
 
 
 CONFIG_DIGEST = "config_sha256"  # metadata of model.safetensors: the sha256 of the config.yaml written with it
-
-
-def _sha256(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def _config_digest(weights: Path) -> str | None:

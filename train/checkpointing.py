@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import importlib
 import json
 import os
@@ -41,6 +40,7 @@ from torch import nn
 
 from core.atomic import write_text_atomic
 from core.cli import disk_full, disk_full_line
+from core.hashing import file_sha256
 from model import distributed as D
 from model.config import Config, load_config, to_dict
 from model.export import export_config, save_export
@@ -184,17 +184,9 @@ def _write_files(engine, ckpt_dir: Path, tag: str, write_extra) -> None:
         torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, folder / f"state-rank{D.rank()}.pt")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_record(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file of a checkpoint folder (all ranks' files: the folder is shared)."""
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(COMPLETE)}
 
 
@@ -217,7 +209,7 @@ def _damage(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != want["bytes"]:
             return f"{name} has {size} bytes, {want['bytes']} were written"
-        if _sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             return f"{name} does not have the sha256 it was written with"
     return None
 
