@@ -36,6 +36,7 @@ from model.config import INDEX_KINDS, Config, ConfigError
 from model.export import load_export_for_command
 from model.factory import make_collator
 from model.mmoe import MMoEModel
+from model.modes import eval_mode
 
 
 def entity_qids(store: EntityStore, ids: np.ndarray) -> dict[int, str]:
@@ -70,12 +71,8 @@ def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: s
          interrupt: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict]:
     """Mine the table for every mention of ``split`` (collective: every rank calls it). ``interrupt``
     (collective) is asked while encoding and between the stages; it stops mining with eval.encode.Interrupted."""
-    was_training = model.training
-    model.eval()
-    try:  # as evaluate_split: the caller's mode back on every way out (an interrupt included)
+    with eval_mode(model):  # as evaluate_split: the caller's mode back on every way out (an interrupt included)
         return _mine(model, cfg, device, collator, split, interrupt)
-    finally:
-        model.train(was_training)
 
 
 def _mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: str,
