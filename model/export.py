@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import errno
 import functools
-import os
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from core import faults
 from core.cli import disk_full
 from core.hashing import file_sha256
 from core.typed_config import load_yaml, missing_keys
@@ -69,8 +69,7 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     swapped = out_dir.exists()
     if swapped:
         out_dir.rename(old)
-        if os.environ.get("MMOE_TEST_KILL_IN_EXPORT_SWAP"):  # fault injection (tests): die between the renames
-            os.kill(os.getpid(), 9)
+        faults.kill_point("KILL_IN_EXPORT_SWAP")  # tests: die between the renames
     tmp.rename(out_dir)
     if swapped:
         shutil.rmtree(old)

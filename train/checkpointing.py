@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import faults
 from core.atomic import write_text_atomic
 from core.cli import disk_full, disk_full_line
 from core.hashing import file_sha256
@@ -149,7 +150,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
     try:
         _write_files(engine, ckpt_dir, tag, write_extra)
         D.barrier()
-        _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
+        faults.kill_point("KILL_DURING_SAVE", step)
         if D.is_main():
             state = {**state, "files": file_record(folder),  # what load() verifies before trusting the folder
                      "save_s": round(time.perf_counter() - started, 3)}  # the grace a stop needs (train/preemption.py)
@@ -180,7 +181,7 @@ def _write_files(engine, ckpt_dir: Path, tag: str, write_extra) -> None:
         write_extra(folder)
     if D.is_main():
         (folder / MOE_LAYOUT).write_text(json.dumps(moe_layout(engine.module)))
-    if os.environ.get("MMOE_TEST_DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
+    if faults.enabled("DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
         torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, folder / f"state-rank{D.rank()}.pt")
 
 
@@ -240,31 +241,6 @@ def remove_incomplete(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
                 left.append(p)
     D.barrier()
     return removed, left
-
-
-def _test_hook(name: str, step: int) -> None:
-    """Fault injection for the resume tests: SIGKILL this process at a given step."""
-    if os.environ.get(name) == str(step):
-        os.kill(os.getpid(), 9)
-
-
-def rank_fault(step: int) -> None:
-    """Fault injection for the dead/hung-rank tests: ``MMOE_TEST_RANK_FAULT=kill:RANK:STEP`` (SIGKILL) or
-    ``hang:RANK:STEP`` (sleep for an hour) on that rank in the middle of that optimizer step."""
-    spec = os.environ.get("MMOE_TEST_RANK_FAULT")
-    if not spec:
-        return
-    what, who, when = spec.split(":")
-    if int(who) == D.rank() and int(when) == step:
-        if what == "kill":
-            os.kill(os.getpid(), 9)
-        time.sleep(3600)
-
-
-def fault_flag(name: str) -> int | None:
-    """Fault injection for the tests: the integer in environment variable ``name``, if set."""
-    value = os.environ.get(name)
-    return int(value) if value else None
 
 
 class UnsafeCheckpointError(ValueError):
