@@ -1,1 +1,2 @@
-"""The bottom of the stack: the strict typed-config loader every other folder uses (no project imports)."""
+"""The bottom of the stack (no project imports): the strict typed-config loader every other folder uses, the
+command-line helpers (cli.py) and atomic file writes (atomic.py)."""

@@ -30,9 +30,7 @@ this command wrote before (marked by ``reader.OWNER_FILE``; its contents are the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shutil
 import sys
 from collections import Counter
@@ -44,7 +42,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from core.atomic import write_text_atomic
 from core.cli import disk_full_line
+from core.hashing import file_sha256
 from data_shards import reader
 from data_shards.dme.candidates import normalise
 from data_shards.reader import SPLITS, DatasetLayout
@@ -109,7 +109,7 @@ class _ImageHashes:
     def get(self, path: Path) -> tuple[str, int] | None:
         if path not in self._cache:
             h = phash(path) if path.is_file() else None
-            self._cache[path] = None if h is None else (hashlib.sha256(path.read_bytes()).hexdigest(), h)
+            self._cache[path] = None if h is None else (file_sha256(path), h)
         return self._cache[path]
 
 
@@ -349,9 +349,7 @@ def write_clean(root: Path, lay: DatasetLayout, out: Path, leaks: dict[tuple[str
                 rec = dict(rec, desc="")
                 emptied[sp] += 1
             kept.append(rec)
-        tmp = out / f".{name}_{sp}.json.tmp"
-        tmp.write_text(json.dumps(kept, ensure_ascii=False))
-        os.replace(tmp, out / f"{name}_{sp}.json")
+        write_text_atomic(out / f"{name}_{sp}.json", json.dumps(kept, ensure_ascii=False))
     clean = {"dataset": name, "split_files": f"{name}_{{split}}.json",
              "policy": "drop dev/test mentions that duplicate (exactly or after normalisation) a train mention (test: "
                        "also a dev mention) or whose image is identical or near-identical to one of the gold's KB images; "

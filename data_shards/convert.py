@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -66,6 +65,8 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from core.atomic import atomic_write, write_text_atomic
+from core.hashing import file_sha256
 from data_shards import parts, reader
 from data_shards.images import confined, prepare_image
 from data_shards.reader import SPLITS, DatasetFormatError, Entity, KBNotSorted, Mention
@@ -203,29 +204,23 @@ def _write_shard(job: tuple) -> dict:
     """Worker: prepare the images of one shard and write it atomically. Returns its record."""
     group, path, items, size, quality, folder, source = job
     stats = ImageStats()
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            writer = wds.TarWriter(fh, encoder=False, mtime=0)  # mtime=0: byte-identical re-runs
-            try:
-                for item in items:
-                    if group == "kb":
-                        sample, reason, used = _entity_sample(item, size, quality, folder, source)
-                    else:
-                        sample, reason, used = _mention_sample(*item, size, quality, folder, source)
-                    stats.add(reason, used)
-                    writer.write(sample)
-            except BaseException:  # a full disk, a bad record: mark the tar stream closed now, or its finaliser
-                with contextlib.suppress(OSError, ValueError):  # writes to the closed file later (a stray traceback)
-                    writer.close()
-                raise
-            writer.close()
-        data = tmp.read_bytes()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"group": group, "path": str(path), "samples": len(items), "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data), "stats": asdict(stats)}
+    with atomic_write(path, "wb") as fh:
+        writer = wds.TarWriter(fh, encoder=False, mtime=0)  # mtime=0: byte-identical re-runs
+        try:
+            for item in items:
+                if group == "kb":
+                    sample, reason, used = _entity_sample(item, size, quality, folder, source)
+                else:
+                    sample, reason, used = _mention_sample(*item, size, quality, folder, source)
+                stats.add(reason, used)
+                writer.write(sample)
+        except BaseException:  # a full disk, a bad record: mark the tar stream closed now, or its finaliser
+            with contextlib.suppress(OSError, ValueError):  # writes to the closed file later (a stray traceback)
+                writer.close()
+            raise
+        writer.close()
+    return {"group": group, "path": str(path), "samples": len(items), "sha256": file_sha256(path),
+            "bytes": Path(path).stat().st_size, "stats": asdict(stats)}
 
 
 def _member_offsets(path: Path) -> dict[str, tuple[int, int]]:
@@ -313,11 +308,9 @@ class _KBIndex:
         """Write kb/index.npy; returns its sha256."""
         if self.next_id != len(self.rows):
             raise DatasetFormatError(f"kb_entity.json has {self.next_id} entities but qid2id.json maps {len(self.rows)} QIDs")
-        tmp = kb_dir / "index.npy.tmp.npy"
-        np.save(tmp, self.rows)
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, kb_dir / "index.npy")
-        return digest
+        with atomic_write(kb_dir / "index.npy", "wb") as fh:
+            np.save(fh, self.rows)
+        return file_sha256(kb_dir / "index.npy")
 
 
 # What a shards folder holds; anything else in --out is someone else's and stops the conversion.
@@ -509,9 +502,7 @@ def _finish(plan: _Plan, out: Path, s: ConvertSettings, shards: dict[str, list[d
     if (root / "tokenizer").is_dir():  # a dataset that ships its own tokenizer (the synthetic benchmark)
         shutil.copytree(root / "tokenizer", out / "tokenizer")
         manifest["tokenizer"] = "tokenizer"
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.replace(tmp, out / "manifest.json")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest
 
 

@@ -15,7 +15,6 @@ retried array task) replaces that index's part. The merge removes the staging fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,9 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from core.atomic import write_text_atomic
+from core.hashing import file_sha256
 
 RECORD = "part.json"
 PART_FORMAT = 1
@@ -58,14 +60,6 @@ def check_job_args(num_jobs: int, job_index: int | None = None) -> None:
         raise ValueError(f"--job-index must be in 0..{num_jobs - 1} for --num-jobs {num_jobs} (got {job_index})")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def input_digests(files: dict[str, Path]) -> dict[str, str]:
     """sha256 of each input file by label: contents, not mtimes, so copies of a dataset on each
     node's local disk count as the same input."""
@@ -73,9 +67,7 @@ def input_digests(files: dict[str, Path]) -> dict[str, str]:
 
 
 def write_record(folder: Path, record: dict) -> None:
-    tmp = folder / f"{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False))
-    os.replace(tmp, folder / RECORD)
+    write_text_atomic(folder / RECORD, json.dumps(record, indent=1, ensure_ascii=False))
 
 
 def read_parts(staging: Path) -> dict[int, dict | None]:

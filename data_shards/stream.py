@@ -25,7 +25,6 @@ exhausted workers) continues the original sequence exactly.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import math
 import multiprocessing
@@ -40,6 +39,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from core.hashing import file_sha256
 from data_shards.collate import Collator
 from data_shards.store import EntityStore, ShardError
 
@@ -53,7 +53,7 @@ def load_manifest(shard_root: Path | str) -> dict:
 
 def manifest_hash(shard_root: Path | str) -> str:
     """sha256 of the manifest: it lists every shard's sha256, so it identifies the converted data."""
-    return hashlib.sha256((Path(shard_root) / "manifest.json").read_bytes()).hexdigest()
+    return file_sha256(Path(shard_root) / "manifest.json")
 
 
 @dataclass

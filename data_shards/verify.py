@@ -12,13 +12,13 @@ by sha256 alone.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from core.hashing import file_sha256
 from data_shards.store import ShardError
 from data_shards.stream import load_manifest
 
@@ -42,15 +42,6 @@ def expected_files(manifest: dict, groups: list[str] | None = None) -> list[File
     return files
 
 
-def _sha256(path: Path, bar: tqdm, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
-
-
 def verify(shard_root: Path | str, groups: list[str] | None = None, progress: bool = True,
            part: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems found (empty: every file matches). ``part=(r, n)`` checks every n-th file from the
@@ -71,7 +62,7 @@ def verify(shard_root: Path | str, groups: list[str] | None = None, progress: bo
                 problems.append(f"{f.name}: {size} bytes, the manifest says {f.size}")
                 bar.update(size)
                 continue
-            digest = _sha256(path, bar)
+            digest = file_sha256(path, on_block=bar.update)
             if digest != f.sha256:
                 problems.append(f"{f.name}: sha256 {digest[:16]}..., the manifest says {f.sha256[:16]}...")
     return problems

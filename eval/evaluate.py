@@ -60,6 +60,7 @@ from model.config import Config, to_dict
 from model.export import load_export_for_command
 from model.factory import make_collator
 from model.mmoe import MMoEModel
+from model.modes import eval_mode
 from moe.features import SideCache
 
 
@@ -178,12 +179,8 @@ def evaluate_split(
     ``keep_kb``: the result keeps this rank's entity cache (``EvalResult.entities``); ``entities``: such a
     cache of an evaluation of the same weights under the same config, used instead of encoding the KB."""
     collator = collator or make_collator(cfg, model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _evaluate(model, cfg, split, device, collator, kb_cache_path, cache_key, interrupt, entities, keep_kb)
-    finally:
-        model.train(was_training)
 
 
 def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, collator: Collator,

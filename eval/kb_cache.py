@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.atomic import atomic_path
 from core.cli import disk_full
+from core.hashing import file_sha256
 from data_shards.stream import manifest_hash
 from model.config import CACHE_DTYPES, Config, to_dict
 from model.export import EXPORT_WEIGHTS
@@ -169,14 +170,6 @@ def cache_dtype_of(cache: SideCache) -> str:
     return names[dtypes.pop()]
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(checkpoint: str | Path, cfg: Config, *, autocast: bool) -> str:
     """sha256 (hex) over everything the saved entity cache depends on: the KB (manifest sha256), the
     exported weights (sha256 of their file: a re-export with the same mtime still differs), the model
@@ -270,16 +263,13 @@ def _save_kb_cache_file(path: Path, cache: SideCache, key: str) -> None:
     data.update({META + "version": torch.tensor(CACHE_VERSION), META + "key": _text(key),
                  META + "rows": torch.tensor(len(cache), dtype=torch.int64), META + "dtype": _text(cache_dtype_of(cache))})
     data[DIGEST] = _text(json.dumps(tensor_digests(data), sort_keys=True))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)  # by name: torch writes a file name itself
     except RuntimeError as err:
         if not disk_full(err):
             raise
         raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def digest_mismatch(data: dict[str, Tensor]) -> str | None:

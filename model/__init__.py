@@ -1,3 +1,4 @@
 """The MMoE model assembled from its parts, shared by evaluation and training: the typed config
 (``config``), the CLIP encoder (``encoder``), the model (``mmoe``), the tokenizer and collator
-(``factory``), process groups (``distributed``) and published checkpoints (``published_checkpoint``)."""
+(``factory``), process groups (``distributed``),
+published checkpoints (``published_checkpoint``) and ``with eval_mode(model):`` (``modes``)."""

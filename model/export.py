@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import errno
 import functools
-import hashlib
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,7 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from core import faults
 from core.cli import disk_full
+from core.hashing import file_sha256
 from core.typed_config import load_yaml, missing_keys
 from data_shards.collate import load_tokenizer
 from data_shards.identity import IDENTITY_FILE, check_identity, write_identity
@@ -69,8 +69,7 @@ def save_export(model: MMoEModel, cfg: Config, out_dir: str | Path) -> Path:
     swapped = out_dir.exists()
     if swapped:
         out_dir.rename(old)
-        if os.environ.get("MMOE_TEST_KILL_IN_EXPORT_SWAP"):  # fault injection (tests): die between the renames
-            os.kill(os.getpid(), 9)
+        faults.kill_point("KILL_IN_EXPORT_SWAP")  # tests: die between the renames
     tmp.rename(out_dir)
     if swapped:
         shutil.rmtree(old)
@@ -83,7 +82,7 @@ class ExportTargetError(FileExistsError):
 
 # What the evaluation commands write into an export folder, about its weights (eval/kb_cache.py cache_path and its
 # temporary name; eval/evaluate.py write_outputs, whose default --out is the export): replaced with the export.
-_COMPANIONS = re.compile(r"\.?kb_cache-[0-9a-f]+(\.rows\d+-\d+)?\.pt(\.tmp\d+)?|results-[\w.-]+\.json|"
+_COMPANIONS = re.compile(r"\.?kb_cache-[0-9a-f]+(\.rows\d+-\d+)?\.pt(\.tmp-?\d+)?|results-[\w.-]+\.json|"
                          r"per_mention-[\w.-]+\.jsonl|leaderboard-[\w.-]+\.md")
 
 
@@ -122,7 +121,7 @@ def _write_export(tmp: Path, state: dict[str, torch.Tensor], cfg: Config, out_di
         tmp.mkdir(parents=True)
         save_config(export_config(cfg), tmp / EXPORT_CONFIG)
         # The weights carry their config's sha256: a config cut or edited afterwards is refused, not read with defaults.
-        save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={CONFIG_DIGEST: _sha256(tmp / EXPORT_CONFIG)})
+        save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={CONFIG_DIGEST: file_sha256(tmp / EXPORT_CONFIG)})
         write_data_identity(tmp, cfg)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,7 +210,7 @@ def _export_cfg(path: Path) -> Config:
     try:
         data = load_yaml(file)  # garbled YAML or text: named as such first
         saved = _config_digest(path / EXPORT_WEIGHTS)
-        if saved is not None and saved != _sha256(file):
+        if saved is not None and saved != file_sha256(file):
             raise ConfigError(f"{file} is not the config exported with {EXPORT_WEIGHTS} (its sha256 differs from the "
                               "one the weights record: cut or edited)" + _missing_note(data))
         cfg = build(Config, data)
@@ -224,10 +223,6 @@ def _export_cfg(path: Path) -> Config:
 
 
 CONFIG_DIGEST = "config_sha256"  # metadata of model.safetensors: the sha256 of the config.yaml written with it
-
-
-def _sha256(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def _config_digest(weights: Path) -> str | None:

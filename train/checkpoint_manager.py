@@ -16,11 +16,11 @@ What may differ between the checkpoint and the resumed run:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from core import faults
 from data_shards.stream import TrainStream
 from model import distributed as D
 from model.config import Config
@@ -65,7 +65,7 @@ class CheckpointManager:
                             "manifest_sha256": self.manifest_sha256, "metrics_rows": metrics_rows},
                            self.cfg.train.keep_checkpoints,
                            write_extra=self._write_names)
-        if os.environ.get("MMOE_TEST_DUMP_FULL"):  # tests: the whole state as saved, to compare with a resume
+        if faults.enabled("DUMP_FULL"):  # tests: the whole state as saved, to compare with a resume
             self._dump_full(self.ckpt_dir.parent / f"saved-{folder.name}-rank{D.rank()}.pt")
         if self.first_save:
             self.first_save = False
@@ -118,10 +118,10 @@ class CheckpointManager:
         self.first_save = False
         self.console.warn(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, batch {state.batch})")
         self._replan(saved["layout"], state)
-        if os.environ.get("MMOE_TEST_DUMP_LOADED"):  # tests: the state right after loading, to compare with the files
+        if faults.enabled("DUMP_LOADED"):  # tests: the state right after loading, to compare with the files
             torch.save({"module": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                        self.ckpt_dir.parent / f"loaded-rank{D.rank()}.pt")
-        if os.environ.get("MMOE_TEST_DUMP_FULL"):
+        if faults.enabled("DUMP_FULL"):
             self._dump_full(self.ckpt_dir.parent / f"loaded-{folder.name}-rank{D.rank()}.pt")
         return saved
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import importlib
 import json
 import os
@@ -39,7 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import faults
+from core.atomic import write_text_atomic
 from core.cli import disk_full, disk_full_line
+from core.hashing import file_sha256
 from model import distributed as D
 from model.config import Config, load_config, to_dict
 from model.export import export_config, save_export
@@ -148,13 +150,11 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, wr
     try:
         _write_files(engine, ckpt_dir, tag, write_extra)
         D.barrier()
-        _test_hook("MMOE_TEST_KILL_DURING_SAVE", step)
+        faults.kill_point("KILL_DURING_SAVE", step)
         if D.is_main():
             state = {**state, "files": file_record(folder),  # what load() verifies before trusting the folder
                      "save_s": round(time.perf_counter() - started, 3)}  # the grace a stop needs (train/preemption.py)
-            tmp = folder / (COMPLETE + ".tmp")
-            tmp.write_text(json.dumps(state, indent=1))
-            os.replace(tmp, folder / COMPLETE)
+            write_text_atomic(folder / COMPLETE, json.dumps(state, indent=1))
     except (OSError, RuntimeError) as err:
         if not disk_full(err):
             raise
@@ -181,21 +181,13 @@ def _write_files(engine, ckpt_dir: Path, tag: str, write_extra) -> None:
         write_extra(folder)
     if D.is_main():
         (folder / MOE_LAYOUT).write_text(json.dumps(moe_layout(engine.module)))
-    if os.environ.get("MMOE_TEST_DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
+    if faults.enabled("DUMP_STATE"):  # tests: every rank's own weights, to compare ranks
         torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, folder / f"state-rank{D.rank()}.pt")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_record(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file of a checkpoint folder (all ranks' files: the folder is shared)."""
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(COMPLETE)}
 
 
@@ -218,7 +210,7 @@ def _damage(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != want["bytes"]:
             return f"{name} has {size} bytes, {want['bytes']} were written"
-        if _sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             return f"{name} does not have the sha256 it was written with"
     return None
 
@@ -249,31 +241,6 @@ def remove_incomplete(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
                 left.append(p)
     D.barrier()
     return removed, left
-
-
-def _test_hook(name: str, step: int) -> None:
-    """Fault injection for the resume tests: SIGKILL this process at a given step."""
-    if os.environ.get(name) == str(step):
-        os.kill(os.getpid(), 9)
-
-
-def rank_fault(step: int) -> None:
-    """Fault injection for the dead/hung-rank tests: ``MMOE_TEST_RANK_FAULT=kill:RANK:STEP`` (SIGKILL) or
-    ``hang:RANK:STEP`` (sleep for an hour) on that rank in the middle of that optimizer step."""
-    spec = os.environ.get("MMOE_TEST_RANK_FAULT")
-    if not spec:
-        return
-    what, who, when = spec.split(":")
-    if int(who) == D.rank() and int(when) == step:
-        if what == "kill":
-            os.kill(os.getpid(), 9)
-        time.sleep(3600)
-
-
-def fault_flag(name: str) -> int | None:
-    """Fault injection for the tests: the integer in environment variable ``name``, if set."""
-    value = os.environ.get(name)
-    return int(value) if value else None
 
 
 class UnsafeCheckpointError(ValueError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.atomic import atomic_write
 from core.cli import disk_full_line
 from data_shards.store import EntityStore
 from eval.encode import check_interrupt, encode_kb, encode_split
@@ -36,6 +36,7 @@ from model.config import INDEX_KINDS, Config, ConfigError
 from model.export import load_export_for_command
 from model.factory import make_collator
 from model.mmoe import MMoEModel
+from model.modes import eval_mode
 
 
 def entity_qids(store: EntityStore, ids: np.ndarray) -> dict[int, str]:
@@ -70,12 +71,8 @@ def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: s
          interrupt: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict]:
     """Mine the table for every mention of ``split`` (collective: every rank calls it). ``interrupt``
     (collective) is asked while encoding and between the stages; it stops mining with eval.encode.Interrupted."""
-    was_training = model.training
-    model.eval()
-    try:  # as evaluate_split: the caller's mode back on every way out (an interrupt included)
+    with eval_mode(model):  # as evaluate_split: the caller's mode back on every way out (an interrupt included)
         return _mine(model, cfg, device, collator, split, interrupt)
-    finally:
-        model.train(was_training)
 
 
 def _mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: str,
@@ -112,9 +109,8 @@ def _mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: 
 
 def save_table(table: np.ndarray, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, table.astype(np.int64))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        np.save(fh, table.astype(np.int64))
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 

@@ -23,6 +23,8 @@ import signal
 import time
 from pathlib import Path
 
+from core.atomic import write_text_atomic
+
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL
 PREEMPTED_FILE = "preempted.json"
 LAUNCHER_GONE = 1000  # stop code for "a launcher process above this rank died" (signal numbers are < 100)
@@ -128,9 +130,7 @@ def write_record(run_dir: Path, step: int, reason: str, checkpoint: Path, second
     """``<run>/preempted.json``: what a job script reads to decide to re-queue (rank 0)."""
     record = {"step": step, "signal": reason, "checkpoint": str(checkpoint), "exit_code": PREEMPTED_EXIT_CODE,
               "signal_to_checkpoint_s": None if seconds is None else round(seconds, 3), "time": time.time()}
-    tmp = run_dir / (PREEMPTED_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, run_dir / PREEMPTED_FILE)
+    write_text_atomic(run_dir / PREEMPTED_FILE, json.dumps(record, indent=1))
 
 
 def clear_record(run_dir: Path) -> None:

@@ -7,10 +7,8 @@ import atexit
 import errno
 import logging
 import math
-import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from core import faults
 from core.cli import disk_full
 from data_shards.collate import load_tokenizer
 from data_shards.store import ShardError
@@ -265,11 +264,11 @@ class Trainer:
                 saved = self._should_save(evaluated)
                 if saved:
                     self._save()
-                    ckpt._test_hook("MMOE_TEST_KILL_AT_STEP", st.step)
+                    faults.kill_point("KILL_AT_STEP", st.step)
                 if self._stop_code:
                     self._preempt(saved)
-                if D.is_main() and ckpt.fault_flag("MMOE_TEST_SIGNAL_AT_STEP") == st.step:  # tests: a scheduler's signal
-                    os.kill(os.getpid(), signal.SIGUSR1)
+                if D.is_main():
+                    faults.signal_point("SIGNAL_AT_STEP", st.step)  # tests: a scheduler's signal
             if epoch_done or (stepped and self._should_stop()):
                 return
 
@@ -389,10 +388,10 @@ class Trainer:
 
     def _micro_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], object]:
         scores, moe_log = self.engine(_to(batch["mentions"], self.device), _to(batch["entities"], self.device))
-        ckpt.rank_fault(self.engine.global_steps + 1)  # tests: a rank that dies or hangs mid-step
+        faults.rank_fault(self.engine.global_steps + 1, D.rank())  # tests: a rank that dies or hangs mid-step
         loss, parts = contrastive_loss(scores, batch["gold_ids"].to(self.device), batch["candidate_ids"].to(self.device),
                                        self.cfg.loss, moe_log, row_weight=batch["weight"].to(self.device))
-        if ckpt.fault_flag("MMOE_TEST_NAN_LOSS_AT_STEP") == self.engine.global_steps + 1:  # fault injection (tests)
+        if faults.flag("NAN_LOSS_AT_STEP") == self.engine.global_steps + 1:  # fault injection (tests)
             loss = loss * float("nan")
             parts = {**parts, "loss": loss.detach()}
         self._loss_finite &= bool(torch.isfinite(loss))
@@ -562,8 +561,8 @@ class Trainer:
         """Collective, at the check points of an evaluation or of mining: whether any rank was asked to stop
         (the stop code is kept, as at a step boundary). A long evaluation would outlast the grace a scheduler
         gives between its stop signal and its kill, with this step's checkpoint not yet written."""
-        if D.is_main() and ckpt.fault_flag("MMOE_TEST_SIGNAL_IN_EVAL") == self.state.step:  # tests: a signal mid-way
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if D.is_main():
+            faults.signal_point("SIGNAL_IN_EVAL", self.state.step)  # tests: a signal mid-way
         _, code = self._agree(True, self.stops.local_code())
         self._stop_code = self._stop_code or code
         return code != 0

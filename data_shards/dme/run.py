@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from urllib.parse import unquote
 
 from tqdm import tqdm
 
+from core.atomic import atomic_write, write_text_atomic
 from core.cli import disk_full_line
 from data_shards import reader
 from data_shards.dme.backends import Choice, LLMUnreachable, Query, Selector, make_selector
@@ -140,14 +140,9 @@ def _apply(choice: Choice, q: Query, st: SplitStats, fallback: str) -> str:
 
 
 def write_json_list(path: Path, records: list[dict]) -> None:
-    """Atomic: a temporary file in the same folder, renamed when complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("[" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "]\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomic: a temporary file in the same folder, renamed when complete (core/atomic.py)."""
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        fh.write("[" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "]\n")
 
 
 def run_dme(dataset: str | reader.DatasetLayout, root: Path, candidates: Path, out: Path, cfg: DMEConfig,
@@ -189,9 +184,7 @@ def run_dme(dataset: str | reader.DatasetLayout, root: Path, candidates: Path, o
                          "splits_seconds": {sp: s["seconds"] for sp, s in report["splits"].items()}}
     if hasattr(selector, "requests"):
         report["llm"] = {"url": selector.url, "requests": selector.requests, "replies": selector.succeeded}
-    tmp = out / f".{REPORT}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / REPORT)
+    write_text_atomic(out / REPORT, json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
 
 
