@@ -54,7 +54,12 @@ def enabled(name: str) -> bool:
 def flag(name: str) -> int | None:
     """The integer hook ``name`` is set to, or None."""
     value = _value(name)
-    return int(value) if value else None
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{PREFIX}{name}={value!r} is not an integer") from None
 
 
 def kill_point(name: str, step: int | None = None) -> None:
@@ -76,8 +81,15 @@ def rank_fault(step: int, rank: int) -> None:
     spec = _value("RANK_FAULT")
     if not spec:
         return
-    what, who, when = spec.split(":")
-    if int(who) == rank and int(when) == step:
+    what, who, when = _rank_fault_spec(spec)
+    if who == rank and when == step:
         if what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(3600)
+
+
+def _rank_fault_spec(spec: str) -> tuple[str, int, int]:
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in ("kill", "hang") or not all(p.isdecimal() for p in parts[1:]):
+        raise ValueError(f"{PREFIX}RANK_FAULT={spec!r}: expected kill:RANK:STEP or hang:RANK:STEP")
+    return parts[0], int(parts[1]), int(parts[2])

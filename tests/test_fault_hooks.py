@@ -1,6 +1,10 @@
 """core/faults.py is the one reader of the MMOE_TEST_* hooks, and documents every hook the tests set."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,29 @@ def test_hooks_read_the_environment_and_refuse_unknown_names(monkeypatch):
     faults.rank_fault(3, 0)  # another rank
     with pytest.raises(ValueError, match="unknown fault hook"):
         faults.flag("NAN_LOSS")
+
+
+@pytest.mark.parametrize("spec", ["kill:1", "kill:1:3:4", "kil:1:3", "hang:one:3", "kill:1:"])
+def test_a_malformed_rank_fault_is_an_error_naming_the_expected_form(monkeypatch, spec):
+    monkeypatch.setenv("MMOE_TEST_RANK_FAULT", spec)
+    with pytest.raises(ValueError, match=r"MMOE_TEST_RANK_FAULT=.*expected kill:RANK:STEP or hang:RANK:STEP"):
+        faults.rank_fault(3, 1)
+
+
+def test_a_step_hook_that_is_not_an_integer_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setenv("MMOE_TEST_SIGNAL_AT_STEP", "three")
+    with pytest.raises(ValueError, match=r"MMOE_TEST_SIGNAL_AT_STEP='three' is not an integer"):
+        faults.signal_point("SIGNAL_AT_STEP", 3)
+
+
+@pytest.mark.parametrize(("env", "call", "died_of"), [
+    ({"MMOE_TEST_KILL_AT_STEP": "5"}, "faults.kill_point('KILL_AT_STEP', 5)", signal.SIGKILL),
+    ({"MMOE_TEST_KILL_IN_EXPORT_SWAP": "1"}, "faults.kill_point('KILL_IN_EXPORT_SWAP')", signal.SIGKILL),
+    ({"MMOE_TEST_SIGNAL_AT_STEP": "2"}, "faults.signal_point('SIGNAL_AT_STEP', 2)", signal.SIGUSR1),
+    ({"MMOE_TEST_RANK_FAULT": "kill:1:3"}, "faults.rank_fault(3, 1)", signal.SIGKILL),
+])
+def test_a_hook_set_for_this_point_fires(env, call, died_of):
+    code = f"from core import faults; {call}; print('survived')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -died_of and "survived" not in done.stdout, (done.returncode, done.stderr)
