@@ -74,16 +74,20 @@ class Collator:
         for i, jpg in enumerate(jpgs):
             if jpg is None:
                 continue
-            with Image.open(io.BytesIO(jpg)) as img:
-                arr = np.asarray(img.convert("RGB"))
-            if arr.shape[:2] != (self.image_size, self.image_size):
-                raise ValueError(f"image of size {arr.shape[1]}x{arr.shape[0]} in the shards, the model expects "
-                                 f"{self.image_size}: convert again with --image-size {self.image_size}")
-            raw[i] = arr
+            raw[i] = self.decode(jpg)
             mask[i] = True
         pixels = self.normalise(raw)
         pixels[~mask] = 0.0  # rows without an image stay exactly zero
         return {"pixel_values": pixels, "image_mask": mask}
+
+    def decode(self, jpg: bytes) -> np.ndarray:
+        """A shard's JPEG as uint8 [H, W, 3]; the converter stored it at the model's size, any other is refused."""
+        with Image.open(io.BytesIO(jpg)) as img:
+            arr = np.asarray(img.convert("RGB"))
+        if arr.shape[:2] != (self.image_size, self.image_size):
+            raise ValueError(f"image of size {arr.shape[1]}x{arr.shape[0]} in the shards, the model expects "
+                             f"{self.image_size}: convert again with --image-size {self.image_size}")
+        return arr
 
     def normalise(self, raw: np.ndarray) -> Tensor:
         """uint8 [B, H, W, 3] -> float [B, 3, H, W], ``(x / 255 - mean) / std``: one contiguous buffer updated in
