@@ -59,7 +59,9 @@ IMAGE_SIZE = 224
 PARTS = ("clip", "matcher", "loss", "backward", "grad_norm", "optimizer")
 # Variants: the published step, our step, and our step with one measured option changed.
 OPTIONS = {"published": {}, "ours": {}, "ours+eager": {"attn": "eager"}, "ours+loop": {"adamw": "loop"},
-           "ours+foreach": {"adamw": "foreach"}, "ours+fused": {"adamw": "fused"}, "ours+ckpt": {"checkpointing": True}}
+           "ours+foreach": {"adamw": "foreach"}, "ours+fused": {"adamw": "fused"}, "ours+ckpt": {"checkpointing": True},
+           "ours+compile-encoder": {"compile": "encoder"}, "ours+compile-matcher": {"compile": "matcher"},
+           "ours+compile": {"compile": "all"}}
 
 
 def paper_config(batch: int, top_k: int = 3) -> Config:
@@ -153,7 +155,7 @@ class OurStep:
         self.gold = torch.arange(cfg.data.batch_size, device=device)
         self.weight = torch.ones(cfg.data.batch_size, device=device)
 
-    def __call__(self, m: dict, e: dict, timers: Timers) -> None:
+    def __call__(self, m: dict, e: dict, timers: Timers) -> torch.Tensor:
         if timers.on:  # the engine's forward is the module's: call the parts to time them
             scores = _forward(self.engine.module, m, e, timers, published=False)
             log = scores.pop("_log")
@@ -168,6 +170,7 @@ class OurStep:
                 global_grad_norm(self.engine.module, self.device, 1)
         with timers("optimizer"):  # DeepSpeed's clipping (its own norm), the guard's finiteness norm, AdamW
             self.engine.step()
+        return loss.detach()
 
 
 class PublishedStep:
@@ -185,7 +188,7 @@ class PublishedStep:
         self.target = torch.arange(cfg.data.batch_size, device=device)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
 
-    def __call__(self, m: dict, e: dict, timers: Timers) -> None:
+    def __call__(self, m: dict, e: dict, timers: Timers) -> torch.Tensor:
         with self.autocast:
             scores = _forward(self.model, m, e, timers, published=True)
         with timers("loss"):
@@ -195,6 +198,7 @@ class PublishedStep:
         with timers("optimizer"):
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
 def model_flops(cfg: Config, m: dict, e: dict, device: torch.device) -> float:
@@ -219,6 +223,7 @@ def run_variant(variant: str, batch: int, iters: int, device: torch.device, bf16
     model = paper_model(cfg, attn=opts.get("attn", "sdpa")).to(device)
     if opts.get("checkpointing"):  # train.activation_checkpointing
         model.encoder.enable_activation_checkpointing()
+    model.compile_parts(opts.get("compile", "none"))  # train.compile
     step = (PublishedStep(cfg, model, device, precision) if variant == "published"
             else OurStep(cfg, model, device, precision, opts.get("adamw", "auto")))
     if device.type == "cuda":
@@ -229,9 +234,11 @@ def run_variant(variant: str, batch: int, iters: int, device: torch.device, bf16
     for i in range(iters + 1):
         _sync(device)
         t0 = time.perf_counter()
-        step(m, e, off)
+        loss = step(m, e, off)
         _sync(device)
-        if i > 0:  # the first step is warm-up (allocations, kernel choice, optimizer state)
+        if i == 0:  # the first step is warm-up (allocations, kernel choice, optimizer state, torch.compile)
+            first_step, first_loss = time.perf_counter() - t0, float(loss)
+        else:
             times.append(time.perf_counter() - t0)
     split = Timers(device, on=True)
     step(m, e, split)
@@ -239,7 +246,7 @@ def run_variant(variant: str, batch: int, iters: int, device: torch.device, bf16
     out = {"variant": variant, "device": device.type, "precision": precision, "batch": batch, "iters": iters,
            "threads": torch.get_num_threads(), "seconds_per_step": s, "samples_per_s": batch / s,
            "step_flops": flops, "matmul_gflops": rate, "matmul_fraction": flops / s / 1e9 / rate,
-           "split_s": split.seconds}
+           "split_s": split.seconds, "first_step_s": first_step, "first_loss": first_loss}
     if device.type == "cuda":
         out["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:  # ru_maxrss is KiB on Linux: the process's peak, and its growth during the steps
@@ -280,8 +287,10 @@ def report(results: dict[str, dict]) -> str:
     lines.append(f"speed-up (published / ours): {p['seconds_per_step'] / o['seconds_per_step']:.2f}x   "
                  f"peak memory ratio: {p['peak_mem_mib'] / o['peak_mem_mib']:.2f}x")
     for name, r in results.items():
-        if name not in ("ours", "published"):
-            lines.append(f"{name}: {o['seconds_per_step'] / r['seconds_per_step']:.3f}x the speed of ours")
+        if name not in ("ours", "published"):  # same weights and inputs: the first step's loss must agree with ours
+            lines.append(f"{name}: {o['seconds_per_step'] / r['seconds_per_step']:.3f}x the speed of ours; first step "
+                         f"{r['first_step_s']:.1f} s (ours {o['first_step_s']:.1f} s); first-step loss "
+                         f"{r['first_loss']:.6f} (ours {o['first_loss']:.6f})")
     lines.append(f"one gradient norm: {o['split_s']['grad_norm']:.3f} s = "
                  f"{100 * o['split_s']['grad_norm'] / o['seconds_per_step']:.2f}% of our step")
     return "\n".join(lines)

@@ -174,6 +174,9 @@ class TrainConfig:
     # AdamW's implementation: auto (torch's choice: foreach on GPUs, one tensor at a time on CPUs) | fused (one
     # kernel over all tensors, CPU and CUDA; the fastest update measured) | foreach | loop; equal up to rounding
     adamw: str = "auto"
+    # torch.compile of the encoder's towers, the matcher or both (none | encoder | matcher | all): a measured option,
+    # off by default (docs/training-speed.md: what it bought on our machines)
+    compile: str = "none"
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
     zero_stage: int = 0  # 0, 1 or 2
     eval_every_epochs: int = 2  # paper: dev check every 2 epochs
@@ -193,7 +196,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp16", "fp32"),
-                   "adamw": ("auto", "foreach", "fused", "loop")}
+                   "adamw": ("auto", "foreach", "fused", "loop"), "compile": ("none", "encoder", "matcher", "all")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key}: expected one of {allowed}, got {getattr(self, key)!r}")

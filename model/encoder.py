@@ -141,6 +141,11 @@ class ClipEncoder(nn.Module):
         """Recompute the CLIP layers' activations in backward instead of keeping them (non-reentrant)."""
         self.clip.activation_checkpointing_enable({"use_reentrant": False})
 
+    def compile_towers(self) -> None:
+        """torch.compile both CLIP towers in place (state-dict keys unchanged; train.compile)."""
+        self.clip.text_model.compile()
+        self.clip.vision_model.compile()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor) -> Features:
         text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         # last_hidden_state is already after CLIP's final LayerNorm (as the pooler's input is), so this

@@ -25,6 +25,7 @@ from moe.matcher import MMoEMatcher
 from moe.units import MoELog
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
+COMPILE_PARTS = ("none", "encoder", "matcher", "all")
 
 
 class MMoEModel(nn.Module):
@@ -38,6 +39,16 @@ class MMoEModel(nn.Module):
             self.encoder = ClipEncoder(load_clip(cfg.clip_path, cfg.tiny_clip), s.text_dim, s.image_dim,
                                        zero_pixels_for_missing=s.published)
         self.matcher = MMoEMatcher(s)
+
+    def compile_parts(self, parts: str) -> None:
+        """torch.compile the encoder's towers (``encoder``), the matcher's side and scoring (``matcher``), both
+        (``all``) or nothing (``none``), in place: parameters and state-dict keys stay as they are (train.compile)."""
+        if parts not in COMPILE_PARTS:
+            raise ValueError(f"compile parts must be one of {COMPILE_PARTS}, got {parts!r}")
+        if parts in ("encoder", "all"):
+            self.encoder.compile_towers()
+        if parts in ("matcher", "all"):
+            self.matcher.compile_sides()
 
     def features(self, batch: Mapping[str, Tensor]) -> Features:
         missing = [k for k in BATCH_KEYS if k not in batch]

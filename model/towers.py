@@ -187,6 +187,11 @@ class TowersEncoder(nn.Module):
         for tower in (self.text, self.vision):
             tower.activation_checkpointing_enable({"use_reentrant": False})
 
+    def compile_towers(self) -> None:
+        """torch.compile both towers in place (state-dict keys unchanged; train.compile)."""
+        for tower in (self.text, self.vision):
+            tower.compile()
+
     def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """The text tower's last hidden states [B, L, h] and pooled vector [B, h], before the projections."""
         out = self.text(input_ids=input_ids, attention_mask=attention_mask)

@@ -118,6 +118,11 @@ class MMoEMatcher(nn.Module):
             out.update({f"{name}.{k}": v for k, v in part.items()})
         return SideCache(out), log
 
+    def compile_sides(self) -> None:
+        """torch.compile the side computation and the scoring (train.compile); the parameters stay this module's."""
+        self._side = torch.compile(self._side)
+        self._score = torch.compile(self._score)
+
     def mention_side(self, f: Features) -> tuple[SideCache, MoELog]:
         return self._side(f, mention=True)
 

@@ -175,3 +175,28 @@ def test_activation_checkpointing_gives_the_gradients_of_keeping_the_activations
     for n in checked:
         assert torch.allclose(dict(recomputing.named_parameters())[n].grad, grads[n].grad, atol=1e-6), n
     assert recomputing.encoder.clip.text_model.encoder.gradient_checkpointing  # it really recomputes
+
+
+def test_compile_parts_wraps_the_chosen_parts_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    model = MMoEModel(tiny_model_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    text, vision = model.encoder.clip.text_model, model.encoder.clip.vision_model
+    model.compile_parts("encoder")  # lazy: nothing is compiled until the first forward
+    assert text._compiled_call_impl is not None and vision._compiled_call_impl is not None
+    assert "_side" not in vars(model.matcher)  # the matcher is left eager
+    model.compile_parts("matcher")
+    assert "_side" in vars(model.matcher) and "_score" in vars(model.matcher)
+    after = model.state_dict()
+    assert list(after) == list(before)  # checkpoints and exports keep their keys
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="compile parts must be one of"):
+        model.compile_parts("clip")
+
+
+def test_train_compile_refuses_an_unknown_part():
+    from core.typed_config import ConfigError
+    from model.config import load_config
+
+    with pytest.raises(ConfigError, match=r"train.compile: expected one of \('none', 'encoder', 'matcher', 'all'\)"):
+        load_config(None, ["train.compile=clip"])

@@ -144,6 +144,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.activation_checkpointing:
             model.encoder.enable_activation_checkpointing()
+        model.compile_parts(cfg.train.compile)
         self._check_data(cfg)
         self.collator = make_collator(cfg, model)
         self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
