@@ -36,9 +36,11 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
-    if origin is Literal:  # the values' own type here; the choice itself is check_choices'
-        (kind,) = {type(choice) for choice in typing.get_args(tp)}
-        return _convert(value, kind, key)
+    if origin is Literal:  # the choices' one type here; the choice itself is check_choices'
+        kinds = {type(choice) for choice in typing.get_args(tp)}
+        if len(kinds) != 1:
+            raise ConfigError(f"{key}: unsupported config type {tp} (choices of one type only)")
+        return _convert(value, kinds.pop(), key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -123,6 +125,8 @@ def _in_range(value: float, low: float | None, high: float | None, kind: str) ->
 def _describe(low: float | None, high: float | None, kind: str) -> str:
     if high is None:
         return "a finite number" if low is None else f"{'>' if kind == '(]' else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if kind == '[)' else '<='} {high:g}"
     return f"in {'(' if kind == '(]' else '['}{low:g}, {high:g}{')' if kind == '[)' else ']'}"
 
 

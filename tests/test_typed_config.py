@@ -19,6 +19,7 @@ class Inner:
     betas: list[float] = ranged([0.5, 0.5], 0, 1, "[)")  # low included, high excluded
     count: int = ranged(1, 1)  # closed, unbounded above
     anything: float = ranged(-3.0)  # any finite number
+    below: int = ranged(0, None, 10, "[)")  # unbounded below
     free: int = 7  # no metadata: unchecked
 
     def __post_init__(self) -> None:
@@ -49,6 +50,16 @@ def test_a_literal_field_refuses_an_unknown_value_from_yaml_and_from_an_override
     assert load(tmp_path, "inner:\n  mode: slow\n", ["inner.level=2"]).inner == Inner(mode="slow", level=2)
 
 
+@dataclass
+class Mixed:
+    value: Literal["auto", 0] = "auto"
+
+
+def test_a_literal_of_mixed_types_is_refused_as_unsupported():
+    with pytest.raises(ConfigError, match=r"^value: unsupported config type .*choices of one type only"):
+        build(Mixed, {"value": 0})
+
+
 def test_a_literal_field_keeps_its_values_type_check(tmp_path):
     with pytest.raises(ConfigError, match=r"^inner\.mode: expected str, got int 3$"):
         load(tmp_path, overrides=["inner.mode=3"])
@@ -69,6 +80,7 @@ def test_a_literal_field_is_checked_when_its_section_is_built_in_code():
     ("inner.betas=[0.5,1.0]", r"^inner\.betas\[1\]: must be in \[0, 1\), got 1\.0$"),  # excluded high bound
     ("inner.betas=[-0.001,0.5]", r"^inner\.betas\[0\]: must be in \[0, 1\), got -0\.001$"),
     ("inner.count=0", r"^inner\.count: must be >= 1, got 0$"),
+    ("inner.below=10", r"^inner\.below: must be < 10, got 10$"),
 ])
 def test_a_range_refuses_just_outside_its_bounds(tmp_path, setting, message):
     with pytest.raises(ConfigError, match=message):
@@ -79,6 +91,8 @@ def test_a_range_accepts_its_included_bounds_and_just_inside_the_excluded_ones(t
     cfg = load(tmp_path, overrides=["inner.rate=1", "inner.betas=[0,0.999999]", "inner.count=1", "inner.anything=-1e9"])
     assert (cfg.inner.rate, cfg.inner.betas, cfg.inner.count, cfg.inner.anything) == (1.0, [0.0, 0.999999], 1, -1e9)
     assert load(tmp_path, overrides=["inner.rate=1e-12"]).inner.rate == 1e-12
+    assert load(tmp_path, overrides=["inner.below=-1000000"]).inner.below == -1000000
+    assert load(tmp_path, overrides=["inner.below=9"]).inner.below == 9
 
 
 def test_a_range_refuses_a_non_finite_value_set_in_code():
