@@ -32,12 +32,10 @@ from moe.matcher import MatcherSettings
 # choices when a section is built, the ranges once the whole Config is); every int/float field declares a
 # range or choices (tests/test_loss_and_config.py). Constraints between fields are the code below.
 
-Encoder = Literal["clip", "towers"]
-
-
 @dataclass
 class ModelConfig:
-    encoder: Encoder = "clip"  # clip: one CLIPModel (the paper's) | towers: a text and a vision tower (model.towers)
+    # clip: one CLIPModel (the paper's) | towers: a text and a vision tower (model.towers)
+    encoder: Literal["clip", "towers"] = "clip"
     clip_path: str = ""  # local folder or hub id of a CLIPModel; empty: build tiny_clip
     # the random-init CLIP's sizes; with encoder: towers, the sizes of a random-init tower (a path left empty)
     tiny_clip: TinyClipSettings = field(default_factory=TinyClipSettings)
