@@ -5,7 +5,8 @@
 #   2. bench.bench_eval at WikiMEL size (110,000 entities x 5,000 mentions), in bf16 and in fp32,
 #      each writing its figures as JSON;
 #   3. bench.bench_train: the paper-size training step (ViT-B/32 CLIP, batch 32), ours vs the published
-#      step, in bf16 and in fp32, each writing its figures as JSON.
+#      step, in bf16 (with the eager-attention and torch.compile options) and in fp32, each writing its
+#      figures as JSON.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]     (default: runs/gpu_check)
 # Exits non-zero when a test or a benchmark fails; a benchmark below its target only prints NOT met.
 set -uo pipefail
@@ -30,7 +31,7 @@ python -m bench.bench_eval "${WIKIMEL[@]}" --bf16 --json "$OUT_DIR/bench_eval_bf
 echo "== bench.bench_eval at WikiMEL size, fp32"
 python -m bench.bench_eval "${WIKIMEL[@]}" --json "$OUT_DIR/bench_eval_fp32.json" || status=1
 echo "== bench.bench_train at paper size, bf16"
-python -m bench.bench_train --device cuda --bf16 --iters 10 --variants published,ours,ours+eager \
+python -m bench.bench_train --device cuda --bf16 --iters 10 --variants published,ours,ours+eager,ours+compile-encoder,ours+compile \
     --json "$OUT_DIR/bench_train_bf16.json" || status=1
 echo "== bench.bench_train at paper size, fp32"
 python -m bench.bench_train --device cuda --iters 10 --json "$OUT_DIR/bench_train_fp32.json" || status=1

@@ -2,16 +2,26 @@
 
 Unknown keys and wrong types are errors that name the key (``model.moe.top_k: expected int, got
 str 'three'``). Kept free of heavy imports so light commands (DME) can use it too.
+
+Choices and ranges are declared on the dataclass fields and checked here:
+
+- a ``typing.Literal[...]`` field holds one of its values: :func:`check_choices`, which a section's
+  ``__post_init__`` calls (so a section built in code is checked too);
+- a field declared with :func:`ranged` (a list field: each element) lies within its range:
+  :func:`check_field_ranges`, which the config root calls once the whole tree is built.
+
+Constraints between fields stay explicit code beside the fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,6 +36,11 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:  # the choices' one type here; the choice itself is check_choices'
+        kinds = {type(choice) for choice in typing.get_args(tp)}
+        if len(kinds) != 1:
+            raise ConfigError(f"{key}: unsupported config type {tp} (choices of one type only)")
+        return _convert(value, kinds.pop(), key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -84,6 +99,69 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+RangeKind = Literal["[]", "(]", "[)"]
+RANGE = "range"  # the field-metadata key of ranged()
+
+
+def ranged(default: Any, low: float | None = None, high: float | None = None, kind: RangeKind = "[]") -> Any:
+    """A dataclass field with default ``default`` whose value (a list's: each element) must be finite and within
+    ``low``..``high``: kind "[]" closed, "(]" low excluded, "[)" high excluded; None: unbounded on that side."""
+    if kind not in typing.get_args(RangeKind):
+        raise ValueError(f"range kind {kind!r}: expected one of {typing.get_args(RangeKind)}")
+    metadata = {RANGE: (low, high, kind)}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _in_range(value: float, low: float | None, high: float | None, kind: str) -> bool:
+    if low is not None and (value < low or (kind == "(]" and value == low)):
+        return False
+    return high is None or value < high or (value == high and kind != "[)")
+
+
+def _describe(low: float | None, high: float | None, kind: str) -> str:
+    if high is None:
+        return "a finite number" if low is None else f"{'>' if kind == '(]' else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if kind == '[)' else '<='} {high:g}"
+    return f"in {'(' if kind == '(]' else '['}{low:g}, {high:g}{')' if kind == '[)' else ']'}"
+
+
+def check_field_ranges(obj: Any, prefix: str = "") -> None:
+    """Every :func:`ranged` field of dataclass ``obj`` and of its nested sections within its range; the
+    ConfigError names the key (``prefix`` + the field's path, ``[i]`` for a list element)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_field_ranges(value, key + ".")
+            continue
+        if RANGE not in f.metadata:
+            continue
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            if not math.isfinite(v):  # set in code (YAML values are refused while parsing)
+                raise ConfigError(f"{where}: must be a finite number, got {v!r}")
+            if not _in_range(v, *f.metadata[RANGE]):
+                raise ConfigError(f"{where}: must be {_describe(*f.metadata[RANGE])}, got {v!r}")
+
+
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """(name, choices) of each ``Literal`` field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(cls)
+                 if typing.get_origin(hints[f.name]) is Literal)
+
+
+def check_choices(obj: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field of dataclass ``obj`` holds one of its choices; ConfigError names the key
+    (``prefix`` + the field's name). Called by each section's ``__post_init__``."""
+    for name, choices in _literal_fields(type(obj)):
+        if getattr(obj, name) not in choices:
+            raise ConfigError(f"{prefix}{name}: expected one of {choices}, got {getattr(obj, name)!r}")
 
 
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

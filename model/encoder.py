@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
+from core.typed_config import ranged
 from moe.features import Features
 
 
@@ -16,19 +17,19 @@ class TinyClipSettings:
     """A small random-init CLIP for tests and the synthetic demo (no weights can be downloaded here)."""
 
     # 0 / -1: taken from the tokenizer when the model is built (model.mmoe.build_model)
-    vocab_size: int = 0
-    bos_token_id: int = -1
-    eos_token_id: int = -1  # HF's CLIP pools at the first eos; ClipEncoder pools at the last real token instead
-    pad_token_id: int = -1
-    text_hidden: int = 64
-    vision_hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    image_size: int = 64
-    patch_size: int = 16
-    projection_dim: int = 64
-    max_text_positions: int = 64
-    seed: int = 0
+    vocab_size: int = ranged(0, 0)
+    bos_token_id: int = ranged(-1, -1)
+    eos_token_id: int = ranged(-1, -1)  # HF's CLIP pools at the first eos; ClipEncoder pools at the last real token instead
+    pad_token_id: int = ranged(-1, -1)
+    text_hidden: int = ranged(64, 1)
+    vision_hidden: int = ranged(64, 1)
+    layers: int = ranged(2, 1)
+    heads: int = ranged(4, 1)
+    image_size: int = ranged(64, 1)
+    patch_size: int = ranged(16, 1)  # <= image_size (model.config.check_ranges)
+    projection_dim: int = ranged(64, 1)
+    max_text_positions: int = ranged(64, 1)
+    seed: int = ranged(0, 0)
 
     def clip_config(self) -> CLIPConfig:
         if self.vocab_size <= 0 or min(self.bos_token_id, self.eos_token_id, self.pad_token_id) < 0:

@@ -9,6 +9,7 @@ A batch (mentions or entities) is a mapping with
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from data_shards.collate import has_tokenizer, load_tokenizer
-from model.config import Config, ModelConfig
+from model.config import CompileParts, Config, ModelConfig
 from model.encoder import ClipEncoder, load_clip
 from model.factory import text_model_folder
 from model.towers import TowersEncoder
@@ -25,7 +26,6 @@ from moe.matcher import MMoEMatcher
 from moe.units import MoELog
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
-COMPILE_PARTS = ("none", "encoder", "matcher", "all")
 
 
 class MMoEModel(nn.Module):
@@ -43,8 +43,9 @@ class MMoEModel(nn.Module):
     def compile_parts(self, parts: str) -> None:
         """torch.compile the encoder's towers (``encoder``), the matcher's side and scoring (``matcher``), both
         (``all``) or nothing (``none``), in place: parameters and state-dict keys stay as they are (train.compile)."""
-        if parts not in COMPILE_PARTS:
-            raise ValueError(f"compile parts must be one of {COMPILE_PARTS}, got {parts!r}")
+        choices = typing.get_args(CompileParts)
+        if parts not in choices:
+            raise ValueError(f"compile parts must be one of {choices}, got {parts!r}")
         if parts in ("encoder", "all"):
             self.encoder.compile_towers()
         if parts in ("matcher", "all"):

@@ -21,17 +21,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 
-from core.typed_config import ConfigError
+from core.typed_config import ConfigError, check_choices
 from model.encoder import TinyClipSettings, pool_last_token
 from moe.features import Features
 
-POOLINGS = ("auto", "cls", "mean", "last", "pooler")
-VISION_POOLINGS = ("auto", "cls", "mean", "pooler")
+Pooling = Literal["auto", "cls", "mean", "last", "pooler"]
+VisionPooling = Literal["auto", "cls", "mean", "pooler"]
 
 
 @dataclass
@@ -40,15 +41,11 @@ class TowersSettings:
 
     text_path: str = ""  # a local Hugging Face model folder (BERT, RoBERTa, MiniLM, XLM-R...); "": random-init BERT
     vision_path: str = ""  # a local folder (ViT, CLIP or SigLIP vision, DINOv2...); "": random-init ViT
-    text_pooling: str = "auto"  # auto | cls | mean | last | pooler
-    vision_pooling: str = "auto"  # auto | cls | mean | pooler
+    text_pooling: Pooling = "auto"
+    vision_pooling: VisionPooling = "auto"
 
     def __post_init__(self) -> None:
-        if self.text_pooling not in POOLINGS:
-            raise ConfigError(f"model.towers.text_pooling: expected one of {POOLINGS}, got {self.text_pooling!r}")
-        if self.vision_pooling not in VISION_POOLINGS:
-            raise ConfigError(f"model.towers.vision_pooling: expected one of {VISION_POOLINGS}, got "
-                              f"{self.vision_pooling!r}")
+        check_choices(self, "model.towers.")
 
 
 def _half(model: nn.Module, side: str) -> nn.Module:

@@ -15,38 +15,36 @@ reproduce published numbers, never for new results.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from core.typed_config import ConfigError
+from core.typed_config import ConfigError, check_choices, ranged
 from moe.features import Features, SideCache
 from moe.layer_spec import check_gate_backend
-from moe.units import CROSS_GATES, CrossUnit, IntraUnit, MoELog, MoESettings
+from moe.units import CrossGate, CrossUnit, IntraUnit, MoELog, MoESettings
 
 UNITS = ("text", "vision", "cross")
-COMPAT = ("none", "published")
+Compat = Literal["none", "published"]
 
 
 @dataclass
 class MatcherSettings:
     """Widths and switches of the matcher (published: dt 512, dv 96, hidden 96, cross 96)."""
 
-    text_dim: int = 512  # dt: CLIP text width (global and tokens)
-    image_dim: int = 96  # dv: image global and tokens after the encoder's linear maps
-    hidden: int = 96  # h: output width of the text and vision units' experts
-    cross_dim: int = 96  # c: the cross unit's width
+    text_dim: int = ranged(512, 1)  # dt: CLIP text width (global and tokens)
+    image_dim: int = ranged(96, 1)  # dv: image global and tokens after the encoder's linear maps
+    hidden: int = ranged(96, 1)  # h: output width of the text and vision units' experts
+    cross_dim: int = ranged(96, 1)  # c: the cross unit's width
     units: dict[str, bool] = field(default_factory=lambda: {u: True for u in UNITS})
-    cross_gate: str = "context"  # context | global: what the cross unit's scalar gate reads, on both sides
-    compat: str = "none"  # none | published (reproduce the published code, defects included)
+    cross_gate: CrossGate = "context"  # what the cross unit's scalar gate reads, on both sides
+    compat: Compat = "none"  # published: reproduce the published code, defects included
     moe: MoESettings = field(default_factory=MoESettings)
 
     def __post_init__(self) -> None:
-        if self.compat not in COMPAT:
-            raise ConfigError(f"model.matcher.compat: expected one of {COMPAT}, got {self.compat!r}")
+        check_choices(self, "model.matcher.")
         check_gate_backend("published" if self.published else "switch", self.moe.backend)
-        if self.cross_gate not in CROSS_GATES:
-            raise ConfigError(f"model.matcher.cross_gate: expected one of {CROSS_GATES}, got {self.cross_gate!r}")
         self.enabled()
         # A unit not listed is on: every unit spelled out, so an override of one (units.cross=false, which replaces
         # the whole mapping) changes only that key in the saved config and in a resume's comparison.

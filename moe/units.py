@@ -8,17 +8,19 @@ so a whole KB is encoded once and reused (see ``moe.matcher``).
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.typed_config import ConfigError  # a ValueError; light module, no cycle
+from core.typed_config import ConfigError, check_choices, ranged  # light module, no cycle
 from moe.layer_spec import LayerSpec, check_ep_size
 from moe.switch import MoEOutput, SwitchMoE
 
-BACKENDS = ("local", "deepspeed")
+Backend = Literal["local", "deepspeed"]
 
 
 @dataclass
@@ -32,21 +34,21 @@ class MoESettings:
     num_experts and the number of processes).
     """
 
-    num_experts: int = 4
-    top_k: int = 3
-    expert_mult: int = 4  # expert FFN inner width = expert_mult * input width (published: 4)
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
+    num_experts: int = ranged(4, 1)
+    top_k: int = ranged(3, 1)  # <= num_experts (model.config.check_ranges)
+    expert_mult: int = ranged(4, 1)  # expert FFN inner width = expert_mult * input width (published: 4)
+    capacity_factor: float = ranged(1.0, 0, kind="(]")
+    eval_capacity_factor: float = ranged(1.0, 0, kind="(]")
+    min_capacity: int = ranged(4, 0)
     drop_tokens: bool = False
-    dropped: str = "zero"
-    backend: str = "local"  # local | deepspeed
-    ep_size: int = 1  # expert-parallel group size (deepspeed backend)
+    dropped: str = "zero"  # checked by LayerSpec when a layer is built (moe/layer_spec.py: DROPPED_POLICIES)
+    backend: Backend = "local"
+    # expert-parallel group size (deepspeed backend); no range: check_ep_size (>= 1, divides num_experts) comes first
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
         key = "model.matcher.moe."
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"{key}backend: expected one of {BACKENDS}, got {self.backend!r}")
+        check_choices(self, key)
         check_ep_size(self.ep_size, self.num_experts)
         if self.ep_size > 1 and self.backend != "deepspeed":
             raise ConfigError(f"{key}ep_size: {self.ep_size} needs backend: deepspeed (the local backend keeps every expert "
@@ -254,7 +256,8 @@ def align_length(tokens: Tensor, length: int) -> Tensor:
     return F.adaptive_avg_pool1d(tokens.transpose(1, 2), length).transpose(1, 2)
 
 
-CROSS_GATES = ("context", "global")
+CrossGate = Literal["context", "global"]
+CROSS_GATES = typing.get_args(CrossGate)
 
 
 class CrossUnit(nn.Module):

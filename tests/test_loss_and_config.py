@@ -138,23 +138,60 @@ def test_out_of_range_values_are_refused_naming_the_key(setting, message):
         load_config(None, [setting])
 
 
-def test_every_numeric_config_field_has_a_range():
+def config_fields(cls, prefix=""):
+    """(key, dataclass field, type) of every leaf field of the config tree under ``cls``."""
     import dataclasses
     import typing
 
-    from model.config import RANGES, Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from config_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name]
 
-    def numeric_keys(cls, prefix=""):
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            key = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(tp):
-                yield from numeric_keys(tp, key + ".")
-            elif tp in (int, float) or typing.get_args(tp) in ((int,), (float,)):
-                yield key
 
-    assert sorted(numeric_keys(Config)) == sorted(RANGES)
+# Checked by its own code before the ranges are: check_ep_size (>= 1 and divides num_experts).
+RANGE_EXEMPT = {"model.matcher.moe.ep_size"}
+
+
+def test_every_numeric_config_field_declares_a_range_or_choices():
+    import typing
+
+    from core.typed_config import RANGE
+    from model.config import Config
+
+    numeric = [(key, f, tp) for key, f, tp in config_fields(Config)
+               if tp in (int, float) or typing.get_args(tp) in ((int,), (float,))
+               or typing.get_origin(tp) is typing.Literal and all(isinstance(c, int) for c in typing.get_args(tp))]
+    assert len(numeric) > 60
+    undeclared = [key for key, f, tp in numeric
+                  if RANGE not in f.metadata and typing.get_origin(tp) is not typing.Literal]
+    assert sorted(undeclared) == sorted(RANGE_EXEMPT)
     Config()  # the defaults are in range
+
+
+def test_every_choice_field_refuses_an_unknown_value_when_its_section_is_built_in_code():
+    import dataclasses
+    import typing
+
+    from model.config import Config
+
+    def sections(cls, prefix=""):
+        yield prefix, cls
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from sections(hints[f.name], f"{prefix}{f.name}.")
+
+    checked = 0
+    for prefix, cls in sections(Config):
+        for f in dataclasses.fields(cls):
+            if typing.get_origin(typing.get_type_hints(cls)[f.name]) is typing.Literal:
+                with pytest.raises(ConfigError, match=rf"^{prefix}{f.name}: expected one of \(.*\), got 'bogus'$"):
+                    cls(**{f.name: "bogus"})
+                checked += 1
+    assert checked >= 17
 
 
 @pytest.mark.parametrize("value, shown", [(".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan"), ("inf", "str 'inf'"),
