@@ -92,7 +92,7 @@ def _signature(manifest: Path) -> tuple[int, int, int]:
 class ShardFolder:
     """A converted shards folder: its manifest, read once, and what is derived from it."""
 
-    _open: OrderedDict[str, ShardFolder] = OrderedDict()  # resolved path -> the object open() hands out
+    _open: OrderedDict[str, ShardFolder] = OrderedDict()  # path as given -> the object open() hands out
     OPEN_MAX = 8
 
     def __init__(self, root: Path | str) -> None:
@@ -110,8 +110,9 @@ class ShardFolder:
     @classmethod
     def open(cls, root: Path | str) -> ShardFolder:
         """The shared object of the folder at ``root``: the one handed out before while its manifest file is
-        unchanged, else a new one (a re-converted folder). The last OPEN_MAX folders are kept."""
-        key = str(Path(root).resolve())
+        unchanged, else a new one (a re-converted folder). The last OPEN_MAX folders are kept, by the path as
+        given (so the object's messages name the folder as its caller spelt it)."""
+        key = str(Path(root))
         folder = cls._open.get(key)
         path = Path(root) / MANIFEST
         if folder is None or not path.is_file() or _signature(path) != folder.signature:
