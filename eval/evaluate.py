@@ -150,8 +150,7 @@ def _sharded_entity_cache(model: MMoEModel, cfg: Config, split: str, device: tor
     kb, error = None, None
     try:  # stored in the cache dtype as encoded (eval/encode.py: RowWriter)
         kb = encode_kb(model, ShardFolder.open(cfg.data.shards), collator, device, batch_size=e.batch_size,
-                       num_workers=e.num_workers,
-                       bf16=e.bf16, interrupt=interrupt, sharded=True, cache_dtype=e.cache_dtype)
+                       num_workers=e.num_workers, bf16=e.bf16, interrupt=interrupt, sharded=True, cache_dtype=e.cache_dtype)
     except CacheValueError as err:
         error = str(err)
     errors = [x for x in D.gather_objects(error) if x]  # one slice's bad value stops every rank
