@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, Dataset
 from data_shards import reader
 from data_shards.collate import Collator, load_tokenizer
 from data_shards.convert import ConvertSettings, convert
-from data_shards.stream import ShardSet, TrainStream, make_loader, read_positions
+from data_shards.folder import ShardFolder
+from data_shards.stream import TrainStream, make_loader, read_positions
 from data_shards.synthetic import generate, preset
 
 DATASET = "synthetic"
@@ -148,7 +149,7 @@ def published_shapes(batch: dict) -> dict[str, tuple]:
 
 
 def run_ours(shards: Path, collator: Collator, batch: int, workers: int, seconds: float) -> dict:
-    stream = TrainStream(shards, collator, batch, num_workers=workers, seed=0)
+    stream = TrainStream(ShardFolder(shards), collator, batch, num_workers=workers, seed=0)
     samples, epoch, shapes = 0, 0, None
     c0, t0 = cpu_seconds(), time.perf_counter()
     while True:
@@ -210,7 +211,7 @@ def per_sample_split(shards: Path, collator: Collator, n: int = 256) -> dict[str
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        samples = list(read_positions(ShardSet.from_manifest(shards, "train"), [0], 0, n))
+        samples = list(read_positions(ShardFolder(shards).shard_set("train"), [0], 0, n))
         jpgs = [s["jpg"] for s in samples if s.get("jpg")]
         texts = [collator.mention_text(json.loads(s["json"])) for s in samples]
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ import torch
 
 from data_shards.collate import load_tokenizer
 from data_shards.convert import ConvertSettings, convert
+from data_shards.folder import ShardFolder
 from data_shards.synthetic import generate, preset
 from eval.encode import encode_kb, encode_split
 from eval.ranking import build_index
@@ -52,11 +53,11 @@ def main() -> None:
     collator = make_collator(cfg, model)
     device = torch.device("cpu")
     t0 = time.perf_counter()
-    kb = encode_kb(model, str(shards), collator, device, batch_size=a.batch, num_workers=1, distributed=False)
+    kb = encode_kb(model, ShardFolder(shards), collator, device, batch_size=a.batch, num_workers=1, distributed=False)
     t_kb = time.perf_counter() - t0
     kb_vecs = model.matcher.separable_vectors(kb)
     del kb
-    ms, ids = encode_split(model, str(shards), "train", collator, device, batch_size=a.batch, num_workers=1,
+    ms, ids = encode_split(model, ShardFolder(shards), "train", collator, device, batch_size=a.batch, num_workers=1,
                            distributed=False)
     m_vecs, gold = model.matcher.separable_vectors(ms), ids["gold_id"].numpy()
     rows = {}

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_shards.folder import ShardFolder
+
 IDENTITY_FILE = "data_identity.json"
 
 
@@ -34,20 +36,20 @@ def tokenizer_identity(tokenizer: Any) -> dict:
     return {"vocab_size": len(tokenizer), "vocab_sha256": _sha256_json(sorted(vocab.items())), "special_ids": special}
 
 
-def kb_identity(shards: str | Path) -> dict:
-    root = Path(shards)
-    manifest_bytes = (root / "manifest.json").read_bytes()
-    manifest = json.loads(manifest_bytes)
+def kb_identity(shards: ShardFolder) -> dict:
+    """The KB of a shards folder: dataset, entities, sha256 of its shards' and index's sha256, the manifest's."""
+    manifest = shards.manifest
     kb = [[e["name"], e["sha256"]] for e in manifest["shards"]["kb"]]
-    return {"dataset": manifest.get("dataset"), "entities": manifest["counts"]["entities"],
+    return {"dataset": shards.dataset, "entities": shards.counts["entities"],
             "kb_sha256": _sha256_json({"shards": kb, "index": manifest.get("entity_index_sha256")}),
-            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+            "manifest_sha256": shards.sha256}
 
 
-def write_identity(folder: Path, tokenizer: Any | None, shards: str | Path | None) -> dict:
-    """Write ``folder/data_identity.json``; a part that cannot be determined is recorded as null."""
+def write_identity(folder: Path, tokenizer: Any | None, shards: ShardFolder | None) -> dict:
+    """Write ``folder/data_identity.json``; a part that cannot be determined (no tokenizer, no converted
+    folder: ``shards`` None) is recorded as null."""
     ident: dict = {"tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None, "kb": None}
-    if shards is not None and (Path(shards) / "manifest.json").is_file():
+    if shards is not None:
         ident["kb"] = kb_identity(shards)
     (Path(folder) / IDENTITY_FILE).write_text(json.dumps(ident, indent=1) + "\n")
     return ident
@@ -58,7 +60,7 @@ def read_identity(export: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_identity(export: str | Path, tokenizer: Any, shards: str | Path, allow_other_kb: bool = False) -> None:
+def check_identity(export: str | Path, tokenizer: Any, shards: ShardFolder, allow_other_kb: bool = False) -> None:
     """Raise DataMismatch saying what differs between the export's training data and (tokenizer, shards)."""
     saved = read_identity(export)
     if saved is None:

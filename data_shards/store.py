@@ -25,17 +25,14 @@ class ShardError(RuntimeError):
 
 
 class EntityStore:
-    def __init__(self, shard_root: Path | str) -> None:
-        self.root = Path(shard_root)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} not found: convert the dataset first (python -m data_shards.convert)")
-        manifest = json.loads(manifest_path.read_text())
-        self.shard_paths = [self.root / e["name"] for e in manifest["shards"]["kb"]]
-        self.index = np.load(self.root / manifest["entity_index"], mmap_mode="r")
-        if len(self.index) != manifest["counts"]["entities"]:
-            expected = manifest["counts"]["entities"]
-            raise ValueError(f"{self.root}: entity index has {len(self.index)} rows, manifest says {expected}")
+    """The KB's entities by id; built by ``ShardFolder.store()`` from the folder's manifest."""
+
+    def __init__(self, root: Path, shard_paths: list[Path], index_path: Path, entities: int) -> None:
+        self.root = Path(root)
+        self.shard_paths = list(shard_paths)
+        self.index = np.load(index_path, mmap_mode="r")
+        if len(self.index) != entities:
+            raise ValueError(f"{self.root}: entity index has {len(self.index)} rows, manifest says {entities}")
         self._check_sizes()
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()

@@ -30,74 +30,16 @@ import math
 import multiprocessing
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from core.hashing import file_sha256
 from data_shards.collate import Collator
-from data_shards.store import EntityStore, ShardError
-
-
-def load_manifest(shard_root: Path | str) -> dict:
-    path = Path(shard_root) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: convert the dataset first (python -m data_shards.convert)")
-    return json.loads(path.read_text())
-
-
-def manifest_hash(shard_root: Path | str) -> str:
-    """sha256 of the manifest: it lists every shard's sha256, so it identifies the converted data."""
-    return file_sha256(Path(shard_root) / "manifest.json")
-
-
-@dataclass
-class ShardSet:
-    paths: list[Path]
-    file_counts: list[int]  # samples in each shard file
-    keep: np.ndarray | None = None  # bool per sample (in file order); None = every sample is used
-
-    def __post_init__(self) -> None:
-        self.first = np.cumsum([0, *self.file_counts])  # global index of each shard's first sample
-        if self.keep is None:
-            self.counts = list(self.file_counts)
-        else:
-            self.counts = [int(self.keep[a:b].sum()) for a, b in zip(self.first[:-1], self.first[1:], strict=True)]
-
-    @classmethod
-    def from_manifest(cls, shard_root: Path | str, group: str) -> ShardSet:
-        manifest = load_manifest(shard_root)
-        if group not in manifest["shards"]:
-            raise KeyError(f"{shard_root}: no {group!r} shards; the manifest has {sorted(manifest['shards'])}")
-        entries = manifest["shards"][group]
-        return cls([Path(shard_root) / e["name"] for e in entries], [e["samples"] for e in entries])
-
-    def subset(self, fraction: float, seed: int, mode: str = "random") -> ShardSet:
-        """round(fraction * N) samples (low-resource training): a seeded random subset, or with
-        ``mode="first"`` the first ones in split-file order (MIMIC's 10% / 20% settings)."""
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
-        if mode not in ("random", "first"):
-            raise ValueError(f"data.train_fraction_mode must be random or first, got {mode!r}")
-        if fraction == 1.0:
-            return self
-        n = sum(self.file_counts)
-        keep = np.zeros(n, dtype=bool)
-        take = max(1, round(fraction * n))
-        if mode == "first":
-            keep[:take] = True  # shards hold the split in file order
-        else:
-            keep[np.random.default_rng([seed, 7919]).permutation(n)[:take]] = True
-        return ShardSet(self.paths, self.file_counts, keep)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
+from data_shards.folder import ShardFolder, ShardSet
+from data_shards.store import ShardError
 
 
 def _decode(sample: dict) -> dict:
@@ -215,7 +157,7 @@ class TrainStream(IterableDataset):
 
     def __init__(
         self,
-        shard_root: Path | str,
+        folder: ShardFolder,
         collator: Collator,
         batch_size: int,
         *,
@@ -228,14 +170,14 @@ class TrainStream(IterableDataset):
         fraction: float = 1.0,
         fraction_mode: str = "random",
     ) -> None:
-        self.root = Path(shard_root)
-        self.shards = ShardSet.from_manifest(self.root, split).subset(fraction, seed, fraction_mode)
+        self.root = folder.root
+        self.shards = folder.shard_set(split).subset(fraction, seed, fraction_mode)
         if self.shards.total == 0:
             raise ValueError(f"{self.root}: the {split} split is empty")
         self.collator, self.batch_size = collator, batch_size
         self.seed, self.world, self.rank = seed, world, rank
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        self.store = EntityStore(self.root)
+        self.store = folder.store()
         self.epoch, self.start_batch = 0, 0
         self.done: list[dict] = []  # earlier segments of the current epoch (set_position)
         self._universe_key: tuple | None = None  # the (epoch, segments) the cached universe below belongs to
@@ -398,9 +340,9 @@ class OrderedStream(IterableDataset):
     rank's contiguous share only, collated into batches that carry their indices/ids. With
     ``align`` > 1 every rank's share starts at a multiple of ``align`` (whole blocks per rank)."""
 
-    def __init__(self, shard_root: Path | str, group: str, collator: Collator, batch_size: int,
+    def __init__(self, folder: ShardFolder, group: str, collator: Collator, batch_size: int,
                  world: int = 1, rank: int = 0, align: int = 1) -> None:
-        self.shards = ShardSet.from_manifest(shard_root, group)
+        self.shards = folder.shard_set(group)
         self.is_kb = group == "kb"
         self.collator, self.batch_size = collator, batch_size
         ranges = aligned_ranges(self.shards.total, world, align)

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from data_shards.folder import ShardFolder
 from data_shards.store import ShardError
-from data_shards.stream import OrderedStream, ShardSet, make_loader
+from data_shards.stream import OrderedStream, make_loader
 from eval.kb_cache import CacheValueError, compress
 from eval.ranking import autocast_for, slice_align
 from model import distributed as D
@@ -150,7 +151,7 @@ def encode_side(
     return cache, {k: D.gather_rows(v) for k, v in local_ids.items()}
 
 
-def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, batch_size: int, num_workers: int,
+def encode_kb(model: MMoEModel, shards: ShardFolder, collator, device: torch.device, *, batch_size: int, num_workers: int,
               bf16: bool = True, distributed: bool = True, block: int | None = None, desc: str = "encode KB",
               interrupt: Callable[[], bool] | None = None, sharded: bool = False,
               cache_dtype: str = "float32") -> SideCache | None:
@@ -164,7 +165,7 @@ def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, 
     that dtype refuses raises CacheValueError after the encoding, on that rank only)."""
     split_work = distributed and block is None
     world, rank = (D.world(), D.rank()) if split_work or sharded else (1, 0)
-    align = slice_align(ShardSet.from_manifest(shards, "kb").total, world) if sharded else 1
+    align = slice_align(shards.shard_set("kb").total, world) if sharded else 1
     stream = OrderedStream(shards, "kb", collator, batch_size, world, rank, align=align)
     if sharded and not len(stream):
         return None
@@ -179,7 +180,7 @@ def encode_kb(model: MMoEModel, shards: str, collator, device: torch.device, *, 
     return cache
 
 
-def encode_split(model: MMoEModel, shards: str, split: str, collator, device: torch.device, *, batch_size: int,
+def encode_split(model: MMoEModel, shards: ShardFolder, split: str, collator, device: torch.device, *, batch_size: int,
                  num_workers: int, bf16: bool = True, distributed: bool = True, block: int | None = None,
                  desc: str | None = None, interrupt: Callable[[], bool] | None = None) -> tuple[SideCache, dict[str, Tensor]]:
     """The mention cache of this rank's share of ``split`` (all of it unless ``distributed``), with each

@@ -35,9 +35,8 @@ import torch
 
 from core.cli import disk_full_line
 from data_shards.collate import Collator
+from data_shards.folder import ShardFolder
 from data_shards.store import ShardError
-from data_shards.stream import ShardSet, load_manifest, manifest_hash  # manifest_hash: also imported from here
-from data_shards.verify import problems_message, verify
 from eval.encode import check_interrupt, encode_kb, encode_split
 from eval.kb_cache import (
     CacheValueError,
@@ -88,7 +87,7 @@ def kb_shard(cfg: Config, model: MMoEModel) -> KBShard | None:
     KB: ``gathered``, one process, or ``compat: published`` (its entity blocks of 6,000 KB rows span slices)."""
     if cfg.eval.kb_sharding != "sharded" or D.world() == 1 or model.matcher.settings.published:
         return None
-    return KBShard.of(ShardSet.from_manifest(cfg.data.shards, "kb").total, D.world(), D.rank())
+    return KBShard.of(ShardFolder.open(cfg.data.shards).shard_set("kb").total, D.world(), D.rank())
 
 
 def _cache_info(kb: SideCache, path: Path | None, state: str, shard: KBShard | None) -> dict:
@@ -121,7 +120,7 @@ def entity_cache(model: MMoEModel, cfg: Config, split: str, device: torch.device
     # rows, mention side on batches of compat_mention_batch), on any number of processes; the blocking
     # happens inside encode_kb, the compression after it.
     block = e.compat_entity_block if model.matcher.settings.published else None
-    kb = encode_kb(model, cfg.data.shards, collator, device, block=block, batch_size=e.batch_size,
+    kb = encode_kb(model, ShardFolder.open(cfg.data.shards), collator, device, block=block, batch_size=e.batch_size,
                    num_workers=e.num_workers, bf16=e.bf16, interrupt=interrupt)
     try:
         kb = compress(kb, e.cache_dtype)
@@ -150,8 +149,8 @@ def _sharded_entity_cache(model: MMoEModel, cfg: Config, split: str, device: tor
             return cache, _cache_info(cache, file if has_rows else None, "reused", shard)
     kb, error = None, None
     try:  # stored in the cache dtype as encoded (eval/encode.py: RowWriter)
-        kb = encode_kb(model, cfg.data.shards, collator, device, batch_size=e.batch_size, num_workers=e.num_workers,
-                       bf16=e.bf16, interrupt=interrupt, sharded=True, cache_dtype=e.cache_dtype)
+        kb = encode_kb(model, ShardFolder.open(cfg.data.shards), collator, device, batch_size=e.batch_size,
+                       num_workers=e.num_workers, bf16=e.bf16, interrupt=interrupt, sharded=True, cache_dtype=e.cache_dtype)
     except CacheValueError as err:
         error = str(err)
     errors = [x for x in D.gather_objects(error) if x]  # one slice's bad value stops every rank
@@ -187,6 +186,7 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
               kb_cache_path: Path | None, cache_key: str | None, interrupt: Callable[[], bool] | None,
               entities: tuple[SideCache, dict] | None = None, keep_kb: bool = False) -> EvalResult:
     e = cfg.eval
+    folder = ShardFolder.open(cfg.data.shards)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     shard = kb_shard(cfg, model)
@@ -200,7 +200,7 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
     compat = model.matcher.settings.published
     io = dict(batch_size=e.batch_size, num_workers=e.num_workers, bf16=e.bf16)
     t1 = time.perf_counter()
-    mentions, m_ids = encode_split(model, cfg.data.shards, split, collator, device,
+    mentions, m_ids = encode_split(model, folder, split, collator, device,
                                    block=e.compat_mention_batch if compat else None, interrupt=interrupt, **io)
     check_interrupt(interrupt, f"evaluation of {split}: after the mentions")
     timings["encode_mentions_s"] = time.perf_counter() - t1
@@ -232,7 +232,7 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
         bad = [int(m_ids["index"][r]) for r in err.rows]
     bad = sorted(i for part in D.gather_objects(bad) for i in part)  # every rank raises, or none
     if bad:
-        ids = _mention_ids(cfg.data.shards, split)
+        ids = _mention_ids(folder, split)
         named = ", ".join(f"index {i} (id {ids.get(i)})" for i in bad[:3])
         raise NonFiniteScoreError(
             f"evaluation of split {split!r}: the model gives a NaN or infinite score for {len(bad)} mention(s), e.g. "
@@ -253,7 +253,7 @@ def _evaluate(model: MMoEModel, cfg: Config, split: str, device: torch.device, c
     metrics["mentions_per_s"] = metrics["mentions"] / max(timings["total_s"], 1e-9)
     per_mention = []
     if D.is_main():  # slices (seen/unseen gold, image, description, ties): rank 0 only, from the shards' text
-        sliced, masks = evaluation_slices(cfg.data.shards, split, gathered["index"], gathered["rank"], gathered["ties"],
+        sliced, masks = evaluation_slices(folder, split, gathered["index"], gathered["rank"], gathered["ties"],
                                           use_desc=cfg.data.mention_desc, train_fraction=cfg.data.train_fraction,
                                           seed=cfg.data.seed, fraction_mode=cfg.data.train_fraction_mode)
         metrics.update(sliced)
@@ -274,33 +274,26 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def verify_shards(shards: str | Path, groups: list[str] | None, what: str) -> None:
-    """Size and sha256 of the shards of ``groups`` (None: all) against the manifest, the files shared
-    over the ranks; every rank raises the same ShardError listing every bad file."""
-    problems = verify(shards, groups, progress=D.is_main(), part=(D.rank(), D.world()))
-    everything = [p for part in D.gather_objects(problems) for p in part]
-    if everything:
-        raise ShardError(problems_message(shards, sorted(everything)) + f" ({what})")
-
-
 def verify_eval_data(cfg: Config, split: str) -> None:
     """Before an evaluation whose results cite the manifest: its split and KB shards must match it."""
     if cfg.eval.verify_checksums:
-        verify_shards(cfg.data.shards, ["kb", split], "set eval.verify_checksums=false to evaluate anyway")
+        ShardFolder.open(cfg.data.shards).verify(["kb", split], "set eval.verify_checksums=false to evaluate anyway",
+                                                 rank=D.rank(), world=D.world(), gather=D.gather_objects)
 
 
 def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: str, run_name: str) -> Path:
     """Rank 0 writes the results JSON, the per-mention file and the leaderboard; returns the leaderboard path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = load_manifest(cfg.data.shards)["dataset"]
-    ids = _mention_ids(cfg.data.shards, result.split)
+    folder = ShardFolder.open(cfg.data.shards)
+    dataset = folder.dataset
+    ids = _mention_ids(folder, result.split)
     with open(out_dir / f"per_mention-{result.split}.jsonl", "w") as fh:
         for rec in result.per_mention:
             fh.write(json.dumps({"mention_id": ids.get(rec["index"]), **rec}, allow_nan=False) + "\n")
     summary = {
         "dataset": dataset, "split": result.split, "checkpoint": str(checkpoint), "metrics": result.metrics,
         "settings": {"eval": to_dict(cfg.eval), "data": to_dict(cfg.data)}, "world_size": D.world(),
-        "manifest_sha256": manifest_hash(cfg.data.shards), "timings": result.timings, "kb_cache": result.kb_cache,
+        "manifest_sha256": folder.sha256, "timings": result.timings, "kb_cache": result.kb_cache,
         "peak_rss_bytes_per_rank": result.peak_rss,
     }
     (out_dir / f"results-{result.split}.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
@@ -311,16 +304,9 @@ def write_outputs(result: EvalResult, cfg: Config, out_dir: Path, checkpoint: st
     return board
 
 
-def _mention_ids(shards: str | Path, split: str) -> dict[int, str]:
+def _mention_ids(shards: ShardFolder, split: str) -> dict[int, str]:
     """index -> the dataset's own mention id, read from the split's shards (text only)."""
-    import webdataset as wds
-
-    out = {}
-    for path in ShardSet.from_manifest(shards, split).paths:
-        for sample in wds.tarfile_samples([{"url": str(path)}], select_files=lambda name: name.endswith(".json")):
-            meta = json.loads(sample["json"])
-            out[meta["index"]] = meta["id"]
-    return out
+    return {meta["index"]: meta["id"] for meta in shards.json_members(split)}
 
 
 def log_leaderboard_to_wandb(dataset: str, split: str, metrics: dict[str, float], run_name: str) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor
 from core.atomic import atomic_path
 from core.cli import disk_full
 from core.hashing import file_sha256
-from data_shards.stream import manifest_hash
+from data_shards.folder import ShardFolder
 from model.config import CACHE_DTYPES, Config, to_dict
 from model.export import EXPORT_WEIGHTS
 from moe.features import SideCache
@@ -180,7 +180,7 @@ def cache_key(checkpoint: str | Path, cfg: Config, *, autocast: bool) -> str:
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "shards"}
     parts = {
         "version": CACHE_VERSION,
-        "manifest_sha256": manifest_hash(cfg.data.shards),
+        "manifest_sha256": ShardFolder.open(cfg.data.shards).sha256,
         "weights_sha256": file_sha256(Path(checkpoint) / EXPORT_WEIGHTS),
         "model": to_dict(cfg.model),
         "data": data,

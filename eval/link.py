@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from data_shards.folder import ShardFolder
 from data_shards.images import prepare_image
-from data_shards.store import EntityStore
-from data_shards.stream import load_manifest, manifest_hash
 from eval.encode import encode_kb
 from eval.evaluate import COMMAND_ERRORS, error_line, exit_with, kb_cache_location
 from eval.kb_cache import CACHE_DTYPES, compress, expand, load_kb_cache, save_kb_cache
@@ -89,13 +88,13 @@ class Linker:
             if cache_dtype not in CACHE_DTYPES:
                 raise ValueError(f"cache dtype: expected one of {CACHE_DTYPES}, got {cache_dtype!r}")
             self.cfg.eval.cache_dtype = cache_dtype
-        self.shards = Path(self.cfg.data.shards)
-        self.manifest = load_manifest(self.shards)
+        self.folder = ShardFolder.open(self.cfg.data.shards)
+        self.shards = self.folder.root
         self.model.to(self.device).eval()
         self.collator = make_collator(self.cfg, self.model)
         check_data_identity(self.checkpoint, self.cfg, allow_other_kb)  # DataMismatch (ValueError) names what differs
-        self.store = EntityStore(self.shards)
-        self.manifest_sha256 = manifest_hash(self.shards)
+        self.store = self.folder.store()
+        self.manifest_sha256 = self.folder.sha256
         self.cache_file, self.cache_key = kb_cache_location(self.checkpoint, self.cfg, self.device)
         self.cache_reused = self.cache_saved = False
         self.kb = self._entity_cache().to(self.device)
@@ -111,7 +110,7 @@ class Linker:
         # compat: published computes the entity side on the published blocks, as eval.evaluate does, so
         # both build the same cache under the same key.
         block = e.compat_entity_block if self.model.matcher.settings.published else None
-        cache = encode_kb(self.model, self.shards, self.collator, self.device, batch_size=e.batch_size,
+        cache = encode_kb(self.model, self.folder, self.collator, self.device, batch_size=e.batch_size,
                           num_workers=e.num_workers, bf16=e.bf16, distributed=False, block=block)
         cache = compress(cache, e.cache_dtype)  # CacheValueError (a ValueError) names the key
         if e.save_kb_cache:  # a read-only or full checkpoint folder costs the reuse, not the query
@@ -125,7 +124,7 @@ class Linker:
         jpg = None
         if image is not None:
             path = check_image(image)
-            quality = int(self.manifest.get("settings", {}).get("jpeg_quality", 90))
+            quality = int(self.folder.settings.get("jpeg_quality", 90))
             jpg, reason = prepare_image(path, self.collator.image_size, quality)
             if jpg is None:
                 raise ValueError(f"query image {path} could not be read: {reason}")

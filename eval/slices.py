@@ -13,18 +13,12 @@ logging carries them), into the one-line summary and into a second table of the 
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
-import webdataset as wds
 from torch import Tensor
 
 from data_shards.dme.candidates import normalise
-from data_shards.store import EntityStore
-from data_shards.stream import ShardSet, load_manifest
+from data_shards.folder import ShardFolder
 
 PAIRS = (("gold_seen", "gold_unseen"), ("image", "no_image"), ("desc_is_kb", "desc_other"), ("tied", "untied"))
 LABELS = {
@@ -35,49 +29,6 @@ LABELS = {
 }
 SHORT = {"gold_seen": "seen", "gold_unseen": "unseen", "image": "img", "no_image": "no-img", "desc_is_kb": "desc=KB",
          "desc_other": "other", "tied": "tied", "untied": "untied"}
-
-
-def _json_members(paths: list[Path]):
-    for path in paths:
-        for sample in wds.tarfile_samples([{"url": str(path)}], select_files=lambda name: name.endswith(".json")):
-            yield json.loads(sample["json"])
-
-
-def _stamp(shards: str | Path) -> tuple[str, int]:
-    """Cache key of a shard folder: its path and the manifest's modification time (a re-conversion changes it)."""
-    path = Path(shards).resolve()
-    return str(path), (path / "manifest.json").stat().st_mtime_ns
-
-
-@functools.lru_cache(maxsize=8)
-def _train_golds(stamp: tuple[str, int], fraction: float, seed: int, mode: str) -> frozenset[int]:
-    shards = ShardSet.from_manifest(stamp[0], "train")
-    if fraction < 1.0:
-        shards = shards.subset(fraction, seed, mode)
-    golds = set()
-    for j, meta in enumerate(_json_members(shards.paths)):
-        if shards.keep is None or shards.keep[j]:
-            golds.add(int(meta["gold_id"]))
-    return frozenset(golds)
-
-
-def train_golds(shards: str | Path, fraction: float = 1.0, seed: int = 0, mode: str = "random") -> frozenset[int] | None:
-    """Gold entity ids of the training mentions (the ``train_fraction`` subset the trainer used: seeded
-    random, or the first ones with ``mode="first"``); None without train shards."""
-    if "train" not in load_manifest(shards)["shards"]:
-        return None
-    return _train_golds(_stamp(shards), float(fraction), int(seed), mode)
-
-
-@functools.lru_cache(maxsize=8)
-def _mention_facts(stamp: tuple[str, int], split: str) -> dict[int, tuple[int, bool, str]]:
-    return {int(m["index"]): (int(m["gold_id"]), bool(m["has_image"]), m.get("desc") or "")
-            for m in _json_members(ShardSet.from_manifest(stamp[0], split).paths)}
-
-
-def mention_facts(shards: str | Path, split: str) -> dict[int, tuple[int, bool, str]]:
-    """index -> (gold id, has an image, description) of a split's mentions, read from its shards (text only)."""
-    return _mention_facts(_stamp(shards), split)
 
 
 def slice_masks(index: Tensor, facts: dict[int, tuple[int, bool, str]], ties: Tensor, seen: frozenset[int] | None,
@@ -112,16 +63,16 @@ def slice_metrics(ranks: Tensor, masks: dict[str, np.ndarray]) -> dict[str, floa
     return out
 
 
-def evaluation_slices(shards: str | Path, split: str, index: Tensor, ranks: Tensor, ties: Tensor, *, use_desc: bool,
+def evaluation_slices(shards: ShardFolder, split: str, index: Tensor, ranks: Tensor, ties: Tensor, *, use_desc: bool,
                       train_fraction: float = 1.0, seed: int = 0,
                       fraction_mode: str = "random") -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Slice metrics of an evaluation (rows: the gathered per-mention ``index``, ``ranks``, ``ties``) and the masks.
     ``use_desc``: the mentions' descriptions are part of the model's input (``data.mention_desc``)."""
-    facts = mention_facts(shards, split)
-    seen = train_golds(shards, train_fraction, seed, fraction_mode)
+    facts = shards.mention_facts(split)  # both read once per folder object (data_shards/folder.py)
+    seen = shards.train_golds(train_fraction, seed, fraction_mode)
     kb_desc = None
     if use_desc and any(d.strip() for _, _, d in facts.values()):
-        store = EntityStore(shards)
+        store = shards.store()
         try:
             kb_desc = {g: normalise(store.get(g)["json"].get("desc") or "") for g in {g for g, _, _ in facts.values()}}
         finally:

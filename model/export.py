@@ -26,6 +26,7 @@ from core.cli import disk_full
 from core.hashing import file_sha256
 from core.typed_config import load_yaml, missing_keys
 from data_shards.collate import load_tokenizer
+from data_shards.folder import ShardFolder, is_shards_folder
 from data_shards.identity import IDENTITY_FILE, check_identity, write_identity
 from model import distributed as D
 from model.config import Config, ConfigError, apply_override, build, load_config, save_config, to_dict
@@ -147,12 +148,14 @@ def write_data_identity(folder: Path, cfg: Config) -> None:
         tokenizer = data_tokenizer(cfg)
     except (ConfigError, OSError):
         tokenizer = None  # recorded as unknown; commands using the export then warn
-    write_identity(folder, tokenizer, cfg.data.shards)
+    shards = cfg.data.shards
+    write_identity(folder, tokenizer, ShardFolder.open(shards) if shards is not None and is_shards_folder(shards) else None)
 
 
 def check_data_identity(export: str | Path, cfg: Config, allow_other_kb: bool = False) -> None:
     """DataMismatch (a ValueError) when ``cfg``'s tokenizer or KB is not what ``export`` was trained on."""
-    check_identity(export, data_tokenizer(cfg), cfg.data.shards, allow_other_kb)
+    tokenizer = data_tokenizer(cfg)
+    check_identity(export, tokenizer, ShardFolder.open(cfg.data.shards), allow_other_kb)
 
 
 def _sibling(path: Path, suffix: str) -> Path:

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from data_shards.convert import ConvertSettings, TooManyMissingImages, convert
+from data_shards.folder import ShardFolder
 from data_shards.images import prepare_image
 from data_shards.reader import DatasetFormatError
-from data_shards.store import EntityStore
 from tests.fixtures import write_fixture
 
 SMALL = ConvertSettings(image_size=16, shard_size=2, workers=1)
@@ -142,7 +142,7 @@ def test_sixteen_bit_png_in_the_shards_and_in_link(tmp_path):
     write_fixture(raw, "wikimel")
     Image.fromarray(np.full((30, 40), 32768, np.uint16)).save(raw / "kb_image" / "Q100_0.jpg", format="PNG")
     convert("wikimel", raw, tmp_path / "out", SMALL)
-    entity = EntityStore(tmp_path / "out").get(0)
+    entity = ShardFolder(tmp_path / "out").store().get(0)
     assert abs(_decoded(entity["jpg"]).mean() - 127.5) < 4
     # eval.link prepares its query image with the same function (no folder confinement for a user's own file).
     from eval import link
@@ -178,7 +178,7 @@ def test_image_paths_escaping_the_image_folder_are_refused(tmp_path):
     assert kb_stats["refused"] == 4 and kb_stats["present"] == 1 and kb_stats["none"] == 1
     assert done[0]["images"]["train"]["refused"] == 1 and "m1.jpg (refused: outside mention_image/)" in \
         done[0]["images"]["train"]["examples"][0]
-    store = EntityStore(tmp_path / "out")
+    store = ShardFolder(tmp_path / "out").store()
     for i in range(4):
         meta = store.get(i)
         assert meta["jpg"] is None and meta["json"]["image_reason"].startswith("refused")
@@ -266,7 +266,7 @@ def test_a_dev_shard_cut_in_half_stops_the_ordered_stream(shards_copy):
     entry = _manifest(shards_copy)["shards"]["dev"][0]
     path = shards_copy / entry["name"]
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    stream = OrderedStream(shards_copy, "dev", _collator(shards_copy), batch_size=8)
+    stream = OrderedStream(ShardFolder(shards_copy), "dev", _collator(shards_copy), batch_size=8)
     with pytest.raises(ShardError, match=rf"{entry['name']}.*(truncated|damaged)"):
         for _ in stream:
             pass
@@ -278,7 +278,7 @@ def test_a_train_shard_cut_at_a_sample_boundary_stops_the_train_stream(shards_co
 
     entry = _manifest(shards_copy)["shards"]["train"][1]
     _cut_at_sample_boundary(shards_copy / entry["name"], keep=entry["samples"] - 3)
-    stream = TrainStream(shards_copy, _collator(shards_copy), batch_size=16, shuffle_buffer=4)
+    stream = TrainStream(ShardFolder(shards_copy), _collator(shards_copy), batch_size=16, shuffle_buffer=4)
     with pytest.raises(ShardError, match=rf"{entry['name']} holds {entry['samples'] - 3} samples but the manifest lists "
                                          rf"{entry['samples']}"):
         for _ in stream:
@@ -292,7 +292,7 @@ def test_a_truncated_kb_shard_is_refused_by_the_entity_store(shards_copy):
     path = shards_copy / entry["name"]
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ShardError, match=rf"{entry['name']} is truncated"):
-        EntityStore(shards_copy)
+        ShardFolder(shards_copy).store()
 
 
 def test_verify_command_lists_every_bad_file(shards_copy, capsys):
@@ -339,22 +339,22 @@ def test_trainer_refuses_empty_splits_and_bad_shards_before_training(shards_copy
 
     cfg = Config()
     cfg.data.shards = str(shards_copy)
-    Trainer._check_data(cfg)  # intact, checksums not asked for
+    Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))  # intact, checksums not asked for
     first = shards_copy / _manifest(shards_copy)["shards"]["train"][0]["name"]
     first.write_bytes(first.read_bytes()[:-512])
-    Trainer._check_data(cfg)
+    Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
     cfg.data.verify_checksums = True
     with pytest.raises(RunSetupError, match=rf"{first.parent.name}/{first.name}: \d+ bytes, the manifest says"):
-        Trainer._check_data(cfg)
+        Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
     manifest = _manifest(shards_copy)
     manifest["counts"]["dev"] = 0
     (shards_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunSetupError, match="the dev split of .* is empty"):
-        Trainer._check_data(cfg)
+        Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
     del manifest["counts"]["train"]
     (shards_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunSetupError, match=r"the train split of .* is missing"):
-        Trainer._check_data(cfg)
+        Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def test_export_records_its_tokenizer_and_kb(tiny_export, tiny_shards):
 
     ident = json.loads((tiny_export / IDENTITY_FILE).read_text())
     assert ident["tokenizer"]["vocab_size"] > 0 and len(ident["tokenizer"]["vocab_sha256"]) == 64
-    assert ident["kb"] == kb_identity(tiny_shards) and ident["kb"]["entities"] == 200
+    assert ident["kb"] == kb_identity(ShardFolder(tiny_shards)) and ident["kb"]["entities"] == 200
 
 
 def test_another_tokenizer_is_an_error_that_no_flag_overrides(shards_copy, tiny_export, tmp_path):

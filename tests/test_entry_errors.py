@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from data_shards.convert import main as convert_main
-from data_shards.verify import verify
+from data_shards.folder import ShardFolder
 from eval.evaluate import main as evaluate_main
 from eval.link import main as link_main
 from model.export import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS, ExportError, load_export
@@ -233,7 +233,7 @@ def test_a_reconversion_that_fills_the_disk_keeps_the_complete_one(tiny_shards, 
     manifest = (out / "manifest.json").read_bytes()
     line = one_error_line(command("data_shards.convert", *_convert_args(tiny_shards, out), "--workers", "1"))
     assert f"the disk holding {disk} is full" in line
-    assert (out / "manifest.json").read_bytes() == manifest and verify(out, progress=False) == []
+    assert (out / "manifest.json").read_bytes() == manifest and ShardFolder(out).problems(progress=False) == []
     assert [p.name for p in disk.iterdir()] == ["shards"]
 
 

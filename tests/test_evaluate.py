@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from data_shards.stream import ShardSet
+from data_shards.folder import ShardFolder
 from eval.evaluate import evaluate_split, main
 from tests.helpers import free_port
 
@@ -21,7 +21,7 @@ def read_ranks(out_dir, split="test"):
 def test_cli_writes_results_per_mention_and_leaderboard(tiny_export, tmp_path, tiny_shards, capsys):
     main(["--checkpoint", str(tiny_export), "--out", str(tmp_path), "--split", "test", "--name", "tiny"])
     results = json.loads((tmp_path / "results-test.json").read_text())
-    n = ShardSet.from_manifest(tiny_shards, "test").total
+    n = ShardFolder(tiny_shards).shard_set("test").total
     assert results["metrics"]["mentions"] == n and results["metrics"]["kb_size"] == 200
     assert len(results["manifest_sha256"]) == 64 and results["checkpoint"] == str(tiny_export)
     per = read_ranks(tmp_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_shards.folder import ShardFolder
 from data_shards.store import ShardError
 from eval.encode import RowWriter, encode_kb, encode_split
 from eval.evaluate import kb_cache_location
@@ -269,8 +270,8 @@ def test_compact_caches_rank_like_fp32_on_the_tiny_benchmark(tiny_export):
     cpu, e = torch.device("cpu"), cfg.eval
     collator = make_collator(cfg, model)
     io = dict(batch_size=e.batch_size, num_workers=0, bf16=e.bf16)
-    kb = encode_kb(model, cfg.data.shards, collator, cpu, **io)
-    parts = [encode_split(model, cfg.data.shards, split, collator, cpu, **io) for split in ("dev", "test")]
+    kb = encode_kb(model, ShardFolder(cfg.data.shards), collator, cpu, **io)
+    parts = [encode_split(model, ShardFolder(cfg.data.shards), split, collator, cpu, **io) for split in ("dev", "test")]
     mentions = SideCache.cat([m for m, _ in parts])
     gold = torch.cat([ids["gold_id"] for _, ids in parts])
 

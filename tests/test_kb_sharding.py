@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from data_shards.stream import ShardSet
+from data_shards.folder import ShardFolder
 from eval.kb_cache import cache_path
 from eval.ranking import (
     FLAT_MAX,
@@ -114,7 +114,7 @@ def test_sharded_evaluation_equals_gathered_rank_for_rank_tie_for_tie(mode, npro
     for k, v in gathered["metrics"].items():
         if k != "mentions_per_s":
             assert sharded["metrics"][k] == v, k
-    kb = ShardSet.from_manifest(tiny_shards, "kb").total
+    kb = ShardFolder(tiny_shards).shard_set("kb").total
     ranges = KBShard.of(kb, nproc, 0).ranges
     cache = sharded["kb_cache"]
     assert cache["sharding"] == "sharded" and cache["state"] == "built" and cache["rows"] == list(ranges[0])

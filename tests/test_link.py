@@ -9,9 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import eval.link as link_mod
+from data_shards.folder import ShardFolder
 from data_shards.images import prepare_image
-from data_shards.store import EntityStore
-from data_shards.stream import load_manifest
 from eval.evaluate import kb_cache_location
 from eval.kb_cache import load_kb_cache
 from eval.link import link, main
@@ -44,11 +43,11 @@ def direct_top(checkpoint, shards, image, k):
     model, cfg = load_export(checkpoint)
     model.eval()
     collator = make_collator(cfg, model)
-    store = EntityStore(shards)
+    store = ShardFolder(shards).store()
     entities = collator.entities(store.get_many(range(len(store))))
     jpg = None
     if image is not None:
-        jpg, _ = prepare_image(image, collator.image_size, load_manifest(shards)["settings"]["jpeg_quality"])
+        jpg, _ = prepare_image(image, collator.image_size, ShardFolder(shards).settings["jpeg_quality"])
     meta = {"mention": MENTION, "sentence": SENTENCE, "desc": DESC, "gold_id": -1, "index": 0, "id": "q"}
     query = collator.mentions([{"json": meta, "jpg": jpg}])
     assert bool(query["image_mask"][0]) == (image is not None)

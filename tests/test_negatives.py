@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data_shards.collate import load_tokenizer
-from data_shards.store import EntityStore
-from data_shards.stream import ShardSet, TrainStream, make_loader
+from data_shards.folder import ShardFolder
+from data_shards.stream import TrainStream, make_loader
 from eval.ranking import build_index
 from model.export import load_export
 from model.factory import make_collator
@@ -44,22 +44,22 @@ def test_short_rows_are_padded_with_minus_one():
 def test_mined_lists_never_contain_the_gold(tiny_export, tiny_shards):
     model, cfg = load_export(tiny_export)
     table, stats = mine(model, cfg, torch.device("cpu"), make_collator(cfg, model))
-    n = ShardSet.from_manifest(tiny_shards, "train").total
+    n = ShardFolder(tiny_shards).shard_set("train").total
     assert table.shape == (n, 10) and stats["mentions"] == n
     golds = np.zeros(n, dtype=np.int64)
-    for b in make_loader(TrainStream(tiny_shards, make_collator(cfg, model), 64), 0):
+    for b in make_loader(TrainStream(ShardFolder(tiny_shards), make_collator(cfg, model), 64), 0):
         golds[b["mentions"]["index"].numpy()] = b["gold_ids"].numpy()
     assert not (table == golds[:, None]).any()
-    store = EntityStore(tiny_shards)
+    store = ShardFolder(tiny_shards).store()
     qid = {i: store.get(i)["json"]["qid"] for i in range(len(store))}
     assert all(qid[int(e)] != qid[int(g)] for row, g in zip(table, golds, strict=True) for e in row if e >= 0)
 
 
 def test_stream_attaches_the_batch_hard_negatives(tiny_shards):
     collator = make_collator_for(tiny_shards)
-    n = ShardSet.from_manifest(tiny_shards, "train").total
+    n = ShardFolder(tiny_shards).shard_set("train").total
     table = (np.arange(n)[:, None] * 7 + np.arange(4)[None, :]) % 200  # a known fake table
-    ds = TrainStream(tiny_shards, collator, 8, seed=3)
+    ds = TrainStream(ShardFolder(tiny_shards), collator, 8, seed=3)
     ds.set_negatives(table, 2, "top")
     batch = next(iter(make_loader(ds, 0)))
     idx = batch["mentions"]["index"].tolist()

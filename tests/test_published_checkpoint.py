@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from data_shards.collate import load_tokenizer
+from data_shards.folder import ShardFolder
 from data_shards.stream import OrderedStream, make_loader
 from eval.encode import encode_side
 from model.config import Config, DataConfig, EvalConfig, save_config
@@ -97,7 +98,7 @@ def test_compat_evaluation_computes_each_side_on_the_published_blocks(tiny_shard
     model, cfg = build_model(cfg, load_tokenizer(tiny_shards / "tokenizer"))
     model.eval()
     collator = make_collator(cfg, model)
-    kb_stream = OrderedStream(cfg.data.shards, "kb", collator, 16, 1, 0)
+    kb_stream = OrderedStream(ShardFolder(cfg.data.shards), "kb", collator, 16, 1, 0)
     device = torch.device("cpu")
 
     def encode(block):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_shards import reader
 from data_shards.convert import ConvertSettings, TooManyMissingImages, convert
-from data_shards.store import EntityStore
+from data_shards.folder import ShardFolder
 from tests.fixtures import ENTITIES, SPLIT_FILES, write_fixture
 
 SMALL = ConvertSettings(image_size=16, shard_size=2, workers=1)
@@ -92,7 +92,7 @@ def test_round_trip_manifest_store_and_images(tmp_path):
                 if m.name.endswith(".json"):
                     ids.append(json.load(tf.extractfile(m))["id"])
     assert ids == list(range(6))
-    store = EntityStore(tmp_path / "out")
+    store = ShardFolder(tmp_path / "out").store()
     jordan_river = store.get(4)
     assert jordan_river["json"]["name"] == "Jordan River" and jordan_river["jpg"] is None
     assert jordan_river["json"]["image_reason"] == "none"
@@ -135,7 +135,7 @@ def test_missing_and_unreadable_images_are_recorded_below_the_threshold(tmp_path
     assert (train["present"], train["missing"], train["unreadable"], train["none"]) == (1, 1, 1, 1)
     assert any("m5.jpg (unreadable" in e for e in train["examples"])
     assert manifest["images"]["kb"]["present"] == 5  # fell back to the entity's next image
-    store = EntityStore(tmp_path / "out")
+    store = ShardFolder(tmp_path / "out").store()
     assert store.get(3)["jpg"] is not None
     # The existence pre-check sees 1 of 3 files missing and stops before any decoding ...
     with pytest.raises(TooManyMissingImages, match=r"33\.3% .*1 missing, 0 unreadable"):

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from data_shards.folder import ShardFolder
 from eval.evaluate import main
-from eval.slices import slice_masks, slice_metrics, slices_line, slices_markdown, train_golds
+from eval.slices import slice_masks, slice_metrics, slices_line, slices_markdown
 from tests.fixtures import write_fixture
 
 
@@ -67,11 +68,12 @@ def test_evaluation_reports_slices_everywhere(tiny_export, tiny_shards, tmp_path
 
 
 def test_train_golds_follow_the_train_fraction(tiny_shards):
-    full = train_golds(tiny_shards)
+    folder = ShardFolder(tiny_shards)
+    full = folder.train_golds()
     assert len(full) > 0
-    half = train_golds(tiny_shards, 0.3, seed=1)
+    half = folder.train_golds(0.3, seed=1)
     assert half < full
-    assert train_golds(tiny_shards, 0.3, seed=1) is half  # cached
+    assert folder.train_golds(0.3, seed=1) is half  # cached on the folder object
 
 
 def test_no_train_split_no_seen_slice(tmp_path):
@@ -80,4 +82,4 @@ def test_no_train_split_no_seen_slice(tmp_path):
     write_fixture(tmp_path / "raw", "wikimel")
     convert("wikimel", tmp_path / "raw", tmp_path / "out", ConvertSettings(image_size=16, shard_size=2, workers=1,
                                                                            splits=("test",)))
-    assert train_golds(tmp_path / "out") is None
+    assert ShardFolder(tmp_path / "out").train_golds() is None

@@ -10,8 +10,8 @@ import torch
 from data_shards import reader
 from data_shards.collate import Collator, load_tokenizer
 from data_shards.convert import ConvertSettings, convert
-from data_shards.store import EntityStore
-from data_shards.stream import OrderedStream, ShardSet, TrainStream, _decode, make_loader, read_positions
+from data_shards.folder import ShardFolder
+from data_shards.stream import OrderedStream, TrainStream, _decode, make_loader, read_positions
 from tests.fixtures import write_fixture
 
 
@@ -26,7 +26,7 @@ def test_fixture_round_trip_reader_to_shards_to_stream(tmp_path):
     qid2id = reader.read_qid2id(tmp_path / "raw")
     for split in ("train", "dev", "test"):
         records = reader.read_split(tmp_path / "raw", "wikidiverse", split, qid2id).mentions
-        shards = ShardSet.from_manifest(tmp_path / "out", split)
+        shards = ShardFolder(tmp_path / "out").shard_set(split)
         streamed = [_decode(s) for s in read_positions(shards, list(range(len(shards.paths))), 0, shards.total)]
         assert [s["json"]["index"] for s in streamed] == list(range(len(records)))
         for rec, s in zip(records, streamed, strict=True):
@@ -35,8 +35,8 @@ def test_fixture_round_trip_reader_to_shards_to_stream(tmp_path):
                 rec.id, rec.sentence, rec.mention, rec.desc, rec.gold_id, rec.answer)
             assert meta["has_image"] == (rec.image_path is not None) == (s["jpg"] is not None)
     kb = reader.read_kb(tmp_path / "raw")
-    store = EntityStore(tmp_path / "out")
-    kb_shards = ShardSet.from_manifest(tmp_path / "out", "kb")
+    store = ShardFolder(tmp_path / "out").store()
+    kb_shards = ShardFolder(tmp_path / "out").shard_set("kb")
     for ent, s in zip(kb, read_positions(kb_shards, list(range(len(kb_shards.paths))), 0, kb_shards.total), strict=True):
         meta = json.loads(s["json"])
         assert (meta["id"], meta["qid"], meta["name"], meta["desc"]) == (ent.id, ent.qid, ent.name, ent.desc)
@@ -44,14 +44,15 @@ def test_fixture_round_trip_reader_to_shards_to_stream(tmp_path):
 
 
 def epoch_batches(shards, collator, *, world, rank, workers, batch_size, seed=0, epoch=0, start=0):
-    ds = TrainStream(shards, collator, batch_size, seed=seed, world=world, rank=rank, num_workers=workers, shuffle_buffer=16)
+    ds = TrainStream(ShardFolder(shards), collator, batch_size, seed=seed, world=world, rank=rank, num_workers=workers,
+                     shuffle_buffer=16)
     ds.set_position(epoch, start)
     return ds, list(make_loader(ds, workers))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_mention_exactly_once_per_epoch_across_ranks_and_workers(tiny_shards, collator, world):
-    n = ShardSet.from_manifest(tiny_shards, "train").total
+    n = ShardFolder(tiny_shards).shard_set("train").total
     seen, pads, counts = Counter(), 0, []
     for rank in range(world):
         ds, batches = epoch_batches(tiny_shards, collator, world=world, rank=rank, workers=2, batch_size=8)
@@ -92,11 +93,12 @@ def test_ordered_streams_cover_kb_and_split_in_order_across_ranks(tiny_shards, c
     """In dataset order as they arrive, whatever the DataLoader workers (the caches' rows are taken in arrival
     order: contiguous blocks per worker arrived interleaved and failed the KB's order check)."""
     kb_ids, mention_ids = [], []
+    folder = ShardFolder(tiny_shards)
     for rank in range(2):
-        kb_ids += [b["entity_id"] for b in make_loader(OrderedStream(tiny_shards, "kb", collator, 16, 2, rank), workers)]
-        mention_ids += [b["index"] for b in make_loader(OrderedStream(tiny_shards, "test", collator, 8, 2, rank), workers)]
-    assert torch.equal(torch.cat(kb_ids), torch.arange(len(EntityStore(tiny_shards))))
-    assert torch.equal(torch.cat(mention_ids), torch.arange(ShardSet.from_manifest(tiny_shards, "test").total))
+        kb_ids += [b["entity_id"] for b in make_loader(OrderedStream(folder, "kb", collator, 16, 2, rank), workers)]
+        mention_ids += [b["index"] for b in make_loader(OrderedStream(folder, "test", collator, 8, 2, rank), workers)]
+    assert torch.equal(torch.cat(kb_ids), torch.arange(len(folder.store())))
+    assert torch.equal(torch.cat(mention_ids), torch.arange(folder.shard_set("test").total))
 
 
 def test_collation_texts_images_and_desc_switch(tiny_shards, collator):
@@ -128,23 +130,23 @@ def test_normalisation_is_the_clip_formula_bit_for_bit_in_a_contiguous_buffer(co
 
 
 def test_train_fraction_is_a_seeded_subset_seen_exactly_once(tiny_shards, collator):
-    n = ShardSet.from_manifest(tiny_shards, "train").total
+    n = ShardFolder(tiny_shards).shard_set("train").total
     seen = []
     for rank in range(2):
-        ds = TrainStream(tiny_shards, collator, 8, seed=5, world=2, rank=rank, num_workers=2, fraction=0.2)
+        ds = TrainStream(ShardFolder(tiny_shards), collator, 8, seed=5, world=2, rank=rank, num_workers=2, fraction=0.2)
         for b in make_loader(ds, 2):
             seen += b["mentions"]["index"][b["weight"] > 0].tolist()
     assert len(seen) == len(set(seen)) == round(0.2 * n)
-    again = TrainStream(tiny_shards, collator, 8, seed=5, world=1, rank=0, fraction=0.2)
+    again = TrainStream(ShardFolder(tiny_shards), collator, 8, seed=5, world=1, rank=0, fraction=0.2)
     assert sorted(seen) == sorted(torch.cat([b["mentions"]["index"] for b in make_loader(again, 0)]).tolist())
-    other = TrainStream(tiny_shards, collator, 8, seed=6, world=1, rank=0, fraction=0.2)
+    other = TrainStream(ShardFolder(tiny_shards), collator, 8, seed=6, world=1, rank=0, fraction=0.2)
     assert sorted(seen) != sorted(torch.cat([b["mentions"]["index"] for b in make_loader(other, 0)]).tolist())
 
 
 def test_train_fraction_first_takes_the_first_mentions_in_file_order(tiny_shards, collator):
-    n = ShardSet.from_manifest(tiny_shards, "train").total
+    n = ShardFolder(tiny_shards).shard_set("train").total
     take = round(0.3 * n)
-    ds = TrainStream(tiny_shards, collator, 8, seed=5, world=1, rank=0, fraction=0.3, fraction_mode="first")
+    ds = TrainStream(ShardFolder(tiny_shards), collator, 8, seed=5, world=1, rank=0, fraction=0.3, fraction_mode="first")
     seen = torch.cat([b["mentions"]["index"][b["weight"] > 0] for b in make_loader(ds, 0)]).tolist()
     assert sorted(seen) == list(range(take))
 
@@ -158,7 +160,7 @@ def test_an_epoch_interrupted_on_one_world_continues_on_another_over_exactly_the
         tiny_shards, collator, new_world, new_workers):
     """Resume on other hardware: 2 ranks x 2 workers consumed 5 batches each; the rest of the epoch on
     ``new_world`` ranks holds every other mention exactly once, and every rank gets the same batch count."""
-    n = ShardSet.from_manifest(tiny_shards, "train").total
+    n = ShardFolder(tiny_shards).shard_set("train").total
     old = {"world": 2, "batch_size": 8, "num_workers": 2, "batches": 5, "shuffle_buffer": 16}
     consumed = []
     for rank in range(2):
@@ -167,7 +169,8 @@ def test_an_epoch_interrupted_on_one_world_continues_on_another_over_exactly_the
     assert len(consumed) == len(set(consumed)) == 80
     rest, counts = [], []
     for rank in range(new_world):
-        ds = TrainStream(tiny_shards, collator, 8, world=new_world, rank=rank, num_workers=new_workers, shuffle_buffer=16)
+        ds = TrainStream(ShardFolder(tiny_shards), collator, 8, world=new_world, rank=rank, num_workers=new_workers,
+                         shuffle_buffer=16)
         ds.set_position(1, 0, [old])
         batches = list(make_loader(ds, new_workers))
         assert len(batches) == ds.batches_per_epoch()
@@ -178,12 +181,12 @@ def test_an_epoch_interrupted_on_one_world_continues_on_another_over_exactly_the
 
     # A second change inside the same epoch (1 rank, 3 batches, then 2 ranks) still covers each mention once.
     one = {"world": 1, "batch_size": 8, "num_workers": 0, "batches": 3, "shuffle_buffer": 16}
-    ds = TrainStream(tiny_shards, collator, 8, world=1, rank=0, num_workers=0, shuffle_buffer=16)
+    ds = TrainStream(ShardFolder(tiny_shards), collator, 8, world=1, rank=0, num_workers=0, shuffle_buffer=16)
     ds.set_position(1, 0, [old])
     middle = _real_ids(list(make_loader(ds, 0))[:3])
     last = []
     for rank in range(2):
-        ds = TrainStream(tiny_shards, collator, 8, world=2, rank=rank, num_workers=2, shuffle_buffer=16)
+        ds = TrainStream(ShardFolder(tiny_shards), collator, 8, world=2, rank=rank, num_workers=2, shuffle_buffer=16)
         ds.set_position(1, 0, [old, one])
         last += _real_ids(list(make_loader(ds, 2)))
     assert sorted(consumed + middle + last) == list(range(n))

@@ -27,6 +27,7 @@ import torch
 
 from core.atomic import atomic_write
 from core.cli import disk_full_line
+from data_shards.folder import ShardFolder
 from data_shards.store import EntityStore
 from eval.encode import check_interrupt, encode_kb, encode_split
 from eval.ranking import build_index, search
@@ -78,12 +79,13 @@ def mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: s
 def _mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: str,
           interrupt: Callable[[], bool] | None) -> tuple[np.ndarray, dict]:
     n = cfg.negatives
+    folder = ShardFolder.open(cfg.data.shards)
     t0 = time.perf_counter()
     batch = cfg.eval.batch_size
     io = dict(batch_size=batch, num_workers=cfg.eval.num_workers, bf16=cfg.eval.bf16)
     # Each rank encodes its KB slice and shares only the slice's separable vectors (the index needs nothing
     # else): a few hundred floats per entity on every rank instead of the whole entity cache.
-    kb = empty_like_rank0(encode_kb(model, cfg.data.shards, collator, device, desc="mining: encode KB",
+    kb = empty_like_rank0(encode_kb(model, folder, collator, device, desc="mining: encode KB",
                                     interrupt=interrupt, sharded=True, **io), device)
     vectors = D.gather_rows(model.matcher.separable_vectors(kb))
     del kb
@@ -91,10 +93,10 @@ def _mine(model: MMoEModel, cfg: Config, device: torch.device, collator, split: 
     index = build_index(vectors, n.index)
     check_interrupt(interrupt, "mining: after the index")
     t_index = time.perf_counter()
-    ms, ids = encode_split(model, cfg.data.shards, split, collator, device, desc=f"mining: encode {split}",
+    ms, ids = encode_split(model, folder, split, collator, device, desc=f"mining: encode {split}",
                            interrupt=interrupt, **io)
     check_interrupt(interrupt, "mining: after the mentions")
-    store = EntityStore(cfg.data.shards)
+    store = folder.store()
     local = nearest_negatives(model.matcher.separable_vectors(ms), index, ids["gold_id"].cpu().numpy(), n.top_k,
                               qid_of=lambda a: entity_qids(store, a))
     table = D.gather_rows(torch.from_numpy(local).to(device)).cpu().numpy()

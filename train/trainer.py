@@ -20,11 +20,12 @@ from tqdm import tqdm
 from core import faults
 from core.cli import disk_full
 from data_shards.collate import load_tokenizer
+from data_shards.folder import ShardFolder
 from data_shards.store import ShardError
-from data_shards.stream import TrainStream, load_manifest, make_loader
+from data_shards.stream import TrainStream, make_loader
 from eval import evaluate as ev
 from eval.encode import Interrupted
-from eval.evaluate import EvalResult, evaluate_split, manifest_hash, one_line, write_outputs
+from eval.evaluate import EvalResult, evaluate_split, one_line, write_outputs
 from model import distributed as D
 from model.config import Config, save_config
 from model.export import ExportTargetError, load_export, recover_export, save_export
@@ -145,9 +146,10 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             model.encoder.enable_activation_checkpointing()
         model.compile_parts(cfg.train.compile)
-        self._check_data(cfg)
+        self.folder = ShardFolder.open(cfg.data.shards)  # the shards folder: its manifest read once
+        self._check_data(cfg, self.folder)
         self.collator = make_collator(cfg, model)
-        self.stream = TrainStream(cfg.data.shards, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
+        self.stream = TrainStream(self.folder, self.collator, cfg.data.batch_size, seed=cfg.data.seed, world=D.world(),
                                   rank=D.rank(), num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                                   fraction=cfg.data.train_fraction, fraction_mode=cfg.data.train_fraction_mode)
         self.batches_per_epoch = self.stream.full_epoch_batches()  # of an epoch started with this layout
@@ -170,7 +172,7 @@ class Trainer:
         self._attached: str | None = None  # negatives table currently attached to the stream
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.engine, optimizer, self.stream, cfg, self.ckpt_dir, self.console,
-                                             manifest_hash(cfg.data.shards), self.precision, allow_data_change,
+                                             self.folder.sha256, self.precision, allow_data_change,
                                              allow_config_change)
         self.resumed = self.checkpoints.resume(resume, self.state)  # complete.json of the checkpoint resumed from
         self.clock.resume_from(self.state.phase_s)
@@ -315,20 +317,21 @@ class Trainer:
 
     # -- data checks ----------------------------------------------------------------------------
     @staticmethod
-    def _check_data(cfg: Config) -> None:
+    def _check_data(cfg: Config, folder: ShardFolder) -> None:
         """Refuse a missing or empty train/dev split by name, and shards that differ from the manifest, before
         anything is trained: the dev and KB shards (eval.verify_checksums, on by default: the dev numbers choose
         the best model and stop training early), or every shard (data.verify_checksums)."""
-        counts = load_manifest(cfg.data.shards)["counts"]
+        counts = folder.counts
         for split in ("train", "dev"):
             if not counts.get(split):
                 state = "empty" if split in counts else "missing (not converted)"
                 raise RunSetupError(f"the {split} split of {cfg.data.shards} is {state}: training needs {split} mentions")
+        shares = dict(rank=D.rank(), world=D.world(), gather=D.gather_objects)  # the files shared over the ranks
         try:
             if cfg.data.verify_checksums:
-                ev.verify_shards(cfg.data.shards, None, "data.verify_checksums")
+                folder.verify(None, "data.verify_checksums", **shares)
             elif cfg.eval.verify_checksums:
-                ev.verify_shards(cfg.data.shards, ["kb", "dev"], "set eval.verify_checksums=false to train anyway")
+                folder.verify(["kb", "dev"], "set eval.verify_checksums=false to train anyway", **shares)
         except ShardError as err:
             raise RunSetupError(str(err)) from None
 
