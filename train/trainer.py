@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -33,11 +31,11 @@ from train.loss import contrastive_loss
 from train.negatives import NegativesSchedule
 from train.observe import MetricsWindow, RankLog, RunLog, expert_load
 from train.optim_groups import lr_metrics
-from train.phases import PhaseClock, count_flops, matmul_gflops, throughput_line
-from train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequests, clear_record, describe, write_rate_mb_s, write_record
+from train.phases import PhaseClock, count_flops, matmul_gflops, throughput_report
+from train.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, StopRequests, clear_record
 from train.run_folder import RunFolderError, RunFolderLock, mark, prepare_fresh
 from train.state import TrainState
-from train.step_guard import StepGuard, agree
+from train.step_guard import StepGuard
 from train.validator import Validator
 
 
@@ -81,7 +79,7 @@ class Trainer:
         self.total_steps = min(steps_by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps_by_epochs
         self.precision = resolve_precision(cfg.train.precision)
         self.engine, optimizer, self.scheduler = build_engine(model, cfg, self.precision, self.total_steps)
-        self._stop_code = 0  # a stop request agreed by every rank at the last step boundary (train/preemption.py)
+        self.preemption = Preemption(self.stops, self.run_dir, self.device, self.console)  # the agreed stop code
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.engine, optimizer, self.stream, cfg, self.ckpt_dir, self.console,
                                              manifest_hash(cfg.data.shards), self.precision, allow_data_change,
@@ -105,10 +103,11 @@ class Trainer:
         self.bar: tqdm | None = None  # progress bar of the optimizer steps (rank 0, on a terminal)
         self.guard = StepGuard(self.engine, optimizer, cfg, self.precision, self.device, self.log, self.console)
         self.validator = Validator(self.engine, cfg, self.device, self.collator, self.run_dir, self.total_steps,
-                                   self.clock, self.log, self.console, self._stop_requested, self._stopped_during)
+                                   self.clock, self.log, self.console, self._stop_requested,
+                                   self.preemption.stopped_during)
         self.negatives = NegativesSchedule(self.engine, cfg, self.device, self.collator, self.stream, self.run_dir,
                                            self.clock, self.log, self.console, self._stop_requested)
-        self._announce_grace()
+        self.preemption.announce_grace(self.resumed, self.engine.module)
 
     def _claim_run_folder(self, resume: str, overwrite: bool, break_lock: bool) -> None:
         """Rank 0 takes the run folder's lock, checks that a fresh start destroys nothing (train/run_folder.py)
@@ -162,7 +161,7 @@ class Trainer:
             try:
                 self.negatives.for_epoch(st)
             except Interrupted as where:  # a stop signal: checkpoint now, mine again after the resume
-                self._stopped_during("mining", where)
+                self.preemption.stopped_during("mining", where)
                 self._preempt(saved=False)
             self._train_epoch()
         self.bar.close()
@@ -180,7 +179,7 @@ class Trainer:
                 if self._should_log():
                     self._log_window()
                 evaluated = self._should_eval(epoch_done)
-                if evaluated and self._stop_code:  # a stop came first: evaluate after the resume, not in the grace
+                if evaluated and self.preemption.code:  # a stop came first: evaluate after the resume, not in the grace
                     st.eval_pending, evaluated = True, False
                 if evaluated and not self.validator.evaluate_dev(st):  # a stop signal came in during the evaluation
                     st.eval_pending, evaluated = True, False
@@ -188,7 +187,7 @@ class Trainer:
                 if saved:
                     self._save()
                     faults.kill_point("KILL_AT_STEP", st.step)
-                if self._stop_code:
+                if self.preemption.code:
                     self._preempt(saved)
                 if D.is_main():
                     faults.signal_point("SIGNAL_AT_STEP", st.step)  # tests: a scheduler's signal
@@ -204,7 +203,7 @@ class Trainer:
         result = {"state": self.state.state_dict()}
         if self.cfg.train.test_at_end:
             res = self.validator.evaluate_test(self.state)
-            if self._stop_code:  # stopped in it: the final checkpoint is written; the resume evaluates again
+            if self.preemption.code:  # stopped in it: the final checkpoint is written; the resume evaluates again
                 self._preempt(saved=True)
             if res is not None:
                 result["test"] = res.metrics
@@ -218,21 +217,10 @@ class Trainer:
     def _report_time(self) -> dict[str, float]:
         """The run's seconds per phase and this process's training throughput (samples/s and the fraction of the
         matmul rate measured at the start): a console line and a metrics row (collective)."""
-        totals = self.clock.totals()
-        train_s = self.clock.seconds["train"]  # this process's (a resumed run's earlier steps are not counted)
-        achieved = self.rows_trained * (self.flops_per_row or 0.0) / max(train_s, 1e-9) / 1e9  # GFLOP/s
-        achieved, samples = D.all_reduce_sum(torch.tensor([achieved, float(self.samples_trained)], dtype=torch.float64,
-                                                          device=self.device)).tolist()
-        out = self.clock.metrics()
-        if samples > 0:
-            out["throughput/samples_per_s"] = samples / max(train_s, 1e-9)
-            out["throughput/matmul_gflops"] = self.matmul_rate
-            out["throughput/flops_per_sample"] = (self.flops_per_row or 0.0)
-            if self.matmul_rate > 0:
-                out["throughput/matmul_fraction"] = achieved / self.matmul_rate
+        out, line = throughput_report(self.clock, self.rows_trained, self.samples_trained, self.flops_per_row,
+                                      self.matmul_rate, self.device)
         self.log.log(self.state.step, out)
-        self.console.info(throughput_line(totals, out.get("throughput/samples_per_s"),
-                                          out.get("throughput/matmul_fraction"), self.matmul_rate))
+        self.console.info(line)
         return out
 
     def _save(self) -> Path:
@@ -241,34 +229,14 @@ class Trainer:
             return self.checkpoints.save(self.state, self.log.rows)
 
     # -- preemption -------------------------------------------------------------------------------
-    def _announce_grace(self) -> None:
-        """How long a stop signal needs before the scheduler's kill: one step plus one checkpoint, the
-        checkpoint from the resumed one's record or estimated from the state size and a write probe."""
-        names = self.stops.names()
-        if not D.is_main():
-            return
-        if self.resumed is not None and "save_s" in self.resumed:
-            cost = f"the checkpoint resumed from took {self.resumed['save_s']:.2f}s to write"
-        else:
-            n_bytes = 3 * sum(p.numel() * p.element_size() for p in self.engine.module.parameters())  # weights, 2 moments
-            rate = write_rate_mb_s(self.run_dir)
-            cost = f"a checkpoint holds about {n_bytes / 2**20:.1f} MiB per rank, " + (
-                f"about {n_bytes / 2**20 / rate:.2f}s at the {rate:.0f} MiB/s measured here" if rate else
-                f"but the run folder's disk has only {shutil.disk_usage(self.run_dir).free / 2**20:.0f} MiB free")
-        self.console.info(f"[preemption] {names}: every rank stops at the next optimizer step, writes a checkpoint and "
-                          f"exits {PREEMPTED_EXIT_CODE}; {cost}; allow that plus one step (SLURM: #SBATCH --signal)")
-
     def _preempt(self, saved: bool) -> None:
         """The ranks agreed to stop after this step: a complete checkpoint, the record, then Preempted."""
-        st, reason = self.state, describe(self._stop_code)
-        folder = ckpt.checkpoint_folder(self.ckpt_dir, st.step) if saved else self._save()
-        waited = time.monotonic() - self.stops.received_at if self.stops.received_at is not None else None
-        if D.is_main():
-            write_record(self.run_dir, st.step, reason, folder, waited)
-        D.barrier()
-        self.console.warn(f"[preemption] {reason}: stopped after step {st.step}, complete checkpoint {folder}; exiting "
-                          f"with {PREEMPTED_EXIT_CODE} (continue with --resume auto)")
-        raise Preempted(st.step, reason, folder)
+        folder = ckpt.checkpoint_folder(self.ckpt_dir, self.state.step) if saved else self._save()
+        self.preemption.preempt(self.state.step, folder)
+
+    def _stop_requested(self) -> bool:
+        """Collective, at the check points of an evaluation or of mining: whether any rank was asked to stop."""
+        return self.preemption.requested(self.state.step)
 
     # -- one micro-batch, one optimizer step -----------------------------------------------------
     def _train_micro_batch(self, batch: dict) -> bool:
@@ -301,7 +269,7 @@ class Trainer:
         self.guard.note_loss(loss)
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():  # the step's one agreement of every rank (collective)
-            self._stop_code = self.guard.before_step(self.stops.local_code)
+            self.preemption.code = self.guard.before_step(self.stops.local_code)
         self.engine.step()
         return parts, moe_log
 
@@ -363,18 +331,3 @@ class Trainer:
             return st.batch / self.batches_per_epoch
         share = self.stream.segment_size() / self.stream.shards.total  # of the epoch, left when this segment began
         return 1.0 - share * (1.0 - st.batch / max(1, self.epoch_batches))
-
-    # -- stop requests in evaluation and mining ---------------------------------------------------
-    def _stop_requested(self) -> bool:
-        """Collective, at the check points of an evaluation or of mining: whether any rank was asked to stop
-        (the stop code is kept, as at a step boundary). A long evaluation would outlast the grace a scheduler
-        gives between its stop signal and its kill, with this step's checkpoint not yet written."""
-        if D.is_main():
-            faults.signal_point("SIGNAL_IN_EVAL", self.state.step)  # tests: a signal mid-way
-        _, code = agree(True, self.stops.local_code(), self.device)
-        self._stop_code = self._stop_code or code
-        return code != 0
-
-    def _stopped_during(self, what: str, where: Interrupted) -> None:
-        self.console.warn(f"[preemption] {describe(self._stop_code)} during {what} ({where}): it is left for the "
-                          "resumed run")
