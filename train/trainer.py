@@ -44,6 +44,11 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
+    """Builds the run's pieces (one line each in ``__init__``) and runs the loop between them: ``guard`` (bad steps,
+    the per-step agreement of every rank), ``validator`` (dev/test, best model, early stopping), ``negatives``
+    (mining schedule), ``checkpoints`` (save/resume), ``preemption`` (the agreed stop code), ``log``/``window``/
+    ``console``/``clock`` (metrics rows, W&B, console, phase times)."""
+
     def __init__(self, cfg: Config, resume: str = "none", allow_data_change: bool = False, overwrite: bool = False,
                  break_lock: bool = False, allow_config_change: bool = False) -> None:
         import deepspeed  # noqa: F401  (first, as always: before the threads, the stop signals, the process group)
@@ -196,8 +201,9 @@ class Trainer:
 
     def _finish(self) -> dict:
         """A dev evaluation if there was none, the last checkpoint, the test evaluation; closes the logs."""
-        if self.state.best_step < 0 and not self.validator.evaluate_dev(self.state):  # never evaluated on dev (a short run): now
-            self.state.eval_pending = True  # stopped in it: evaluated after the resume
+        st = self.state
+        if st.best_step < 0 and not self.validator.evaluate_dev(st):  # never evaluated on dev (a short run): now
+            st.eval_pending = True  # stopped in it: evaluated after the resume
             self._preempt(saved=False)
         self._save()
         result = {"state": self.state.state_dict()}
