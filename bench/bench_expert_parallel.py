@@ -49,8 +49,9 @@ def worker(a: argparse.Namespace) -> None:
     from moe.features import Features
     from moe.matcher import MatcherSettings, MMoEMatcher
     from moe.units import MoESettings
+    from train.build import deepspeed_config
     from train.loss import contrastive_loss
-    from train.trainer import deepspeed_config, param_groups
+    from train.optim_groups import param_groups
 
     D.init_process_group(use_deepspeed=True)
     torch.set_num_threads(1)

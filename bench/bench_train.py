@@ -50,9 +50,11 @@ from model.mmoe import MMoEModel
 from moe.expert_parallel import global_grad_norm
 from moe.matcher import MatcherSettings
 from moe.units import MoESettings
+from train.build import ADAMW_KWARGS, deepspeed_config
 from train.loss import contrastive_loss
+from train.optim_groups import param_groups
 from train.phases import count_flops, matmul_gflops
-from train.trainer import ADAMW_KWARGS, GuardedAdamW, deepspeed_config, param_groups
+from train.step_guard import GuardedAdamW
 
 TEXT_LEN = 50
 IMAGE_SIZE = 224

@@ -30,7 +30,8 @@ from model.config import ConfigError, load_config  # noqa: E402
 from model.mmoe import ModelSetupError  # noqa: E402
 from train.checkpointing import latest_complete  # noqa: E402
 from train.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: E402
-from train.trainer import RunSetupError, Trainer, TrainingDiverged  # noqa: E402
+from train.step_guard import TrainingDiverged  # noqa: E402
+from train.trainer import RunSetupError, Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,7 +142,8 @@ def train_runs(world: int, rank: int) -> dict[str, float]:
     """3 optimizer steps, local backend (data parallel) vs DeepSpeed ep_size 2 with ZeRO 0, 1, 2."""
     import deepspeed
 
-    from train.trainer import deepspeed_config, param_groups
+    from train.build import deepspeed_config
+    from train.optim_groups import param_groups
 
     res: dict[str, float] = {}
     finals = {}

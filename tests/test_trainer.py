@@ -166,7 +166,8 @@ def test_metrics_window_averages_the_applied_steps_over_their_micro_batches():
 @pytest.mark.parametrize("half", ["bf16", "fp16"])
 def test_half_precision_without_a_gpu_is_refused_by_name(half):
     """DeepSpeed would cast the weights and fail later inside a LayerNorm ('mixed dtype (CPU)')."""
-    from train.trainer import RunSetupError, resolve_precision
+    from train.build import resolve_precision
+    from train.checkpoint_manager import RunSetupError
 
     assert resolve_precision("auto") == "fp32"
     with pytest.raises(RunSetupError, match=f"train.precision={half} needs a GPU"):
@@ -207,7 +208,8 @@ def test_a_run_books_its_time_to_phases_and_the_test_reuses_the_last_dev_kb_cach
 
 
 def test_every_adamw_implementation_makes_the_same_update():
-    from train.trainer import ADAMW_KWARGS, GuardedAdamW
+    from train.build import ADAMW_KWARGS
+    from train.step_guard import GuardedAdamW
 
     results = {}
     for name, kwargs in ADAMW_KWARGS.items():

@@ -29,6 +29,7 @@ from core.atomic import atomic_write
 from core.cli import disk_full_line
 from data_shards.folder import ShardFolder
 from data_shards.store import EntityStore
+from data_shards.stream import TrainStream
 from eval.encode import check_interrupt, encode_kb, encode_split
 from eval.ranking import build_index, search
 from eval.sharded import empty_like_rank0
@@ -38,6 +39,10 @@ from model.export import load_export_for_command
 from model.factory import make_collator
 from model.mmoe import MMoEModel
 from model.modes import eval_mode
+from moe.expert_parallel import local_experts
+from train.observe import RankLog, RunLog
+from train.phases import PhaseClock
+from train.state import TrainState
 
 
 def entity_qids(store: EntityStore, ids: np.ndarray) -> dict[int, str]:
@@ -123,6 +128,46 @@ def load_table(path: str | Path, mentions: int | None = None) -> np.ndarray:
     if mentions is not None and len(table) != mentions:
         raise ValueError(f"{path} has {len(table)} rows but the training split has {mentions} mentions: mined for other data?")
     return table
+
+
+class NegativesSchedule:
+    """The trainer's negatives: mined at the epoch starts negatives.warmup_epochs and negatives.refresh_epochs
+    say (or read from negatives.from_file), the current table attached to the training stream."""
+
+    def __init__(self, engine, cfg: Config, device: torch.device, collator, stream: TrainStream, run_dir: Path,
+                 clock: PhaseClock,
+log: RunLog, console: RankLog, interrupt: Callable[[], bool]) -> None:
+        """``interrupt`` (collective): asked
+        while mining, as in ``mine``."""
+        self.engine, self.cfg, self.device, self.collator, self.stream = engine, cfg, device, collator, stream
+        self.run_dir, self.clock, self.log, self.console, self.interrupt = run_dir, clock, log, console, interrupt
+        self.attached: str | None = None  # negatives table currently attached to the stream
+
+    def for_epoch(self, st: TrainState) -> None:
+        """Mine when the schedule says so (at an epoch start), then attach the current table. A stop signal
+        while mining raises eval.encode.Interrupted (the state untouched: the resumed run mines again)."""
+        n = self.cfg.negatives
+        if not n.enabled:
+            return
+        e = st.epoch
+        if st.negatives_file is None and n.from_file:
+            st.negatives_file = n.from_file
+        since = e - n.warmup_epochs
+        due = since == 0 or (since > 0 and n.refresh_epochs > 0 and since % n.refresh_epochs == 0)
+        if due and st.batch == 0 and st.negatives_epoch != e:
+            with self.clock.phase("mining"), local_experts(self.engine.module) as model:  # every expert on every rank
+                table, stats = mine(model, self.cfg, self.device, self.collator, interrupt=self.interrupt)
+            path = self.run_dir / "negatives" / f"epoch-{e:03d}.npy"
+            if D.is_main():
+                save_table(table, path, {"epoch": e, "step": st.step, **stats})
+            self.console.info(f"[negatives] mined {stats['mentions']} x {stats['top_k']} in {stats['total_s']:.1f}s "
+                              f"(KB {stats['kb_size']}) -> {path}")
+            D.barrier()
+            st.negatives_file, st.negatives_epoch = str(path), e
+            self.log.log(st.step, {f"negatives/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        if st.negatives_file and (self.attached != st.negatives_file):
+            self.stream.set_negatives(load_table(st.negatives_file), n.n_hard, n.strategy)
+            self.attached = st.negatives_file
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """Run logging: a JSONL metrics file always, W&B when enabled (rank 0 only); the training-metrics
-window between two log rows; console messages from rank 0."""
+window between two log rows and its expert loads over the world; console messages from rank 0."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from model import distributed as D
 from model.config import Config, to_dict
 
 STEP_METRIC = "trainer/step"  # the x axis of every W&B chart (W&B's own _step counts log calls)
@@ -182,3 +185,22 @@ class MetricsWindow:
 
     def samples_per_s(self, world: int) -> float:
         return self.samples * world / max(time.perf_counter() - self.started, 1e-9)
+
+
+def expert_load(loads: dict[str, list], device: torch.device) -> dict[str, float]:
+    """Fraction of routes per expert and dropped tokens, per MoE layer, over all ranks (collective).
+
+    Both backends count, on each rank, the routes of that rank's own tokens to every (global)
+    expert before any all-to-all (DeepSpeed's exp_counts are per rank), so the sum over the
+    world is each expert's whole load: every expert-parallel group plus, when world > ep_size,
+    the data-parallel replicas of its experts."""
+    out: dict[str, float] = {}
+    for name, (counts, dropped) in sorted(loads.items()):
+        t = torch.cat([counts.float().view(-1), dropped.float().view(1)]).to(device)
+        if D.world() > 1:
+            dist.all_reduce(t)
+        frac = t[:-1] / t[:-1].sum().clamp_min(1)
+        for e, f in enumerate(frac.tolist()):
+            out[f"moe/{name}/expert{e}"] = f
+        out[f"moe/{name}/dropped_tokens"] = t[-1].item()
+    return out

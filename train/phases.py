@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from model import distributed as D
+
 PHASES = ("setup", "train", "mining", "dev_eval", "test_eval", "checkpoint")
 
 
@@ -113,3 +115,24 @@ def throughput_line(totals: dict[str, float], samples_per_s: float | None, fract
         if fraction is not None and rate_gflops:
             line += f" = {100 * fraction:.1f}% of the matmul rate measured at the start ({rate_gflops:,.0f} GFLOP/s)"
     return line
+
+
+def throughput_report(clock: PhaseClock, rows_trained: int, samples_trained: int, flops_per_row: float | None,
+                      matmul_rate: float, device: torch.device) -> tuple[dict[str, float], str]:
+    """The run's seconds per phase and this process's training throughput (samples/s and the fraction of the
+    matmul rate measured at the start, ``matmul_rate`` GFLOP/s): a metrics row and its console line
+    (collective). ``rows_trained``: micro-batch rows (padding included), ``samples_trained``: real samples."""
+    totals = clock.totals()
+    train_s = clock.seconds["train"]  # this process's (a resumed run's earlier steps are not counted)
+    achieved = rows_trained * (flops_per_row or 0.0) / max(train_s, 1e-9) / 1e9  # GFLOP/s
+    achieved, samples = D.all_reduce_sum(torch.tensor([achieved, float(samples_trained)], dtype=torch.float64,
+                                                      device=device)).tolist()
+    out = clock.metrics()
+    if samples > 0:
+        out["throughput/samples_per_s"] = samples / max(train_s, 1e-9)
+        out["throughput/matmul_gflops"] = matmul_rate
+        out["throughput/flops_per_sample"] = (flops_per_row or 0.0)
+        if matmul_rate > 0:
+            out["throughput/matmul_fraction"] = achieved / matmul_rate
+    return out, throughput_line(totals, out.get("throughput/samples_per_s"), out.get("throughput/matmul_fraction"),
+                                matmul_rate)

@@ -23,7 +23,14 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+
+from core import faults
 from core.atomic import write_text_atomic
+from eval.encode import Interrupted
+from model import distributed as D
+from train.observe import RankLog
+from train.step_guard import agree
 
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL
 PREEMPTED_FILE = "preempted.json"
@@ -161,3 +168,56 @@ def write_rate_mb_s(folder: Path, size_mb: int = 32) -> float | None:
         return None
     finally:
         probe.unlink(missing_ok=True)
+
+
+class Preemption:
+    """A stop request as every rank agrees on it: the agreed stop code (``code``, 0: none; set at each step
+    boundary by the step's agreement, and at the check points of an evaluation or of mining), the grace a
+    scheduler must allow, and the record and ``Preempted`` that end a stopped run."""
+
+    def __init__(self, stops: StopRequests, run_dir: Path, device: torch.device, console: RankLog) -> None:
+        self.stops, self.run_dir, self.device, self.console = stops, run_dir, device, console
+        self.code = 0  # a stop request agreed by every rank at the last step boundary
+
+    def announce_grace(self, resumed: dict | None, module: torch.nn.Module) -> None:
+        """How long a stop signal needs before the scheduler's kill: one step plus one checkpoint, the
+        checkpoint from the resumed one's record or estimated from the state size and a write probe."""
+        names = self.stops.names()
+        if not D.is_main():
+            return
+        if resumed is not None and "save_s" in resumed:
+            cost = f"the checkpoint resumed from took {resumed['save_s']:.2f}s to write"
+        else:
+            n_bytes = 3 * sum(p.numel() * p.element_size() for p in module.parameters())  # weights, 2 moments
+            rate = write_rate_mb_s(self.run_dir)
+            cost = f"a checkpoint holds about {n_bytes / 2**20:.1f} MiB per rank, " + (
+                f"about {n_bytes / 2**20 / rate:.2f}s at the {rate:.0f} MiB/s measured here" if rate else
+                f"but the run folder's disk has only {shutil.disk_usage(self.run_dir).free / 2**20:.0f} MiB free")
+        self.console.info(f"[preemption] {names}: every rank stops at the next optimizer step, writes a checkpoint and "
+                          f"exits {PREEMPTED_EXIT_CODE}; {cost}; allow that plus one step (SLURM: #SBATCH --signal)")
+
+    def requested(self, step: int) -> bool:
+        """Collective, at the check points of an evaluation or of mining: whether any rank was asked to stop
+        (the stop code is kept, as at a step boundary). A long evaluation would outlast the grace a scheduler
+        gives between its stop signal and its kill, with this step's checkpoint not yet written."""
+        if D.is_main():
+            faults.signal_point("SIGNAL_IN_EVAL", step)  # tests: a signal mid-way
+        _, code = agree(True, self.stops.local_code(), self.device)
+        self.code = self.code or code
+        return code != 0
+
+    def stopped_during(self, what: str, where: Interrupted) -> None:
+        self.console.warn(f"[preemption] {describe(self.code)} during {what} ({where}): it is left for the "
+                          "resumed run")
+
+    def preempt(self, step: int, folder: Path) -> None:
+        """The ranks agreed to stop after ``step``, whose complete checkpoint is ``folder``: the record, then
+        Preempted."""
+        reason = describe(self.code)
+        waited = time.monotonic() - self.stops.received_at if self.stops.received_at is not None else None
+        if D.is_main():
+            write_record(self.run_dir, step, reason, folder, waited)
+        D.barrier()
+        self.console.warn(f"[preemption] {reason}: stopped after step {step}, complete checkpoint {folder}; exiting "
+                          f"with {PREEMPTED_EXIT_CODE} (continue with --resume auto)")
+        raise Preempted(step, reason, folder)
