@@ -340,40 +340,22 @@ def test_trainer_refuses_empty_splits_and_bad_shards_before_training(shards_copy
 
     cfg = Config()
     cfg.data.shards = str(shards_copy)
-<<<<<<< HEAD
-    Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))  # intact, checksums not asked for
+    check_data(cfg, ShardFolder.open(cfg.data.shards))  # intact, checksums not asked for
     first = shards_copy / _manifest(shards_copy)["shards"]["train"][0]["name"]
     first.write_bytes(first.read_bytes()[:-512])
-    Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
+    check_data(cfg, ShardFolder.open(cfg.data.shards))
     cfg.data.verify_checksums = True
     with pytest.raises(RunSetupError, match=rf"{first.parent.name}/{first.name}: \d+ bytes, the manifest says"):
-        Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
-=======
-    check_data(cfg)  # intact, checksums not asked for
-    first = shards_copy / _manifest(shards_copy)["shards"]["train"][0]["name"]
-    first.write_bytes(first.read_bytes()[:-512])
-    check_data(cfg)
-    cfg.data.verify_checksums = True
-    with pytest.raises(RunSetupError, match=rf"{first.parent.name}/{first.name}: \d+ bytes, the manifest says"):
-        check_data(cfg)
->>>>>>> i24e
+        check_data(cfg, ShardFolder.open(cfg.data.shards))
     manifest = _manifest(shards_copy)
     manifest["counts"]["dev"] = 0
     (shards_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunSetupError, match="the dev split of .* is empty"):
-<<<<<<< HEAD
-        Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
+        check_data(cfg, ShardFolder.open(cfg.data.shards))
     del manifest["counts"]["train"]
     (shards_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunSetupError, match=r"the train split of .* is missing"):
-        Trainer._check_data(cfg, ShardFolder.open(cfg.data.shards))
-=======
-        check_data(cfg)
-    del manifest["counts"]["train"]
-    (shards_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RunSetupError, match=r"the train split of .* is missing"):
-        check_data(cfg)
->>>>>>> i24e
+        check_data(cfg, ShardFolder.open(cfg.data.shards))
 
 
 # ----------------------------------------------------------------------------------------------
