@@ -1,7 +1,7 @@
 """One shards folder (the output of ``python -m data_shards.convert``) and everything read from its manifest.
 
-A :class:`ShardFolder` reads and parses ``manifest.json`` once; its sha256 (which identifies the converted
-data: the manifest lists every shard's sha256) is computed once, on first use, of the bytes it parsed. It hands out the groups'
+A :class:`ShardFolder` reads and parses ``manifest.json`` once and takes its sha256 (which identifies the converted
+data: the manifest lists every shard's sha256) of the bytes it parsed. It hands out the groups'
 shard files (:meth:`ShardFolder.shard_set`), the entity store, the size and sha256 checks of the shards
 (:meth:`ShardFolder.problems`, :meth:`ShardFolder.verify`) and the split scans the evaluation slices use,
 cached on the object. :meth:`ShardFolder.open` returns the one object of a folder while its manifest is
@@ -101,9 +101,12 @@ class ShardFolder:
         if not self.manifest_path.is_file():
             raise FileNotFoundError(f"{self.manifest_path} not found: convert the dataset first (python -m data_shards.convert)")
         self.signature = _signature(self.manifest_path)
-        self._bytes: bytes | None = self.manifest_path.read_bytes()  # kept until the digest is taken
-        self.manifest: dict = json.loads(self._bytes)
-        self._sha256: str | None = None
+        raw = self.manifest_path.read_bytes()
+        self.manifest: dict = json.loads(raw)
+        # sha256 of manifest.json (the digest core.hashing.file_sha256 gives): it lists every shard's sha256, so it
+        # identifies the converted data. Taken of the bytes parsed, so it describes this object's manifest even
+        # once the file on disk was rewritten.
+        self.sha256 = hashlib.sha256(raw).hexdigest()
         self._facts: dict[str, dict[int, tuple[int, bool, str]]] = {}
         self._golds: dict[tuple[float, int, str], frozenset[int]] = {}
 
@@ -130,15 +133,6 @@ class ShardFolder:
         return f"ShardFolder({str(self.root)!r})"
 
     # -- what the manifest says ------------------------------------------------------------------------
-    @property
-    def sha256(self) -> str:
-        """sha256 of manifest.json (the digest ``core.hashing.file_sha256`` gives): it lists every shard's sha256,
-        so it identifies the converted data. Taken of the bytes that were parsed, so it always describes this
-        object's manifest, even once the file on disk was rewritten."""
-        if self._sha256 is None:
-            self._sha256, self._bytes = hashlib.sha256(self._bytes).hexdigest(), None
-        return self._sha256
-
     @property
     def dataset(self) -> str | None:
         return self.manifest.get("dataset")

@@ -20,13 +20,13 @@ def shards(tiny_shards, tmp_path):
 
 
 def test_sha256_is_the_manifest_file_digest_computed_once(tiny_shards, monkeypatch):
-    folder = ShardFolder(tiny_shards)
     calls = []
     real = folder_module.hashlib.sha256
     with monkeypatch.context() as m:
         m.setattr(folder_module.hashlib, "sha256", lambda data=b"": calls.append(len(data)) or real(data))
+        folder = ShardFolder(tiny_shards)
         digests = [folder.sha256, folder.sha256]
-    assert calls == [(tiny_shards / "manifest.json").stat().st_size]  # once, on first use, over the manifest's bytes
+    assert calls == [(tiny_shards / "manifest.json").stat().st_size]  # once, over the manifest's bytes
     assert digests[0] == digests[1] == file_sha256(tiny_shards / "manifest.json")
     assert folder.sha256 == kb_identity(folder)["manifest_sha256"]
 
