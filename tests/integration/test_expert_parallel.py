@@ -119,7 +119,7 @@ def test_two_processes_train_with_ep_size_2_resume_exactly_and_export_for_one_pr
     assert ep_first["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
 
     # Another layout (one process, ep_size 1) resumes a copy of the run, converting experts and optimizer state
-    # (train/relayout.py; the bit-for-bit round trip is tests/test_resume_elsewhere.py) and re-planning the epoch.
+    # (train/relayout.py; the bit-for-bit round trip is tests/integration/test_resume_elsewhere.py) and re-planning the epoch.
     shutil.copytree(run_dir, tmp_path / "moved" / "ep")
     other = train(["--set", "train.max_steps=6", "--resume", "auto"], tmp_path / "moved", tiny_shards, 0, nproc=1)
     assert other.returncode == 0, other.stderr[-4000:]

@@ -1,6 +1,6 @@
 """Resuming on other hardware: a checkpoint written by 2 processes continues on 1 (grad_accum doubled, so
 the global batch is the same), weights and optimizer state exactly as saved, the interrupted epoch over
-exactly the samples not yet consumed (the sample-level check: tests/test_stream.py)."""
+exactly the samples not yet consumed (the sample-level check: tests/unit/test_stream.py)."""
 
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ def test_a_resume_with_another_data_seed_or_model_shape_is_refused_naming_each_k
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert "data.seed 0 -> 5" in refused.stderr and "model.matcher.moe.top_k 2 -> 1" in refused.stderr
     assert "seed: 5" not in (tmp_path / "kept" / "config.yaml").read_text()
-    # What the elastic resume re-plans may change (tests/test_resume_elsewhere.py): here the shuffle buffer.
+    # What the elastic resume re-plans may change (tests/integration/test_resume_elsewhere.py): here the shuffle buffer.
     replanned = train(args + ["--set", "train.max_steps=3", "--set", "data.shuffle_buffer=4", "--resume", "auto"],
                       tmp_path, tiny_shards)
     assert replanned.returncode == 0, replanned.stderr[-3000:]

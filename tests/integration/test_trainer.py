@@ -69,7 +69,7 @@ def test_two_processes_with_the_deepspeed_launcher_train_save_and_resume(tiny_sh
 
 
 def test_resuming_with_another_subset_or_zero_stage_is_refused(tiny_shards, tmp_path):
-    """World size, batch size and workers may change on resume (tests/test_resume_elsewhere.py, ZeRO included);
+    """World size, batch size and workers may change on resume (tests/integration/test_resume_elsewhere.py, ZeRO included);
     the training subset and the ZeRO stage may not."""
     first = train(["--set", "train.run_name=w", "--set", "train.max_steps=2", "--set", "train.eval_every_epochs=0",
                    "--set", "train.test_at_end=false", "--set", "train.zero_stage=1",

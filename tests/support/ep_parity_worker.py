@@ -1,4 +1,4 @@
-"""Worker of tests/test_expert_parallel.py: the DeepSpeed MoE backend against the local layer.
+"""Worker of tests/integration/test_expert_parallel.py: the DeepSpeed MoE backend against the local layer.
 
     python tests/support/ep_parity_worker.py OUT.json                             # one process: ep_size 1
     torchrun --nproc_per_node 2 tests/support/ep_parity_worker.py OUT.json        # two: ep_size 1 and 2, ZeRO 0/1/2

@@ -1,4 +1,4 @@
-"""A real two-node SLURM cluster on this one machine, for tests (tests/test_cluster.py).
+"""A real two-node SLURM cluster on this one machine, for tests (tests/integration/test_cluster.py).
 
 Debian's ``slurm-wlm`` and ``munge``: one ``munged``, one ``slurmctld`` and two ``slurmd`` (nodes ``n1`` and
 ``n2``, both this machine), every file in one scratch folder: munge key, socket, pid and log files, slurm.conf,

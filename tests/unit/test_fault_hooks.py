@@ -17,7 +17,7 @@ def test_no_production_module_but_the_hook_module_names_a_hook_variable():
 
 
 def test_every_hook_the_tests_set_is_known_and_documented():
-    used = {m for p in (ROOT / "tests").glob("*.py") for m in re.findall(r"MMOE_TEST_([A-Z_]+)", p.read_text())}
+    used = {m for p in (ROOT / "tests").rglob("*.py") for m in re.findall(r"MMOE_TEST_([A-Z_]+)", p.read_text())}
     assert used <= faults.HOOKS, used - faults.HOOKS
     assert all(f"``{faults.PREFIX}{name}" in faults.__doc__ for name in faults.HOOKS)
 
