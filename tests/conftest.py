@@ -37,9 +37,9 @@ def tiny_raw(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(tiny_raw, tmp_path_factory) -> Path:
-    """The tiny benchmark converted to shards (read-only)."""
-    out = tmp_path_factory.mktemp("synthetic-shards") / "shards"
+def tiny_shards(tiny_raw) -> Path:
+    """The tiny benchmark converted to shards, beside its raw files (``tiny_shards.parent / "raw"``; read-only)."""
+    out = tiny_raw.parent / "shards"
     convert("synthetic", tiny_raw, out, ConvertSettings(image_size=32, shard_size=29, workers=1))
     return out
 
