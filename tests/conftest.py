@@ -1,6 +1,7 @@
 """Session fixtures: the tiny synthetic benchmark (generated and converted once) and a random-init
-model export on it."""
+model export on it; one thread per pytest-xdist worker."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,6 +27,13 @@ pytest_plugins = [
     "tests.support.link",
     "tests.support.towers",
 ]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers share the cores (scripts/test.sh starts one per core): one thread each, and one for every
+    # process they start. Torch's default, a thread per core, has its threads spin against the other
+    # workers' processes (a 2.5 s ranking test took 35 s).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

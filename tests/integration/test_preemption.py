@@ -185,6 +185,7 @@ def test_a_dead_or_hung_rank_ends_the_job_within_the_timeout_with_one_line_namin
         assert f"Timed out waiting {timeout_s * 1000}ms" in lines[0]
     assert "Traceback" not in log
 
-    resumed = train(args + ["--resume", "auto"], tmp_path, tiny_shards, launcher=deepspeed_launcher())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "step-0000002 at step 2" in resumed.stderr and sorted(losses(tmp_path / f"dead-{fault}")) == list(range(1, 9))
+    if fault == "kill":  # both faults leave the same state (step 2 complete, step 3 never saved): resumed once
+        resumed = train(args + ["--resume", "auto"], tmp_path, tiny_shards, launcher=deepspeed_launcher())
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "step-0000002 at step 2" in resumed.stderr and sorted(losses(tmp_path / f"dead-{fault}")) == list(range(1, 9))

@@ -72,33 +72,33 @@ def _same(a, b, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
-@pytest.mark.parametrize("middle", [("deepspeed", 1), ("local", 1)])
-def test_expert_parallel_ep_size_2_to_another_layout_and_back_is_bit_identical(tiny_shards, tmp_path, middle):
-    """A DeepSpeed-MoE checkpoint with ep_size 2 resumed with ep_size 1 (or the local backend), which writes it in
-    that layout at once (the run is at its last step), then resumed with ep_size 2 again: every weight, Adam
-    moment, step count, learning rate and schedule of every checkpoint file equals the original's."""
+def test_expert_parallel_ep_size_2_to_another_layout_and_back_is_bit_identical(tiny_shards, tmp_path):
+    """A DeepSpeed-MoE checkpoint with ep_size 2 resumed with ep_size 1 (DeepSpeed backend, then the local
+    backend: two copies of the one original), which writes it in that layout at once (the run is at its last
+    step), then resumed with ep_size 2 again: every weight, Adam moment, step count, learning rate and schedule
+    of every checkpoint file equals the original's."""
     args = BASE + ["--set", "train.max_steps=3", "--set", "model.matcher.moe.backend=deepspeed"]
     first = train(args + ["--set", "train.run_name=a", "--set", "model.matcher.moe.ep_size=2"], tmp_path, tiny_shards,
                   launcher=deepspeed_launcher())
     assert first.returncode == 0, first.stderr[-3000:]
-    backend, ep = middle
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    there = train(args + ["--set", "train.run_name=b", "--set", f"model.matcher.moe.backend={backend}",
-                          "--set", f"model.matcher.moe.ep_size={ep}", "--resume", "auto"], tmp_path, tiny_shards,
-                  launcher=deepspeed_launcher())
-    assert there.returncode == 0, there.stderr[-3000:]
-    assert (f"MoE layout backend=deepspeed, ep_size=2 -> backend={backend}, ep_size={ep} (weights, Adam moments and steps"
-            in there.stderr)
-    shutil.copytree(tmp_path / "b", tmp_path / "c")
-    back = train(args + ["--set", "train.run_name=c", "--set", "model.matcher.moe.ep_size=2", "--resume", "auto"], tmp_path,
-                 tiny_shards, launcher=deepspeed_launcher())
-    assert back.returncode == 0, back.stderr[-3000:]
-    assert f"backend={backend}, ep_size={ep} -> backend=deepspeed, ep_size=2" in back.stderr
-    a, c = tmp_path / "a" / "checkpoints" / "step-0000003", tmp_path / "c" / "checkpoints" / "step-0000003"
-    files = sorted(p.name for p in a.glob("*.pt") if not p.name.startswith("rng"))
-    assert len(files) == 1 + 12 + 2 and files == sorted(p.name for p in c.glob("*.pt") if not p.name.startswith("rng"))
-    for name in files:
-        assert _same(load_weights_only(a / name), load_weights_only(c / name)) == [], name
+    for backend, ep in (("deepspeed", 1), ("local", 1)):
+        shutil.copytree(tmp_path / "a", tmp_path / f"b-{backend}")
+        there = train(args + ["--set", f"train.run_name=b-{backend}", "--set", f"model.matcher.moe.backend={backend}",
+                              "--set", f"model.matcher.moe.ep_size={ep}", "--resume", "auto"], tmp_path, tiny_shards,
+                      launcher=deepspeed_launcher())
+        assert there.returncode == 0, there.stderr[-3000:]
+        assert (f"MoE layout backend=deepspeed, ep_size=2 -> backend={backend}, ep_size={ep} (weights, Adam moments and steps"
+                in there.stderr)
+        shutil.copytree(tmp_path / f"b-{backend}", tmp_path / f"c-{backend}")
+        back = train(args + ["--set", f"train.run_name=c-{backend}", "--set", "model.matcher.moe.ep_size=2",
+                             "--resume", "auto"], tmp_path, tiny_shards, launcher=deepspeed_launcher())
+        assert back.returncode == 0, back.stderr[-3000:]
+        assert f"backend={backend}, ep_size={ep} -> backend=deepspeed, ep_size=2" in back.stderr
+        a, c = tmp_path / "a" / "checkpoints" / "step-0000003", tmp_path / f"c-{backend}" / "checkpoints" / "step-0000003"
+        files = sorted(p.name for p in a.glob("*.pt") if not p.name.startswith("rng"))
+        assert len(files) == 1 + 12 + 2 and files == sorted(p.name for p in c.glob("*.pt") if not p.name.startswith("rng"))
+        for name in files:
+            assert _same(load_weights_only(a / name), load_weights_only(c / name)) == [], name
 
 
 def _whole(dumps: list[dict]) -> dict:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_shards.convert import ConvertSettings, convert
-from data_shards.synthetic import generate, preset
+from data_shards.convert import ConvertSettings
 
 SETTINGS = ConvertSettings(image_size=32, shard_size=29, workers=1)  # as tests/conftest.py's tiny_shards
 
@@ -27,15 +26,13 @@ def _assert_same_conversion(merged: Path, one_job: Path) -> None:
     assert json.loads((merged / "manifest.json").read_text()) == json.loads((one_job / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("jobs") / "raw"
-    generate(root, preset("tiny"), workers=1, progress=False)
-    return root
+@pytest.fixture(scope="session")
+def raw(tiny_raw) -> Path:
+    """The tiny benchmark's raw files (read-only: the tests that change them copy them first)."""
+    return tiny_raw
 
 
-@pytest.fixture(scope="module")
-def one_job(raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one") / "shards"
-    convert("synthetic", raw, out, SETTINGS)
-    return out
+@pytest.fixture(scope="session")
+def one_job(tiny_shards) -> Path:
+    """``raw`` converted in one job with SETTINGS: that is tests/conftest.py's tiny_shards (read-only)."""
+    return tiny_shards
