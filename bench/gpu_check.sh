@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one command (needs a CUDA GPU):
-#   1. the GPU-only tests (tests/test_gpu.py): bf16 autocast ranks vs fp32, NCCL with one process,
+#   1. the GPU-only tests (tests/unit/test_gpu.py tests/integration/test_gpu.py): bf16 autocast ranks vs fp32, NCCL with one process,
 #      the faiss-gpu index (skipped, and said so, when the installed faiss has no GPU support);
 #   2. bench.bench_eval at WikiMEL size (110,000 entities x 5,000 mentions), in bf16 and in fp32,
 #      each writing its figures as JSON;
@@ -24,7 +24,7 @@ print(f'GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {tor
 " || exit 1
 status=0
 echo "== GPU-only tests"
-python -m pytest -q -rs tests/test_gpu.py || status=1
+python -m pytest -q -rs tests/unit/test_gpu.py tests/integration/test_gpu.py || status=1
 WIKIMEL=(--device cuda --entities 110000 --mentions 5000 --baseline-mentions 20 --baseline-entities 6000)
 echo "== bench.bench_eval at WikiMEL size, bf16 autocast"
 python -m bench.bench_eval "${WIKIMEL[@]}" --bf16 --json "$OUT_DIR/bench_eval_bf16.json" || status=1

@@ -30,7 +30,7 @@ from moe.matcher import MatcherSettings
 
 # Choices are Literal field types and ranges are ranged() fields (core/typed_config.py checks both: the
 # choices when a section is built, the ranges once the whole Config is); every int/float field declares a
-# range or choices (tests/test_loss_and_config.py). Constraints between fields are the code below.
+# range or choices (tests/unit/test_loss_and_config.py). Constraints between fields are the code below.
 
 @dataclass
 class ModelConfig:
@@ -206,7 +206,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choices(self, "train.")
         check_run_name(self.run_name)
-        for name in self.stop_signals:  # a list of names: its own message (tests/test_preemption.py)
+        for name in self.stop_signals:  # a list of names: its own message (tests/unit/test_preemption.py)
             if name not in STOP_SIGNALS:
                 raise ConfigError(f"train.stop_signals: {name!r} is not one of {', '.join(STOP_SIGNALS)}")
 

@@ -150,7 +150,7 @@ class ClipEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor) -> Features:
         text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         # last_hidden_state is already after CLIP's final LayerNorm (as the pooler's input is), so this
-        # equals pooler_output whenever the eos is the last real token (tests/test_tokenizers.py)
+        # equals pooler_output whenever the eos is the last real token (tests/unit/test_tokenizers.py)
         pooled = pool_last_token(text.last_hidden_state, attention_mask)
         text_global = self.text_global_proj(self.clip.text_projection(pooled))
         text_tokens = self.text_token_proj(text.last_hidden_state)

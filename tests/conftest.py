@@ -1,6 +1,7 @@
 """Session fixtures: the tiny synthetic benchmark (generated and converted once) and a random-init
-model export on it."""
+model export on it; one thread per pytest-xdist worker."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,15 +15,41 @@ from data_shards.synthetic import generate, preset
 from model.config import Config, DataConfig, EvalConfig
 from model.export import save_export
 from model.mmoe import build_model
-from tests.helpers import tiny_model_config
+from tests.support.helpers import tiny_model_config
+
+# Fixtures that a topic's unit and integration tests share live beside its helpers in tests/support/.
+pytest_plugins = [
+    "tests.support.audit",
+    "tests.support.convert_jobs",
+    "tests.support.data_faults",
+    "tests.support.dme",
+    "tests.support.entry_errors",
+    "tests.support.link",
+    "tests.support.towers",
+]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers share the cores (scripts/test.sh starts one per core): one thread each, and one for every
+    # process they start. Torch's default, a thread per core, has its threads spin against the other
+    # workers' processes (a 2.5 s ranking test took 35 s).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root / "raw", preset("tiny"), workers=1, progress=False)
-    convert("synthetic", root / "raw", root / "shards", ConvertSettings(image_size=32, shard_size=29, workers=1))
-    return root / "shards"
+def tiny_raw(tmp_path_factory) -> Path:
+    """The tiny synthetic benchmark's raw files (read-only: copy it before changing anything)."""
+    root = tmp_path_factory.mktemp("synthetic") / "raw"
+    generate(root, preset("tiny"), workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_raw) -> Path:
+    """The tiny benchmark converted to shards, beside its raw files (``tiny_shards.parent / "raw"``; read-only)."""
+    out = tiny_raw.parent / "shards"
+    convert("synthetic", tiny_raw, out, ConvertSettings(image_size=32, shard_size=29, workers=1))
+    return out
 
 
 @pytest.fixture(scope="session")
