@@ -132,10 +132,13 @@ def slurm(tmp_path_factory):
 
 
 def submit(slurm: LocalSlurm, tmp_path: Path, shards: Path, name: str, extra_env: dict | None = None) -> tuple[int, Path]:
-    """``sbatch -N2 launch/slurm.sbatch CONFIG ARGS`` from the repository root: CPU nodes (no GPUs, 1 CPU per task)."""
+    """``sbatch -N2 launch/slurm.sbatch CONFIG ARGS`` from the repository root: CPU nodes (no GPUs, 1 CPU per task).
+
+    The rendezvous port is picked free here (``MMOE_MASTER_PORT``): the script's default, 20000 + the job id, is
+    the same for every test cluster's first job, and another test session or worker may hold it."""
     args = ["-N2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch",
             str(TINY), *run_args(name, tmp_path, shards)[2:]]
-    job = slurm.sbatch(args, env=env(extra_env), cwd=ROOT)
+    job = slurm.sbatch(args, env=env({"MMOE_MASTER_PORT": str(free_port()), **(extra_env or {})}), cwd=ROOT)
     return job, tmp_path / f"slurm-{job}.out"
 
 
