@@ -9,9 +9,10 @@ source "$ROOT/scripts/env.sh" || exit 1
 cd "$ROOT"
 ruff check . || { echo "ruff found problems" >&2; exit 1; }
 workers="${MMOE_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}"
-# loadgroup: tests go to whichever worker is free, except a module marked xdist_group (an expensive module
-# fixture: a SLURM cluster, a reference run), which runs whole on one worker.
-python -m pytest -n "$workers" --dist loadgroup "$@"
+# Each test goes to whichever worker is free. (pytest-xdist's loadgroup, which would keep a module with an
+# expensive module fixture on one worker, renames node ids through an attribute pytest 9 no longer reads: it
+# groups nothing. Such a fixture is built once on each worker that runs a test of its module.)
+python -m pytest -n "$workers" --dist load "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: treating that as a failure" >&2

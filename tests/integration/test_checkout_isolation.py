@@ -15,8 +15,6 @@ import pytest
 
 from tests.support.helpers import ROOT
 
-pytestmark = pytest.mark.xdist_group("checkout_isolation")  # the two checkouts are copied once, on one worker
-
 MARKER = "import sys\nprint('checkout-marker: {name}', file=sys.stderr)\n"
 
 

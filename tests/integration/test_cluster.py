@@ -22,8 +22,6 @@ from tests.support.helpers import ROOT, free_port
 from tests.support.runs import TINY, train
 from tests.support.slurm_cluster import ENDED, ClusterUnavailable, LocalSlurm
 
-pytestmark = pytest.mark.xdist_group("cluster")  # the SLURM cluster and the reference run are built once, on one worker
-
 BIN = Path(sys.executable).parent
 STEPS = 6
 # Dev evaluated at steps 3 and 6, the best checkpoint on test at the end; DataLoader workers as in real runs.

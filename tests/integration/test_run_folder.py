@@ -20,8 +20,6 @@ from tests.support.helpers import ROOT
 from tests.support.runs import BASE, losses, start, train, wait_for_rows
 from train.run_folder import LOCK, RunFolderError, RunFolderLock
 
-pytestmark = pytest.mark.xdist_group("run_folder")  # the finished run is trained once, on one worker
-
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_shards, tmp_path_factory) -> Path:
